@@ -1,0 +1,162 @@
+"""Layout input: GDS and OASIS through gdstk, flattened, in nm, clipped with shapely.
+
+Polygons of one cell and one layer/datatype are read once, flattened through
+references and repetitions, converted to nm and indexed with an STR-tree so
+that each image asks only for the polygons in its field of view.
+
+Feature ids are ``p<index>`` with ``index`` the polygon's position in
+:attr:`Layout.polygons` (sorted by lower-left corner, so they are stable for a
+given file): every output row carries this design reference.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import shapely
+from shapely.geometry import Polygon, box
+
+from .errors import SegsemError
+from .transform import PixelTransform
+from .types import Feature
+
+
+def parse_layer(text: str, *, what: str = "--layer") -> tuple[int, int]:
+    """Parse ``"L/D"`` (or ``"L"`` meaning datatype 0) into ``(layer, datatype)``."""
+    s = str(text).strip()
+    parts = s.split("/")
+    try:
+        if len(parts) == 1:
+            layer, dt = int(parts[0]), 0
+        elif len(parts) == 2:
+            layer, dt = int(parts[0]), int(parts[1])
+        else:
+            raise ValueError
+    except ValueError:
+        raise SegsemError(f"{what}: '{text}' is not a layer/datatype like 1/0") from None
+    if layer < 0 or dt < 0:
+        raise SegsemError(f"{what}: '{text}' has a negative layer or datatype")
+    return layer, dt
+
+
+@dataclass
+class Layout:
+    """Polygons of one cell and layer in nm, with a spatial index."""
+
+    path: Path
+    cell_name: str
+    layer: tuple[int, int]
+    polygons: list[Polygon]
+    _tree: shapely.STRtree | None = field(default=None, repr=False)
+
+    def __post_init__(self):
+        self._tree = shapely.STRtree(self.polygons)
+
+    @property
+    def bounds(self) -> tuple[float, float, float, float]:
+        """``(xmin, ymin, xmax, ymax)`` of all polygons in nm."""
+        b = shapely.total_bounds(self.polygons)
+        return (float(b[0]), float(b[1]), float(b[2]), float(b[3]))
+
+    def query(self, bbox_nm: tuple[float, float, float, float]) -> list[int]:
+        """Indices of the polygons that intersect the box ``(xmin, ymin, xmax, ymax)`` nm."""
+        idx = self._tree.query(box(*bbox_nm), predicate="intersects")
+        return sorted(int(i) for i in idx)
+
+    def clip(self, bbox_nm: tuple[float, float, float, float]) -> list[tuple[int, Polygon, bool]]:
+        """Polygons clipped to the box: ``(index, clipped polygon, was_clipped)``.
+
+        A polygon cut into several parts by the box keeps its largest part.
+        """
+        win = box(*bbox_nm)
+        out = []
+        for i in self.query(bbox_nm):
+            poly = self.polygons[i]
+            if win.contains(poly):
+                out.append((i, poly, False))
+                continue
+            part = poly.intersection(win)
+            if part.is_empty:
+                continue
+            geoms = [g for g in getattr(part, "geoms", [part]) if isinstance(g, Polygon) and g.area > 0]
+            if not geoms:
+                continue
+            out.append((i, max(geoms, key=lambda g: g.area), True))
+        return out
+
+
+def _read_library(path: Path):
+    import gdstk
+
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".gds", ".gds2", ".gdsii"):
+            return gdstk.read_gds(str(path))
+        if suffix in (".oas", ".oasis"):
+            return gdstk.read_oas(str(path))
+    except Exception as exc:  # noqa: BLE001 - gdstk raises RuntimeError and friends
+        raise SegsemError(f"{path}: unreadable layout ({exc})") from None
+    raise SegsemError(f"{path}: unsupported layout format '{path.suffix}' (use .gds or .oas)")
+
+
+def load_layout(path: str | Path, *, cell: str | None = None, layer: tuple[int, int] = (1, 0)) -> Layout:
+    """Read the polygons of ``cell`` on ``layer`` from a GDS or OASIS file, in nm.
+
+    Parameters
+    ----------
+    path : ``.gds`` or ``.oas`` file.
+    cell : cell name; default the single top cell (an error when there are several).
+    layer : ``(layer, datatype)``, default ``(1, 0)``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SegsemError(f"{path}: layout file not found")
+    lib = _read_library(path)
+    cells = {c.name: c for c in lib.cells}
+    if cell is None:
+        tops = lib.top_level()
+        if not tops:
+            raise SegsemError(f"{path}: layout has no cells")
+        if len(tops) > 1:
+            names = ", ".join(sorted(c.name for c in tops))
+            raise SegsemError(f"{path}: several top cells ({names}); choose one with --cell")
+        top = tops[0]
+    else:
+        if cell not in cells:
+            known = ", ".join(sorted(cells)[:10])
+            raise SegsemError(f"{path}: no cell '{cell}' (cells: {known})")
+        top = cells[cell]
+    scale = lib.unit / 1e-9  # user units -> nm
+    raw = top.get_polygons(apply_repetitions=True, include_paths=True, depth=None, layer=layer[0], datatype=layer[1])
+    polys: list[Polygon] = []
+    for p in raw:
+        pts = np.asarray(p.points, dtype=float) * scale
+        if len(pts) < 3:
+            continue
+        g = Polygon(pts)
+        if not g.is_valid:
+            g = shapely.make_valid(g)
+            parts = [q for q in getattr(g, "geoms", [g]) if isinstance(q, Polygon) and q.area > 0]
+            polys.extend(parts)
+        elif g.area > 0:
+            polys.append(g)
+    if not polys:
+        raise SegsemError(f"{path}: cell '{top.name}' has no polygons on layer {layer[0]}/{layer[1]}")
+    polys.sort(key=lambda g: (round(g.bounds[0], 3), round(g.bounds[1], 3), round(g.area, 3)))
+    return Layout(path=path, cell_name=top.name, layer=layer, polygons=polys)
+
+
+def features_in_view(layout: Layout, transform: PixelTransform, *, margin_px: float = 0.0) -> list[Feature]:
+    """The layout features in an image's field of view, as :class:`Feature` objects.
+
+    The field of view is that of ``transform`` (use the aligned transform),
+    grown by ``margin_px`` on every side. Polygons are clipped to it; their
+    pixel polygons are mapped with ``transform.to_pixel``.
+    """
+    fov = transform.field_of_view_nm(margin_px)
+    out = []
+    for i, poly, clipped in layout.clip(fov):
+        ext = np.asarray(poly.exterior.coords, dtype=float)[:-1]
+        out.append(Feature(f"p{i}", ext, transform.to_pixel(ext), clipped))
+    return out

@@ -1,0 +1,76 @@
+import gdstk
+import numpy as np
+import pytest
+
+from segsem_cli.errors import SegsemError
+from segsem_cli.layout import features_in_view, load_layout, parse_layer
+from segsem_cli.transform import PixelTransform
+
+
+def make_lib(tmp_path, suffix=".gds", unit=1e-6):
+    lib = gdstk.Library(unit=unit, precision=1e-12)
+    leaf = lib.new_cell("LEAF")
+    s = 1e-9 / unit  # one nm in user units
+    leaf.add(gdstk.rectangle((0, 0), (20 * s, 100 * s), layer=1, datatype=0))
+    leaf.add(gdstk.rectangle((0, 0), (5 * s, 5 * s), layer=2, datatype=0))
+    top = lib.new_cell("TOP")
+    top.add(gdstk.Reference(leaf, (100 * s, 0), columns=3, rows=1, spacing=(50 * s, 0)))
+    top.add(gdstk.rectangle((400 * s, 0), (440 * s, 40 * s), layer=1, datatype=0))
+    p = tmp_path / f"t{suffix}"
+    (lib.write_gds if suffix == ".gds" else lib.write_oas)(str(p))
+    return p
+
+
+@pytest.mark.parametrize("suffix", [".gds", ".oas"])
+@pytest.mark.parametrize("unit", [1e-6, 1e-9])
+def test_flattened_polygons_in_nm(tmp_path, suffix, unit):
+    lay = load_layout(make_lib(tmp_path, suffix, unit))
+    assert lay.cell_name == "TOP"
+    assert len(lay.polygons) == 4
+    xs = sorted(round(p.bounds[0], 6) for p in lay.polygons)
+    assert xs == [100.0, 150.0, 200.0, 400.0]
+    assert lay.polygons[0].area == pytest.approx(2000.0)
+    assert lay.bounds == pytest.approx((100.0, 0.0, 440.0, 100.0))
+
+
+def test_layer_and_cell_selection(tmp_path):
+    p = make_lib(tmp_path)
+    assert len(load_layout(p, layer=(2, 0)).polygons) == 3
+    assert len(load_layout(p, cell="LEAF").polygons) == 1
+    with pytest.raises(SegsemError, match="no polygons on layer 7/0"):
+        load_layout(p, layer=(7, 0))
+    with pytest.raises(SegsemError, match="no cell 'NOPE'"):
+        load_layout(p, cell="NOPE")
+
+
+def test_ambiguous_top_cell(tmp_path):
+    lib = gdstk.Library()
+    for name in ("A", "B"):
+        lib.new_cell(name).add(gdstk.rectangle((0, 0), (1, 1)))
+    p = tmp_path / "two.gds"
+    lib.write_gds(str(p))
+    with pytest.raises(SegsemError, match="several top cells"):
+        load_layout(p)
+
+
+def test_parse_layer():
+    assert parse_layer("100/2") == (100, 2)
+    assert parse_layer("5") == (5, 0)
+    with pytest.raises(SegsemError, match="not a layer/datatype"):
+        parse_layer("a/b")
+
+
+def test_clip_and_features_in_view(tmp_path):
+    lay = load_layout(make_lib(tmp_path, unit=1e-9))
+    # a 100 x 100 px image at 1 nm/px centred at (160, 50): x in [110, 210], y in [0, 100]
+    t = PixelTransform(center_nm=(160.0, 50.0), pixel_nm=1.0, shape=(100, 100))
+    feats = features_in_view(lay, t)
+    ids = [f.feature_id for f in feats]
+    assert ids == ["p0", "p1", "p2"]
+    f0 = feats[0]  # [100,120] x [0,100], clipped at x=110
+    assert f0.clipped
+    assert f0.layout_nm[:, 0].min() == pytest.approx(110.0)
+    assert not feats[1].clipped
+    # pixel polygon of p1 ([150,170] x [0,100]) spans u in [40, 60], v in [0, 100]
+    np.testing.assert_allclose(sorted(set(np.round(feats[1].pixels[:, 0], 9))), [40.0, 60.0])
+    np.testing.assert_allclose(sorted(set(np.round(feats[1].pixels[:, 1], 9))), [0.0, 100.0])
