@@ -1,0 +1,461 @@
+"""The extraction pipeline: one function a notebook can call, the CLI is a thin layer over it.
+
+read -> align -> prompt -> segment -> judge -> fall back -> refine -> measure -> export
+
+Per image, :func:`process_image` reads the SEM image, aligns it to the layout,
+asks the backbone (if any) and the fallback for one contour per layout feature,
+decides per feature which to keep (:mod:`segsem_cli.hybrid`) and maps the
+contours to layout nm. Its result is written to ``OUT/images/<name>.json``
+atomically: that file is the resume marker. :func:`run_extract` then gathers
+all per-image results into the exported contours, the gauge table, the
+feature table and the summary.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+import traceback
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from .atomic import write_json, write_text
+from .errors import SegsemError
+from .manifest import ManifestRow, read_manifest
+from .transform import PixelTransform
+from .types import ContourRecord, FeatureResult, SEMImage
+
+#: Statuses of an image whose result is final (skipped on re-run unless --force).
+DONE_STATUSES = ("ok", "ambiguous")
+
+
+@dataclass
+class ExtractConfig:
+    """Everything :func:`run_extract` needs, as plain values (picklable for worker processes)."""
+
+    manifest: Path
+    layout: Path
+    out: Path
+    cell: str | None = None
+    layer: tuple[int, int] = (1, 0)
+    export: str = "gds"
+    export_options: dict[str, Any] = field(default_factory=dict)
+    fallback: str = "threshold"
+    fallback_options: dict[str, str] = field(default_factory=dict)
+    backbone: str = "sam2"
+    model: Path | None = None
+    backbone_options: dict[str, str] = field(default_factory=dict)
+    threshold: float | None = None
+    device: str = "cpu"
+    gauges: Path | None = None
+    search_px: float = 40.0
+    align: bool = True
+    workers: int = 1
+    force: bool = False
+    overlays: bool = True
+    refine: bool = True
+    edge_options: dict[str, str] = field(default_factory=dict)
+
+    def fingerprint(self) -> str:
+        """Hash of the options that change an image's result (resume only reuses matching results)."""
+        keys = dict(
+            layout=str(Path(self.layout).resolve()),
+            cell=self.cell,
+            layer=list(self.layer),
+            fallback=self.fallback,
+            fallback_options=self.fallback_options,
+            backbone=self.backbone if self.model else None,
+            model=_file_digest(self.model) if self.model else None,
+            backbone_options=self.backbone_options,
+            threshold=self.threshold,
+            search_px=self.search_px,
+            align=self.align,
+            refine=self.refine,
+            edge_options=self.edge_options,
+        )
+        return hashlib.sha256(json.dumps(keys, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _file_digest(path: Path | None) -> str | None:
+    if path is None:
+        return None
+    st = Path(path).stat()
+    return f"{Path(path).resolve()}:{st.st_size}:{int(st.st_mtime)}"
+
+
+# ----------------------------------------------------------------------------- worker state
+
+
+class _State:
+    """Per-process state: the layout, plugins and model, loaded once."""
+
+    def __init__(self, cfg: ExtractConfig):
+        from .layout import load_layout
+        from .plugins import get_backbone, get_fallback
+
+        self.cfg = cfg
+        self.layout = load_layout(cfg.layout, cell=cfg.cell, layer=cfg.layer)
+        self.fallback = get_fallback(cfg.fallback)
+        self.model = None
+        if cfg.model is not None:
+            self.model = get_backbone(cfg.backbone).load(Path(cfg.model), device=cfg.device, **cfg.backbone_options)
+        self.threshold = resolve_threshold(cfg.threshold, self.model)
+
+
+_STATE: _State | None = None
+
+
+def _init_worker(cfg: ExtractConfig) -> None:
+    global _STATE
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    _STATE = _State(cfg)
+
+
+def resolve_threshold(threshold: float | None, model) -> float:
+    """The confidence threshold: the option, else the model's calibrated one, else 0.5."""
+    if threshold is not None:
+        return float(threshold)
+    if model is not None:
+        t = (getattr(model, "meta", None) or {}).get("threshold")
+        if t is not None:
+            return float(t)
+    return 0.5
+
+
+# ----------------------------------------------------------------------------- one image
+
+
+def process_image(row: ManifestRow, state: _State) -> dict:
+    """Run the whole pipeline on one image. Returns the per-image record (JSON-ready)."""
+    from .align import align_image
+    from .hybrid import combine
+    from .images import read_sem
+    from .layout import features_in_view
+
+    cfg = state.cfg
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    pixels, px = read_sem(row.image, row.pixel_nm)
+    if float(pixels.std()) == 0.0:
+        raise SegsemError(f"{row.image}: blank image (all pixels {float(pixels.flat[0])})")
+    timings["read"] = time.perf_counter() - t0
+    transform = PixelTransform((row.x_nm, row.y_nm), px, pixels.shape)
+    rec: dict[str, Any] = dict(
+        image=row.name,
+        path=str(row.image),
+        center_nm=[row.x_nm, row.y_nm],
+        pixel_nm=px,
+        shape=list(pixels.shape),
+        meta=row.extra,
+    )
+
+    t0 = time.perf_counter()
+    if cfg.align:
+        fov = transform.field_of_view_nm(cfg.search_px)
+        polys = [state.layout.polygons[i] for i in state.layout.query(fov)]
+        ar = align_image(pixels, transform, polys, search_px=cfg.search_px)
+        rec.update(
+            offset_nm=list(ar.offset_nm),
+            offset_px=list(ar.offset_px),
+            align_score=ar.score,
+            residual_px=ar.residual_px,
+            ambiguous=bool(ar.ambiguous),
+            align_status=ar.status,
+            align_message=ar.message,
+        )
+        if ar.status == "failed":
+            rec.update(status="failed", message=f"alignment failed: {ar.message}", features=[], timings=timings)
+            return rec
+        transform = ar.transform
+    else:
+        rec.update(offset_nm=[0.0, 0.0], offset_px=[0.0, 0.0], align_score=None, residual_px=None,
+                   ambiguous=False, align_status="skipped", align_message="alignment disabled")
+    timings["align"] = time.perf_counter() - t0
+
+    feats = features_in_view(state.layout, transform)
+    if not feats:
+        rec.update(status="failed", message="no layout features in the field of view", features=[], timings=timings)
+        return rec
+    image = SEMImage(Path(row.image), pixels, transform, dict(row.extra))
+
+    results, stage_times = combine(
+        image,
+        feats,
+        fallback=state.fallback,
+        fallback_options=cfg.fallback_options,
+        model=state.model,
+        threshold=state.threshold,
+        refine=cfg.refine,
+        edge_options=cfg.edge_options,
+    )
+    timings.update(stage_times)
+
+    t0 = time.perf_counter()
+    out_feats = []
+    for f, r in zip(feats, results):
+        item: dict[str, Any] = dict(
+            feature_id=f.feature_id,
+            source=r.source,
+            confidence=round(float(r.confidence), 4),
+            status=r.status,
+            clipped=bool(f.clipped),
+        )
+        for k, v in r.extra.items():
+            if isinstance(v, (int, float, str, bool)) and k not in item:
+                item[k] = round(v, 4) if isinstance(v, float) else v
+        if r.ok:
+            item["exterior_nm"] = np.round(transform.to_layout(r.contour_px), 4).tolist()
+            item["holes_nm"] = [np.round(transform.to_layout(h), 4).tolist() for h in r.holes_px]
+        out_feats.append(item)
+    n_ok = sum(1 for r in results if r.ok)
+    rec.update(
+        status="ambiguous" if rec.get("ambiguous") else "ok",
+        message="" if n_ok else "no feature could be extracted",
+        features=out_feats,
+        n_features=len(feats),
+        n_ok=n_ok,
+        threshold=state.threshold,
+    )
+    if n_ok == 0:
+        rec["status"] = "failed"
+    timings["map"] = time.perf_counter() - t0
+
+    if cfg.overlays:
+        t0 = time.perf_counter()
+        _write_overlay(cfg.out / "overlays" / f"{row.name}.png", pixels, feats, results)
+        timings["overlay"] = time.perf_counter() - t0
+    rec["timings"] = {k: round(v, 4) for k, v in timings.items()}
+    return rec
+
+
+def _write_overlay(path: Path, pixels, feats, results) -> None:
+    from .overlay import draw_overlay
+
+    layout = [f.pixels for f in feats]
+    by_source: dict[str, list[np.ndarray]] = {}
+    for r in results:
+        if r.ok:
+            by_source.setdefault(r.source, []).append(r.contour_px)
+    colors = {"layout": ((255, 128, 0), layout)}  # BGR-ish handled by draw_overlay
+    palette = [(0, 0, 255), (0, 200, 0), (255, 0, 255), (0, 200, 255)]
+    for i, (src, cs) in enumerate(sorted(by_source.items())):
+        colors[src] = (palette[i % len(palette)], cs)
+    draw_overlay(pixels, colors, path)
+
+
+def _safe_process(row: ManifestRow, state: _State) -> dict:
+    """process_image that never raises: one bad image never sinks a batch."""
+    t0 = time.perf_counter()
+    try:
+        rec = process_image(row, state)
+    except SegsemError as exc:
+        rec = dict(image=row.name, path=str(row.image), status="error", message=str(exc), features=[])
+    except Exception as exc:  # noqa: BLE001
+        msg = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        rec = dict(image=row.name, path=str(row.image), status="error", message=msg, features=[])
+        if os.environ.get("SEGSEM_VERBOSE"):
+            rec["traceback"] = traceback.format_exc()
+    rec["elapsed_s"] = round(time.perf_counter() - t0, 4)
+    return rec
+
+
+def _worker_task(row: ManifestRow) -> dict:
+    assert _STATE is not None
+    return _safe_process(row, _STATE)
+
+
+# ----------------------------------------------------------------------------- the batch
+
+
+@dataclass
+class ExtractSummary:
+    out: Path
+    images: list[dict]
+    outputs: dict[str, str]
+    counts: dict[str, int]
+    threshold: float
+    model: str | None
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["out"] = str(self.out)
+        return d
+
+
+def image_record_path(out: Path, name: str) -> Path:
+    return Path(out) / "images" / f"{name}.json"
+
+
+def load_done(out: Path, rows: list[ManifestRow], fingerprint: str) -> dict[str, dict]:
+    """Per-image results from an earlier run with the same options (the resume set)."""
+    done = {}
+    for r in rows:
+        p = image_record_path(out, r.name)
+        if not p.is_file():
+            continue
+        try:
+            rec = json.loads(p.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if rec.get("status") in DONE_STATUSES and rec.get("fingerprint") == fingerprint:
+            done[r.name] = rec
+    return done
+
+
+def run_extract(cfg: ExtractConfig, *, progress: Callable[[dict], None] | None = None, on_start: Callable[[int, int], None] | None = None) -> ExtractSummary:
+    """Extract contours for every image of the manifest and write all outputs under ``cfg.out``.
+
+    Outputs: ``contours<suffix>`` (the exporter's file), ``features.csv``
+    (per feature: source, confidence, status), ``gauges.csv`` (with
+    ``--gauges``), ``summary.json``, ``images/<name>.json`` (per image, the
+    resume markers) and ``overlays/<name>.png``.
+    """
+    from .plugins import get_exporter
+
+    rows = read_manifest(cfg.manifest)
+    exporter = get_exporter(cfg.export)  # fail early on an unknown exporter name
+    gauges = None
+    if cfg.gauges is not None:
+        from .gauges import read_gauges
+
+        gauges = read_gauges(cfg.gauges)
+    cfg.out = Path(cfg.out)
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    fp = cfg.fingerprint()
+    done = {} if cfg.force else load_done(cfg.out, rows, fp)
+    todo = [r for r in rows if r.name not in done]
+    if on_start:
+        on_start(len(todo), len(done))
+
+    results: dict[str, dict] = dict(done)
+    state: _State | None = None
+    if todo:
+        if cfg.workers <= 1 or len(todo) == 1:
+            state = _State(cfg)
+            for row in todo:
+                rec = _finish(cfg, row, _safe_process(row, state), fp)
+                results[row.name] = rec
+                if progress:
+                    progress(rec)
+        else:
+            import multiprocessing as mp
+
+            ctx = mp.get_context("spawn" if cfg.model is not None else "fork")
+            with ProcessPoolExecutor(max_workers=cfg.workers, mp_context=ctx, initializer=_init_worker, initargs=(cfg,)) as pool:
+                futs = {pool.submit(_worker_task, row): row for row in todo}
+                for fut in as_completed(futs):
+                    row = futs[fut]
+                    try:
+                        rec = fut.result()
+                    except Exception as exc:  # noqa: BLE001 - a worker died
+                        rec = dict(image=row.name, path=str(row.image), status="error", message=f"worker failed: {exc}", features=[])
+                    rec = _finish(cfg, row, rec, fp)
+                    results[row.name] = rec
+                    if progress:
+                        progress(rec)
+
+    ordered = [results[r.name] for r in rows if r.name in results]
+    threshold = state.threshold if state is not None else next((r.get("threshold") for r in ordered if r.get("threshold") is not None), resolve_threshold(cfg.threshold, None))
+    outputs = write_outputs(cfg, ordered, exporter, gauges)
+    counts = {s: sum(1 for r in ordered if r.get("status") == s) for s in ("ok", "ambiguous", "failed", "error")}
+    counts["features_ok"] = sum(int(r.get("n_ok", 0)) for r in ordered)
+    counts["features"] = sum(int(r.get("n_features", 0)) for r in ordered)
+    counts["resumed"] = len(done)
+    summary = ExtractSummary(cfg.out, [_brief(r) for r in ordered], outputs, counts, threshold, str(cfg.model) if cfg.model else None)
+    write_json(cfg.out / "summary.json", summary.to_json())
+    return summary
+
+
+def _finish(cfg: ExtractConfig, row: ManifestRow, rec: dict, fp: str) -> dict:
+    rec["fingerprint"] = fp
+    write_json(image_record_path(cfg.out, row.name), rec)
+    return rec
+
+
+def _brief(rec: dict) -> dict:
+    keys = ("image", "status", "message", "offset_nm", "offset_px", "align_score", "residual_px", "ambiguous",
+            "n_features", "n_ok", "timings", "elapsed_s")
+    d = {k: rec.get(k) for k in keys if k in rec}
+    srcs: dict[str, int] = {}
+    for f in rec.get("features", []):
+        if f.get("status") == "ok":
+            srcs[f["source"]] = srcs.get(f["source"], 0) + 1
+    d["sources"] = srcs
+    return d
+
+
+def records_from_results(images: list[dict]) -> dict[str, list[ContourRecord]]:
+    """Per image, the extracted contours as :class:`ContourRecord` in layout nm."""
+    out: dict[str, list[ContourRecord]] = {}
+    for rec in images:
+        lst = []
+        for f in rec.get("features", []):
+            if f.get("status") != "ok" or "exterior_nm" not in f:
+                continue
+            lst.append(
+                ContourRecord(
+                    image=rec["image"],
+                    feature_id=f["feature_id"],
+                    xy_nm=np.asarray(f["exterior_nm"], dtype=float),
+                    source=f["source"],
+                    confidence=float(f["confidence"]),
+                    holes_nm=tuple(np.asarray(h, dtype=float) for h in f.get("holes_nm", [])),
+                )
+            )
+        out[rec["image"]] = lst
+    return out
+
+
+def fov_polygon(rec: dict):
+    """The aligned field of view of an image record as a shapely polygon in nm."""
+    from shapely.geometry import Polygon
+
+    h, w = rec["shape"]
+    t = PixelTransform(tuple(rec["center_nm"]), rec["pixel_nm"], (h, w), tuple(rec.get("offset_nm") or (0.0, 0.0)))
+    return Polygon(t.to_layout(np.array([[0, 0], [w, 0], [w, h], [0, h]], dtype=float)))
+
+
+def write_outputs(cfg: ExtractConfig, images: list[dict], exporter, gauges) -> dict[str, str]:
+    """Write the aggregated outputs from all per-image records (atomically)."""
+    import csv
+    import io
+
+    outputs: dict[str, str] = {}
+    per_image = records_from_results(images)
+    records = [r for lst in per_image.values() for r in lst]
+    path = cfg.out / f"contours{exporter.suffix}"
+    written = exporter.export(records, path, **cfg.export_options)
+    outputs["contours"] = str(written[0] if written else path)
+
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["image", "feature_id", "source", "confidence", "status", "clipped", "area_nm2"])
+    for rec in images:
+        for f in rec.get("features", []):
+            area = ""
+            if "exterior_nm" in f:
+                xy = np.asarray(f["exterior_nm"])
+                area = f"{0.5 * abs(np.dot(xy[:, 0], np.roll(xy[:, 1], -1)) - np.dot(xy[:, 1], np.roll(xy[:, 0], -1))):.2f}"
+            w.writerow([rec["image"], f["feature_id"], f["source"], f"{f['confidence']:.4f}", f["status"], int(bool(f.get("clipped"))), area])
+    write_text(cfg.out / "features.csv", buf.getvalue())
+    outputs["features"] = str(cfg.out / "features.csv")
+
+    if gauges is not None:
+        from .gauges import gauge_rows, write_gauge_csv
+
+        usable = [r for r in images if r.get("status") in DONE_STATUSES and "shape" in r]
+        fovs = {r["image"]: fov_polygon(r) for r in usable}
+        rows = gauge_rows(gauges, {k: per_image.get(k, []) for k in fovs}, fovs)
+        write_gauge_csv(cfg.out / "gauges.csv", rows)
+        outputs["gauges"] = str(cfg.out / "gauges.csv")
+    return outputs
+
+
+def finite_or_none(x) -> float | None:
+    return None if x is None or not math.isfinite(float(x)) else float(x)
