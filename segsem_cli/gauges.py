@@ -26,6 +26,7 @@ import numpy as np
 
 from .atomic import atomic_path
 from .errors import SegsemError, where
+from .metrics import feature_rings
 from .types import ContourRecord
 
 GAUGE_FIELDS = ("name", "x1", "y1", "x2", "y2")
@@ -181,32 +182,13 @@ def read_gauge_table(path: str | Path) -> list[dict[str, str]]:
 # --------------------------------------------------------------------------- measuring
 
 
-def _rings_of(item) -> list[np.ndarray]:
-    """The rings (exterior and holes) of one contour item."""
-    if isinstance(item, ContourRecord):
-        return [np.asarray(item.xy_nm, dtype=np.float64)] + [np.asarray(h, dtype=np.float64) for h in item.holes_nm]
-    if hasattr(item, "exterior") and hasattr(item, "interiors"):  # shapely Polygon
-        rings = [item.exterior] + list(item.interiors)
-        return [np.asarray(r.coords, dtype=np.float64)[:-1] for r in rings]
-    if isinstance(item, tuple) and len(item) == 2 and not np.isscalar(item[0]):
-        ext, holes = item
-        arr = np.asarray(ext, dtype=np.float64)
-        if arr.ndim == 2:
-            return [arr] + [np.asarray(h, dtype=np.float64) for h in holes]
-    return [np.asarray(item, dtype=np.float64)]
-
-
 def _edges(contours_nm: Sequence[Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Edge start points, edge vectors and owning contour index of every ring."""
     starts, vecs, owner = [], [], []
     for i, item in enumerate(contours_nm):
-        for ring in _rings_of(item):
+        for ring in feature_rings(item):
             if ring.ndim != 2 or ring.shape[1] != 2:
                 raise ValueError(f"contour {i}: expected an (N, 2) array of x, y nm, got shape {ring.shape}")
-            if len(ring) >= 2 and np.array_equal(ring[0], ring[-1]):
-                ring = ring[:-1]
-            if len(ring) < 2:
-                continue
             nxt = np.roll(ring, -1, axis=0)
             starts.append(ring)
             vecs.append(nxt - ring)

@@ -1,0 +1,175 @@
+"""The ruler: EPE on shapes whose answer is known exactly, feature counts, gauge statistics."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import integrate
+from shapely.geometry import box
+
+from segsem_cli.metrics import aggregate, compare_gauges, epe_samples, evaluate_image, sample_ring
+from segsem_cli.types import ContourRecord
+
+
+def circle(r, n=50_000, c=(0.0, 0.0), phase=0.0):
+    th = phase + 2 * np.pi * np.arange(n) / n
+    return np.c_[c[0] + r * np.cos(th), c[1] + r * np.sin(th)]
+
+
+def rect(x0, y0, x1, y1):
+    return np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]], dtype=float)
+
+
+# chord error of the 50k-gon "circles" below: R (1 - cos(pi / n)) ~ 1e-7 nm at R = 50
+TOL = 1e-6
+
+
+def test_sample_ring_spacing_and_positions():
+    pts = sample_ring(rect(0, 0, 10, 5), 0.5)
+    assert len(pts) == 60  # perimeter 30 / 0.5
+    np.testing.assert_allclose(pts[0], [0.25, 0.0])
+    np.testing.assert_allclose(pts[20], [10.0, 0.25])  # arc length 10.25 is on the right edge
+    steps = np.hypot(*np.diff(pts, axis=0).T)
+    assert steps.max() <= 0.5 + 1e-12
+    assert len(sample_ring(rect(0, 0, 10, 5), 0.7)) == 43  # ceil(30 / 0.7)
+
+
+def test_exact_truth_scores_zero():
+    c = circle(50, 4000)
+    d = epe_samples(c, [c])
+    assert len(d) >= 2 * np.pi * 50 / 0.5
+    assert np.abs(d).max() < 1e-9
+    s = evaluate_image([{"id": "f", "exterior": c.tolist(), "holes": []}], [ContourRecord("i", "p", c, "t", 1.0)], pixel_nm=1.0)
+    assert s.epe_rms_nm < 1e-9 and s.epe_max_nm < 1e-9
+    assert (s.n_true, s.n_pred, s.n_matched, s.n_missing, s.n_extra) == (1, 1, 1, 0, 0)
+
+
+@pytest.mark.parametrize("d", [0.7, -0.35, 2.5])
+def test_scaled_circle_scores_d_everywhere(d):
+    R = 50.0
+    e = epe_samples(circle(R), [circle(R + d, phase=1e-3)], signed=True)
+    np.testing.assert_allclose(e, d, atol=TOL)
+    s = evaluate_image([circle(R)], [circle(R + d, phase=1e-3)], pixel_nm=0.5, match_dist_nm=3.0)
+    assert s.epe_rms_nm == pytest.approx(abs(d), abs=TOL)
+    assert s.epe_max_nm == pytest.approx(abs(d), abs=TOL)
+    assert s.epe_p95_nm == pytest.approx(abs(d), abs=TOL)
+    assert s.epe_bias_nm == pytest.approx(d, abs=TOL)  # positive: prediction too large
+    assert s.epe_rms_px == pytest.approx(abs(d) / 0.5, abs=TOL)
+
+
+@pytest.mark.parametrize("N", [8, 24])
+def test_circle_against_inscribed_ngon_scores_the_sagitta(N):
+    R = 50.0
+    ngon = circle(R, N)
+    sag = R * (1 - np.cos(np.pi / N))
+    # truth circle, prediction N-gon: EPE(phi) = R cos(phi) - R cos(pi/N), phi uniform in [-pi/N, pi/N]
+    e = epe_samples(circle(R), [ngon], step_nm=0.05)
+    assert e.max() == pytest.approx(sag, rel=1e-5)
+    ms, _ = integrate.quad(lambda p: (R * np.cos(p) - R * np.cos(np.pi / N)) ** 2, -np.pi / N, np.pi / N)
+    rms_exact = np.sqrt(ms / (2 * np.pi / N))
+    assert np.sqrt(np.mean(e**2)) == pytest.approx(rms_exact, rel=1e-4)
+    # truth N-gon, prediction circle: along an edge of half-length h at distance a from the centre,
+    # EPE(x) = R - sqrt(a^2 + x^2), x uniform in [-h, h]
+    a, h = R * np.cos(np.pi / N), R * np.sin(np.pi / N)
+    e2 = epe_samples(ngon, [circle(R)], step_nm=0.05, signed=True)
+    assert e2.max() == pytest.approx(sag, rel=1e-5)
+    assert e2.min() > -1e-9  # the circle is outside the inscribed polygon everywhere
+    ms2, _ = integrate.quad(lambda x: (R - np.sqrt(a * a + x * x)) ** 2, -h, h)
+    assert np.sqrt(np.mean(e2**2)) == pytest.approx(np.sqrt(ms2 / (2 * h)), rel=1e-4)
+
+
+def test_rectangle_shifted_in_x():
+    W, H, s = 40.0, 100.0, 0.7
+    e = epe_samples(rect(0, 0, W, H), [rect(s, 0, W + s, H)], step_nm=0.01)
+    # left edge: exactly s. Right edge (x = W): s, except within s of its ends, where the prediction's
+    # bottom/top edge (which passes through the truth's corner) is nearer: EPE = y there.
+    # Top and bottom edges: 0, except a stretch of length s at their left end where the distance
+    # falls linearly from s to 0. Sum of EPE^2 over arc length:
+    #   2 H s^2 - 2 * int_0^s (s^2 - y^2) dy + 2 * int_0^s (s - x)^2 dx = 2 H s^2 - 4 s^3/3 + 2 s^3/3
+    exact_ms = (2 * H * s * s - 2 * s**3 / 3) / (2 * (W + H))
+    assert np.sqrt(np.mean(e**2)) == pytest.approx(np.sqrt(exact_ms), rel=1e-4)
+    assert e.max() == pytest.approx(s, abs=1e-9)
+    assert np.mean(np.isclose(e, s, atol=1e-9)) == pytest.approx((2 * H - 2 * s) / (2 * (W + H)), abs=1e-3)
+
+
+def test_holes_are_part_of_the_boundary():
+    ext, hole = rect(0, 0, 100, 100), rect(40, 40, 60, 60)
+    truth = [{"id": "ring", "exterior": ext.tolist(), "holes": [hole.tolist()]}]
+    pred = [ContourRecord("i", "r", ext, "t", 1.0, holes_nm=(rect(39, 39, 61, 61),))]  # hole 1 nm larger each side
+    s = evaluate_image(truth, pred, pixel_nm=1.0, step_nm=0.25)
+    # 400 nm of exterior at EPE 0 and the 80 nm hole at exactly 1 nm everywhere (corners included:
+    # the truth corner (40, 40) is 1 nm from the predicted edges x = 39 and y = 39)
+    assert s.epe_max_nm == pytest.approx(1.0, abs=1e-12)
+    assert s.epe_rms_nm == pytest.approx(np.sqrt(80 / 480), abs=1e-12)
+    assert s.epe_bias_nm == pytest.approx(-80 / 480, abs=1e-12)  # the hole grew: the solid part shrank
+    assert s.n_missing == 0 and s.n_extra == 0
+
+
+def test_missing_and_extra_features():
+    truth = [{"id": f"t{i}", "exterior": rect(100 * i, 0, 100 * i + 40, 40).tolist()} for i in range(3)]
+    pred = [
+        ContourRecord("img", "p0", rect(0.5, 0, 40.5, 40), "sam2", 0.9),
+        ContourRecord("img", "p2", rect(200, 0, 240, 40), "sam2", 0.9),
+        ContourRecord("img", "junk", rect(0, 200, 30, 230), "canny", 0.3),
+    ]
+    s = evaluate_image(truth, pred, pixel_nm=1.0)
+    assert (s.n_true, s.n_pred, s.n_matched, s.n_missing, s.n_extra) == (3, 3, 2, 1, 1)
+    assert s.missing_ids == ["t1"] and s.extra_ids == ["junk"]
+    # EPE pools only the two matched features: p0 is shifted 0.5 nm -> max 0.5; p2 exact
+    assert s.epe_max_nm == pytest.approx(0.5, abs=1e-9)
+    assert 0 < s.epe_rms_nm < 0.5
+
+
+def test_fov_border_samples_are_ignored():
+    # truth runs past the image; the prediction is cut at the image border (x = 50)
+    truth = [rect(0, 0, 100, 20)]
+    pred = [rect(0, 0, 50, 20)]
+    fov = box(-10, -10, 50, 30)
+    s = evaluate_image(truth, pred, pixel_nm=1.0, fov_nm=fov, border_nm=2.0)
+    assert s.epe_max_nm == pytest.approx(0.0, abs=1e-9)
+    assert s.n_missing == 0 and s.n_extra == 0
+    outside = evaluate_image([rect(200, 0, 220, 20)], [], pixel_nm=1.0, fov_nm=fov)
+    assert outside.n_true == 0 and outside.n_missing == 0 and outside.epe_rms_nm is None
+
+
+def test_aggregate_pools_samples():
+    a = evaluate_image([circle(20, 20000)], [circle(21, 20000)], pixel_nm=1.0)
+    b = evaluate_image([circle(40, 20000)], [circle(43, 20000)], pixel_nm=2.0)
+    agg = aggregate([a, b])
+    na, nb = a.n_samples, b.n_samples
+    assert agg["n_samples"] == na + nb
+    assert agg["epe_rms_nm"] == pytest.approx(np.sqrt((na * 1 + nb * 9) / (na + nb)), rel=1e-5)
+    assert agg["epe_rms_px"] == pytest.approx(np.sqrt((na * 1 + nb * 2.25) / (na + nb)), rel=1e-5)
+    assert agg["epe_max_nm"] == pytest.approx(3.0, rel=1e-5)
+    assert agg["n_true"] == 2 and agg["n_missing"] == 0
+
+
+def test_no_prediction_at_all_is_all_missing():
+    s = evaluate_image([rect(0, 0, 10, 10)], [], pixel_nm=1.0)
+    assert s.n_missing == 1 and s.n_matched == 0 and s.epe_rms_nm is None
+    assert np.isinf(epe_samples(rect(0, 0, 10, 10), [])).all()
+
+
+def test_compare_gauges_known_numbers():
+    truth = [
+        {"name": "a", "true_cd_nm": "40"},
+        {"name": "b", "true_cd_nm": "50"},
+        {"name": "c", "true_cd_nm": "60"},
+        {"name": "d", "true_cd_nm": "70"},
+        {"name": "e", "true_cd_nm": ""},  # no true CD (e.g. gauge off every feature)
+    ]
+    measured = [
+        {"name": "a", "wafer_cd_nm": "41"},
+        {"name": "b", "wafer_cd_nm": "49"},
+        {"name": "c", "wafer_cd_nm": "63"},
+        {"name": "d", "wafer_cd_nm": ""},
+        {"name": "e", "wafer_cd_nm": "12"},
+    ]
+    g = compare_gauges(truth, measured)
+    # errors +1, -1, +3: mean 1, sample std sqrt(((0)^2 + (-2)^2 + 2^2) / 2) = 2
+    assert g.errors_nm == {"a": 1.0, "b": -1.0, "c": 3.0}
+    assert g.bias_nm == pytest.approx(1.0)
+    assert g.sigma3_nm == pytest.approx(6.0)
+    assert g.max_abs_nm == pytest.approx(3.0)
+    assert g.rms_nm == pytest.approx(np.sqrt(11 / 3))
+    assert (g.n_truth, g.n_measured, g.n_compared, g.n_missing, g.n_spurious) == (4, 4, 3, 1, 1)
+    assert g.missing == ["d"] and g.spurious == ["e"]
