@@ -109,33 +109,37 @@ def combine(
     if len(bb) != len(features):
         raise RuntimeError(f"backbone returned {len(bb)} results for {len(features)} features")
 
-    from .edges import refine_contour
+    from .edges import parse_refine_options, refine_contours
 
-    eopts = _edge_kwargs(edge_options or {})
-    t_ref = 0.0
+    t1 = time.perf_counter()
+    refined: dict[int, Any] = {}
+    if refine:
+        idx = [i for i, b in enumerate(bb) if b.ok]
+        if idx:
+            # substrate side is decided from the data per contour (polarity-agnostic)
+            res = refine_contours(image.pixels, [bb[i].contour_px for i in idx], **parse_refine_options(edge_options or {}))
+            refined = dict(zip(idx, res))
+    timings["refine"] = time.perf_counter() - t1
     t_judge = 0.0
     out: list[FeatureResult] = []
-    for f, b, c in zip(features, bb, fb):
+    for i, (f, b, c) in enumerate(zip(features, bb, fb)):
         choice: FeatureResult | None = None
         if b.ok:
             t1 = time.perf_counter()
-            contour, valid = b.contour_px, 1.0
             raw = b.contour_px
-            if refine:
-                rr = refine_contour(image.pixels, b.contour_px, **eopts)
-                contour = rr.contour_uv
-                valid = float(np.mean(rr.valid_mask)) if len(rr.valid_mask) else 0.0
-            t_ref += time.perf_counter() - t1
-            t1 = time.perf_counter()
+            contour, valid = raw, 1.0
+            if i in refined:
+                contour = refined[i].contour_uv
+                valid = refined[i].valid_fraction
             lay_iou = iou(contour, f.pixels) if len(f.pixels) >= 3 else 0.0
             agree = mean_contour_distance(contour, c.contour_px) if c.ok else None
             parts = judge(b.confidence, lay_iou, agree, valid)
-            t_judge += time.perf_counter() - t1
             extra = {k: v for k, v in b.extra.items() if isinstance(v, (int, float, str, bool))}
             extra.update({f"c_{k}": round(v, 4) for k, v in parts.items() if k != "confidence"})
             extra["model_confidence"] = round(float(b.confidence), 4)
-            if refine:
+            if i in refined:
                 extra["refine_shift_px"] = round(mean_contour_distance(raw, contour), 4)
+            t_judge += time.perf_counter() - t1
             if parts["confidence"] >= threshold:
                 choice = FeatureResult(f.feature_id, contour, b.source, parts["confidence"], "ok", b.holes_px, extra)
             elif c.ok:
@@ -149,19 +153,5 @@ def combine(
         else:
             choice = FeatureResult(f.feature_id, None, c.source, 0.0, "failed", (), {"backbone_status": b.status, "fallback_status": c.status})
         out.append(choice)
-    timings["refine"] = t_ref
     timings["judge"] = t_judge
     return out, timings
-
-
-def _edge_kwargs(opts: dict[str, Any]) -> dict[str, Any]:
-    """Parse ``--edge-opt key=value`` strings for :func:`segsem_cli.edges.refine_contour`."""
-    out: dict[str, Any] = {}
-    for k, v in opts.items():
-        if isinstance(v, str):
-            try:
-                v = float(v)
-            except ValueError:
-                pass
-        out[k] = v
-    return out
