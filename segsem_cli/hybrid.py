@@ -26,6 +26,7 @@ is reported ``failed``, never exported as a guess.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
@@ -78,6 +79,102 @@ def judge(model_conf: float, layout_iou: float, agree_dist_px: float | None, edg
     return parts
 
 
+@dataclass(frozen=True)
+class Candidate:
+    """Both proposals for one feature: the judged, refined backbone result and the fallback's."""
+
+    feature_id: str
+    backbone: FeatureResult | None
+    fallback: FeatureResult
+
+
+def candidates(
+    image: SEMImage,
+    features: Sequence[Feature],
+    *,
+    fallback,
+    fallback_options: dict[str, Any] | None = None,
+    model=None,
+    refine: bool = True,
+    edge_options: dict[str, Any] | None = None,
+) -> tuple[list[Candidate], dict[str, float]]:
+    """Run the fallback (and the backbone, refined and judged) on every feature.
+
+    The backbone results carry the judged confidence (see the module
+    docstring) and, in ``extra``, its parts. Returns the candidates and the
+    time per stage (``fallback``, ``segment``, ``refine``, ``judge``) in s.
+    """
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    fb = fallback.extract(image, list(features), **(fallback_options or {}))
+    timings["fallback"] = time.perf_counter() - t0
+    if len(fb) != len(features):
+        raise RuntimeError(f"fallback '{fallback.name}' returned {len(fb)} results for {len(features)} features")
+    if model is None:
+        return [Candidate(f.feature_id, None, c) for f, c in zip(features, fb)], timings
+
+    t0 = time.perf_counter()
+    bb = model.predict(image, list(features))
+    timings["segment"] = time.perf_counter() - t0
+    if len(bb) != len(features):
+        raise RuntimeError(f"backbone returned {len(bb)} results for {len(features)} features")
+
+    from .edges import parse_refine_options, refine_contours
+
+    t0 = time.perf_counter()
+    refined: dict[int, Any] = {}
+    if refine:
+        idx = [i for i, b in enumerate(bb) if b.ok]
+        if idx:
+            # the substrate side is decided from the data per contour (polarity-agnostic)
+            res = refine_contours(image.pixels, [bb[i].contour_px for i in idx], **parse_refine_options(edge_options or {}))
+            refined = dict(zip(idx, res))
+    timings["refine"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    out: list[Candidate] = []
+    for i, (f, b, c) in enumerate(zip(features, bb, fb)):
+        if not b.ok:
+            out.append(Candidate(f.feature_id, b, c))
+            continue
+        raw = b.contour_px
+        contour, valid = raw, 1.0
+        if i in refined:
+            contour = refined[i].contour_uv
+            valid = refined[i].valid_fraction
+        lay_iou = iou(contour, f.pixels) if len(f.pixels) >= 3 else 0.0
+        agree = mean_contour_distance(contour, c.contour_px) if c.ok else None
+        parts = judge(b.confidence, lay_iou, agree, valid)
+        extra = {k: v for k, v in b.extra.items() if isinstance(v, (int, float, str, bool))}
+        extra.update({f"c_{k}": round(v, 4) for k, v in parts.items() if k != "confidence"})
+        extra["model_confidence"] = round(float(b.confidence), 4)
+        if i in refined:
+            extra["refine_shift_px"] = round(mean_contour_distance(raw, contour), 4)
+            extra["_raw_contour"] = raw
+        out.append(Candidate(f.feature_id, FeatureResult(f.feature_id, contour, b.source, parts["confidence"], "ok", b.holes_px, extra), c))
+    timings["judge"] = time.perf_counter() - t0
+    return out, timings
+
+
+def select(cands: Sequence[Candidate], threshold: float) -> list[FeatureResult]:
+    """Per feature: the backbone where its confidence reaches ``threshold``, else the fallback, else failed."""
+    out: list[FeatureResult] = []
+    for cand in cands:
+        b, c = cand.backbone, cand.fallback
+        if b is None:
+            out.append(c)
+        elif b.ok and b.confidence >= threshold:
+            out.append(b)
+        elif c.ok:
+            extra = dict(c.extra)
+            extra["backbone_confidence"] = round(float(b.confidence), 4)
+            out.append(FeatureResult(c.feature_id, c.contour_px, c.source, c.confidence, "ok", c.holes_px, extra))
+        else:
+            extra = {"backbone_status": b.status, "fallback_status": c.status, "backbone_confidence": round(float(b.confidence), 4)}
+            out.append(FeatureResult(cand.feature_id, None, b.source, float(b.confidence), "failed", (), extra))
+    return out
+
+
 def combine(
     image: SEMImage,
     features: Sequence[Feature],
@@ -89,69 +186,7 @@ def combine(
     refine: bool = True,
     edge_options: dict[str, Any] | None = None,
 ) -> tuple[list[FeatureResult], dict[str, float]]:
-    """One result per feature: the fallback alone, or the backbone judged against it.
-
-    Returns the results and the time spent per stage (``segment``,
-    ``fallback``, ``refine``, ``judge``) in seconds.
-    """
-    timings: dict[str, float] = {}
-    t0 = time.perf_counter()
-    fb = fallback.extract(image, list(features), **(fallback_options or {}))
-    timings["fallback"] = time.perf_counter() - t0
-    if len(fb) != len(features):
-        raise RuntimeError(f"fallback '{fallback.name}' returned {len(fb)} results for {len(features)} features")
-    if model is None:
-        return list(fb), timings
-
-    t0 = time.perf_counter()
-    bb = model.predict(image, list(features))
-    timings["segment"] = time.perf_counter() - t0
-    if len(bb) != len(features):
-        raise RuntimeError(f"backbone returned {len(bb)} results for {len(features)} features")
-
-    from .edges import parse_refine_options, refine_contours
-
-    t1 = time.perf_counter()
-    refined: dict[int, Any] = {}
-    if refine:
-        idx = [i for i, b in enumerate(bb) if b.ok]
-        if idx:
-            # substrate side is decided from the data per contour (polarity-agnostic)
-            res = refine_contours(image.pixels, [bb[i].contour_px for i in idx], **parse_refine_options(edge_options or {}))
-            refined = dict(zip(idx, res))
-    timings["refine"] = time.perf_counter() - t1
-    t_judge = 0.0
-    out: list[FeatureResult] = []
-    for i, (f, b, c) in enumerate(zip(features, bb, fb)):
-        choice: FeatureResult | None = None
-        if b.ok:
-            t1 = time.perf_counter()
-            raw = b.contour_px
-            contour, valid = raw, 1.0
-            if i in refined:
-                contour = refined[i].contour_uv
-                valid = refined[i].valid_fraction
-            lay_iou = iou(contour, f.pixels) if len(f.pixels) >= 3 else 0.0
-            agree = mean_contour_distance(contour, c.contour_px) if c.ok else None
-            parts = judge(b.confidence, lay_iou, agree, valid)
-            extra = {k: v for k, v in b.extra.items() if isinstance(v, (int, float, str, bool))}
-            extra.update({f"c_{k}": round(v, 4) for k, v in parts.items() if k != "confidence"})
-            extra["model_confidence"] = round(float(b.confidence), 4)
-            if i in refined:
-                extra["refine_shift_px"] = round(mean_contour_distance(raw, contour), 4)
-            t_judge += time.perf_counter() - t1
-            if parts["confidence"] >= threshold:
-                choice = FeatureResult(f.feature_id, contour, b.source, parts["confidence"], "ok", b.holes_px, extra)
-            elif c.ok:
-                extra_c = dict(c.extra)
-                extra_c["backbone_confidence"] = round(parts["confidence"], 4)
-                choice = FeatureResult(f.feature_id, c.contour_px, c.source, c.confidence, "ok", c.holes_px, extra_c)
-            else:
-                choice = FeatureResult(f.feature_id, None, b.source, parts["confidence"], "failed", (), extra)
-        elif c.ok:
-            choice = c
-        else:
-            choice = FeatureResult(f.feature_id, None, c.source, 0.0, "failed", (), {"backbone_status": b.status, "fallback_status": c.status})
-        out.append(choice)
-    timings["judge"] = t_judge
-    return out, timings
+    """One result per feature: the fallback alone, or the backbone judged against it (see :func:`select`)."""
+    cands, timings = candidates(image, features, fallback=fallback, fallback_options=fallback_options, model=model,
+                                refine=refine, edge_options=edge_options)
+    return select(cands, threshold), timings

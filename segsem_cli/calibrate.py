@@ -1,0 +1,230 @@
+"""Choosing the confidence threshold of the hybrid on labelled validation images.
+
+For every feature of every validation image, both proposals are computed once
+(:func:`segsem_cli.hybrid.candidates`: the refined, judged backbone contour and
+the fallback's) and scored against the truth: the RMS edge placement error
+(px) of each. Then, for each threshold ``T`` on a grid, the per-feature choice
+of :func:`segsem_cli.hybrid.select` is replayed and its expected cost is
+
+    cost(T) = sqrt( mean over features of  EPE_chosen^2  or  penalty^2 if failed )
+
+with ``penalty`` (default 3 px) the cost of a feature that ends up with no
+contour. The threshold with the lowest cost is stored in the model file
+(``segsem['threshold']``, with the whole curve under
+``segsem['calibration_curve']``); ``segsem extract`` uses it by default.
+
+Truth comes from ``truth.json`` beside the manifest (written by
+``segsem synth``: exact contours in nm) when present, else from the
+manifest's ``label`` masks (instance masks: contours at the pixel-centre level,
+good to about a quarter pixel).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from .errors import SegsemError
+from .manifest import ManifestRow, read_manifest
+from .transform import PixelTransform
+from .types import SEMImage
+
+
+@dataclass
+class FeatureScore:
+    image: str
+    feature_id: str
+    confidence: float | None  # backbone's judged confidence (None: backbone failed)
+    epe_backbone: float | None  # RMS px; None when the backbone gave no contour
+    epe_fallback: float | None
+    backbone_source: str = "sam2"
+    fallback_source: str = "threshold"
+
+
+@dataclass
+class Calibration:
+    threshold: float
+    curve: list[dict[str, float]]
+    n_features: int
+    n_images: int
+    penalty_px: float
+    scores: list[FeatureScore] = field(default_factory=list)
+
+    def to_meta(self) -> dict[str, Any]:
+        return {
+            "threshold": float(self.threshold),
+            "calibration_curve": [{k: float(v) for k, v in row.items()} for row in self.curve],
+            "calibration_features": int(self.n_features),
+            "calibration_images": int(self.n_images),
+            "calibration_penalty_px": float(self.penalty_px),
+        }
+
+
+def _rms(d: np.ndarray) -> float:
+    d = np.asarray(d, dtype=float)
+    return float(np.sqrt(np.mean(d * d))) if d.size else float("nan")
+
+
+def truth_contours_px(row: ManifestRow, pixels_shape, pixel_nm: float, truth: dict | None, feats) -> dict[str, list[np.ndarray]]:
+    """Truth rings (px, ``(u, v)``) per layout feature id for one image.
+
+    From ``truth.json`` (exact, mapped with the TRUE transform) when it lists
+    the image, else from the instance label mask (associated to layout
+    features by overlap).
+    """
+    from .metrics import feature_rings
+
+    if truth is not None and row.name in truth.get("images", {}):
+        t_img = truth["images"][row.name]
+        off = t_img.get("offset_nm", [0.0, 0.0])
+        t = PixelTransform((row.x_nm, row.y_nm), pixel_nm, tuple(pixels_shape), (float(off[0]), float(off[1])))
+        out: dict[str, list[np.ndarray]] = {}
+        for f in t_img.get("features", []):
+            if f.get("defect") == "missing" or f.get("design_index") is None:
+                continue
+            out[f"p{int(f['design_index'])}"] = [t.to_pixel(r) for r in feature_rings(f)]
+        return out
+    if row.label is None:
+        raise SegsemError(f"{row.image}: no truth for this image (no truth.json entry and no label column)")
+    from skimage.measure import find_contours
+
+    from .images import read_label
+
+    lab = read_label(row.label, tuple(pixels_shape))
+    out = {}
+    from shapely.geometry import Polygon
+
+    polys = {f.feature_id: Polygon(f.pixels) for f in feats if len(f.pixels) >= 3}
+    for k in np.unique(lab):
+        if k == 0:
+            continue
+        m = np.pad((lab == k).astype(float), 1)
+        rings = [np.stack([c[:, 1] - 1 + 0.5, c[:, 0] - 1 + 0.5], axis=1)[:-1] for c in find_contours(m, 0.5) if len(c) > 4]
+        if not rings:
+            continue
+        outer = max(rings, key=lambda r: Polygon(r).area)
+        pk = Polygon(outer).buffer(0)
+        best, best_a = None, 0.0
+        for fid, pf in polys.items():
+            a = pk.intersection(pf).area
+            if a > best_a:
+                best, best_a = fid, a
+        if best is not None:
+            out.setdefault(best, []).extend(rings)
+    return out
+
+
+def score_image(row: ManifestRow, state, truth: dict | None) -> list[FeatureScore]:
+    """Both proposals of every feature of one image, scored against the truth."""
+    from .align import align_image
+    from .hybrid import candidates
+    from .images import read_sem
+    from .layout import features_in_view
+    from .metrics import epe_samples
+
+    cfg = state.cfg
+    pixels, px = read_sem(row.image, row.pixel_nm)
+    transform = PixelTransform((row.x_nm, row.y_nm), px, pixels.shape)
+    fov = transform.field_of_view_nm(cfg.search_px)
+    polys = [state.layout.polygons[i] for i in state.layout.query(fov)]
+    ar = align_image(pixels, transform, polys, search_px=cfg.search_px)
+    if ar.status == "failed":
+        return []
+    feats = features_in_view(state.layout, ar.transform)
+    image = SEMImage(Path(row.image), pixels, ar.transform, dict(row.extra))
+    cands, _ = candidates(image, feats, fallback=state.fallback, fallback_options=cfg.fallback_options, model=state.model,
+                          refine=cfg.refine, edge_options=cfg.edge_options)
+    truth_px = truth_contours_px(row, pixels.shape, px, truth, feats)
+    out = []
+    for f, c in zip(feats, cands):
+        rings = truth_px.get(f.feature_id)
+        if not rings or f.clipped:
+            continue
+        b = c.backbone
+        eb = _rms(epe_samples(rings, [b.contour_px], step_nm=0.5)) if b is not None and b.ok else None
+        ef = _rms(epe_samples(rings, [c.fallback.contour_px], step_nm=0.5)) if c.fallback.ok else None
+        out.append(FeatureScore(row.name, f.feature_id, None if b is None or not b.ok else float(b.confidence), eb, ef,
+                                b.source if b is not None else "", c.fallback.source))
+    return out
+
+
+def threshold_curve(scores: list[FeatureScore], *, grid=None, penalty_px: float = 3.0) -> list[dict[str, float]]:
+    """Replay the per-feature choice for each threshold: fallback rate, EPE RMS, failures, cost."""
+    grid = np.round(np.linspace(0.0, 1.0, 51), 4) if grid is None else np.asarray(grid, dtype=float)
+    conf = np.array([-1.0 if s.confidence is None else s.confidence for s in scores])
+    eb = np.array([np.nan if s.epe_backbone is None else s.epe_backbone for s in scores])
+    ef = np.array([np.nan if s.epe_fallback is None else s.epe_fallback for s in scores])
+    rows = []
+    n = max(len(scores), 1)
+    for t in grid:
+        use_b = (conf >= t) & np.isfinite(eb)
+        chosen = np.where(use_b, eb, ef)
+        failed = ~np.isfinite(chosen)
+        ok = ~failed
+        cost = np.where(failed, penalty_px, chosen)
+        rows.append({
+            "threshold": float(t),
+            "fallback_rate": float(np.mean(~use_b & ok)) if len(scores) else 0.0,
+            "epe_rms_px": _rms(chosen[ok]) if ok.any() else float("nan"),
+            "failures": float(failed.sum()),
+            "cost_px": float(np.sqrt(np.sum(cost * cost) / n)),
+        })
+    return rows
+
+
+def choose_threshold(curve: list[dict[str, float]]) -> float:
+    """The threshold of lowest cost (ties: the lowest threshold, i.e. the most backbone use)."""
+    best = min(curve, key=lambda r: (round(r["cost_px"], 9), r["threshold"]))
+    return float(best["threshold"])
+
+
+def calibrate(cfg, *, truth_path: Path | None = None, penalty_px: float = 3.0, progress: Callable[[str], None] | None = None) -> Calibration:
+    """Score every feature of the manifest's images and pick the threshold (see module docstring)."""
+    from .pipeline import _State
+
+    if cfg.model is None:
+        raise SegsemError("calibrate needs --model (a fine-tuned checkpoint)")
+    rows = read_manifest(cfg.manifest)
+    truth = None
+    tp = truth_path if truth_path is not None else Path(cfg.manifest).parent / "truth.json"
+    if tp.is_file():
+        try:
+            truth = json.loads(tp.read_text())
+        except json.JSONDecodeError as exc:
+            raise SegsemError(f"{tp}: not valid JSON ({exc})") from None
+    elif truth_path is not None:
+        raise SegsemError(f"{truth_path}: truth file not found")
+    state = _State(cfg)
+    scores: list[FeatureScore] = []
+    n_img = 0
+    for row in rows:
+        s = score_image(row, state, truth)
+        if s:
+            n_img += 1
+        scores.extend(s)
+        if progress:
+            progress(row.name)
+    if not scores:
+        raise SegsemError(f"{cfg.manifest}: no feature could be scored against the truth (check labels / truth.json)")
+    curve = threshold_curve(scores, penalty_px=penalty_px)
+    return Calibration(choose_threshold(curve), curve, len(scores), n_img, penalty_px, scores)
+
+
+def store_threshold(model_path: Path, calib: Calibration, out: Path | None = None) -> Path:
+    """Write the threshold and curve into the checkpoint's segsem metadata (atomically)."""
+    import torch
+
+    from .atomic import atomic_path
+    from .sam.model import META_KEY, _check_plain, load_checkpoint
+
+    sd, meta = load_checkpoint(model_path)
+    meta = dict(meta)
+    meta.update(calib.to_meta())
+    _check_plain(meta, META_KEY)
+    dest = Path(out) if out is not None else Path(model_path)
+    with atomic_path(dest) as tmp:
+        torch.save({"model": sd, META_KEY: meta}, tmp)
+    return dest
