@@ -242,11 +242,11 @@ def _write_overlay(path: Path, pixels, feats, results) -> None:
     for r in results:
         if r.ok:
             by_source.setdefault(r.source, []).append(r.contour_px)
-    colors = {"layout": ((255, 128, 0), layout)}  # BGR-ish handled by draw_overlay
-    palette = [(0, 0, 255), (0, 200, 0), (255, 0, 255), (0, 200, 255)]
+    layers = {"layout": ("blue", layout)}
+    palette = ["red", "green", "magenta", "yellow"]
     for i, (src, cs) in enumerate(sorted(by_source.items())):
-        colors[src] = (palette[i % len(palette)], cs)
-    draw_overlay(pixels, colors, path)
+        layers[src] = (palette[i % len(palette)], cs)
+    draw_overlay(pixels, layers, path, scale=2 if max(pixels.shape) <= 512 else 1)
 
 
 def _safe_process(row: ManifestRow, state: _State) -> dict:

@@ -103,7 +103,7 @@ def build_report(images: list[dict], *, title: str, threshold: float | None, mod
             for f in feats:
                 parts.append(f"<tr><td>{e(f['feature_id'])}</td><td>{e(f['source'])}</td><td>{f['confidence']:.3f}</td><td class='{e(f['status'])}'>{e(f['status'])}</td></tr>")
             parts.append("</table></details>")
-    parts.append("<p style='color:#888'>overlay colours: layout orange, contours by source (see legend in each image).</p></body></html>")
+    parts.append("<p style='color:#888'>overlay colours: layout blue; extracted contours in red, green, ... by source (legend in the top-left corner of each image).</p></body></html>")
     return "\n".join(parts), data
 
 
