@@ -511,3 +511,321 @@ def compare_gauges(
         spurious=spurious,
         errors_nm=errors,
     )
+
+
+# --------------------------------------------------------------------------- truth directories and runs
+
+
+@dataclass
+class TruthImage:
+    """One image of a truth directory (``segsem synth`` output).
+
+    ``transform`` is the image's *true* transform (nominal centre plus the
+    stage offset), so ``fov_nm`` is where the image really looked.
+    ``features`` are dicts with ``id``, ``exterior`` ``(N, 2)`` nm and
+    ``holes`` (list of arrays), plus whatever else the file had.
+    """
+
+    name: str
+    transform: Any
+    features: list[dict[str, Any]]
+    image_path: Any = None
+
+    @property
+    def pixel_nm(self) -> float:
+        return float(self.transform.pixel_nm)
+
+    @property
+    def fov_nm(self):
+        """The field of view as a shapely polygon in layout nm (rotation included)."""
+        from shapely.geometry import Polygon
+
+        h, w = self.transform.shape
+        return Polygon(self.transform.to_layout(np.array([[0, 0], [w, 0], [w, h], [0, h]], dtype=float)))
+
+
+def _pair(value, loc: str, what: str, *, positive: bool = False) -> tuple[float, float]:
+    from .errors import SegsemError
+
+    try:
+        a = np.asarray(value, dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError):
+        a = np.zeros(0)
+    if a.shape != (2,) or not np.isfinite(a).all() or (positive and (a <= 0).any()):
+        raise SegsemError(f"{loc} field '{what}': expected two {'positive ' if positive else ''}numbers, got {value!r}")
+    return float(a[0]), float(a[1])
+
+
+def _ring_field(value, loc: str, what: str) -> np.ndarray:
+    from .errors import SegsemError
+
+    try:
+        a = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        a = np.zeros((0,))
+    if a.ndim != 2 or a.shape[1] != 2 or len(a) < 3 or not np.isfinite(a).all():
+        raise SegsemError(f"{loc} field '{what}': expected a list of at least 3 [x, y] nm pairs")
+    if np.array_equal(a[0], a[-1]):
+        a = a[:-1]
+    return a
+
+
+def read_truth(truth_dir) -> tuple[list[TruthImage], Any]:
+    """Read a truth directory written by ``segsem synth``.
+
+    Reads ``truth.json`` (required) = ``{"images": {name: {"pixel_nm", "shape":
+    [H, W], "center_nm": [x, y], "offset_nm": [dx, dy], "features": [{"id",
+    "exterior", "holes", ...}]}}}``; ``images`` may also be a list of entries
+    with a ``name``. Missing ``center_nm`` / ``pixel_nm`` / image path are
+    taken from ``manifest.csv`` (row whose image stem is the name), a missing
+    ``shape`` from the image file. ``rotation_rad`` is honoured when present.
+
+    Returns
+    -------
+    (images, gauges_truth_path)
+        ``gauges_truth_path`` is ``truth_dir/gauges_truth.csv`` or None.
+    """
+    import json
+    from pathlib import Path
+
+    from .errors import SegsemError
+    from .transform import PixelTransform
+
+    d = Path(truth_dir)
+    tj = d / "truth.json"
+    if not d.is_dir():
+        raise SegsemError(f"{d}: truth directory not found")
+    if not tj.is_file():
+        raise SegsemError(f"{tj}: not found (a truth directory holds truth.json, as written by segsem synth)")
+    try:
+        doc = json.loads(tj.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise SegsemError(f"{tj}: not valid JSON ({str(exc).splitlines()[0]})") from None
+    images = doc.get("images") if isinstance(doc, dict) else None
+    if isinstance(images, list):
+        entries = []
+        for i, e in enumerate(images):
+            if not isinstance(e, dict) or not (e.get("name") or e.get("image")):
+                raise SegsemError(f"{tj} images[{i}] field 'name': missing")
+            entries.append((str(e.get("name") or Path(str(e["image"])).stem), e))
+    elif isinstance(images, dict):
+        entries = [(str(k), v) for k, v in images.items()]
+    else:
+        raise SegsemError(f"{tj} field 'images': missing or not an object")
+    manifest = {}
+    mp = d / "manifest.csv"
+    if mp.is_file():
+        from .manifest import read_manifest
+
+        manifest = {r.name: r for r in read_manifest(mp)}
+    out: list[TruthImage] = []
+    for name, e in entries:
+        loc = f"{tj} image '{name}'"
+        if not isinstance(e, dict):
+            raise SegsemError(f"{loc}: expected an object")
+        row = manifest.get(name) or manifest.get(Path(name).stem)
+        img_path = None
+        if e.get("image") or e.get("path"):
+            img_path = d / str(e.get("image") or e.get("path"))
+        elif row is not None:
+            img_path = row.image
+        pixel = e.get("pixel_nm", row.pixel_nm if row is not None else None)
+        try:
+            pixel = float(pixel)
+        except (TypeError, ValueError):
+            raise SegsemError(f"{loc} field 'pixel_nm': {pixel!r} is not a number") from None
+        if not (pixel > 0 and math.isfinite(pixel)):
+            raise SegsemError(f"{loc} field 'pixel_nm': must be a positive number of nm, got {pixel!r}")
+        if e.get("center_nm") is not None:
+            center = _pair(e["center_nm"], loc, "center_nm")
+        elif row is not None:
+            center = (row.x_nm, row.y_nm)
+        else:
+            raise SegsemError(f"{loc} field 'center_nm': missing (and no manifest.csv row for the image)")
+        offset = _pair(e.get("offset_nm", (0.0, 0.0)), loc, "offset_nm")
+        if e.get("shape") is not None:
+            hw = _pair(e["shape"], loc, "shape", positive=True)
+            shape = (int(hw[0]), int(hw[1]))
+        elif img_path is not None:
+            from .images import read_sem
+
+            shape = tuple(read_sem(img_path, pixel)[0].shape)
+        else:
+            raise SegsemError(f"{loc} field 'shape': missing (and no image file to read it from)")
+        rot = float(e.get("rotation_rad", math.radians(float(e.get("rotation_deg", 0.0)))))
+        tr = PixelTransform(center_nm=center, pixel_nm=pixel, shape=shape, offset_nm=offset, rotation_rad=rot)
+        feats = []
+        for k, f in enumerate(e.get("features") or []):
+            floc = f"{loc} feature {k}"
+            if not isinstance(f, dict) or "exterior" not in f:
+                raise SegsemError(f"{floc} field 'exterior': missing")
+            ext = _ring_field(f["exterior"], floc, "exterior")
+            holes = [_ring_field(h, floc, f"holes[{j}]") for j, h in enumerate(f.get("holes") or [])]
+            feats.append({**f, "id": str(f.get("id", f"{name}:{k}")), "exterior": ext, "holes": holes})
+        out.append(TruthImage(name, tr, feats, img_path))
+    gp = d / "gauges_truth.csv"
+    return out, (gp if gp.is_file() else None)
+
+
+def assign_records(
+    records: Sequence[ContourRecord], images: Sequence[TruthImage], *, by: str = "auto"
+) -> tuple[dict[str, list[ContourRecord]], int]:
+    """Assign predicted contours to truth images.
+
+    ``by="name"``: a record goes to the image whose name (or file stem) equals
+    its ``image``. ``by="fov"``: to every image whose true field of view
+    contains the contour's representative point (layout files carry no
+    reliable image name). ``by="auto"``: by name when the name matches an
+    image, otherwise by field of view. Returns the mapping (every image
+    present) and the number of records assigned to no image.
+    """
+    import shapely
+    from pathlib import Path
+    from shapely.geometry import Polygon
+
+    if by not in ("auto", "name", "fov"):
+        raise ValueError(f"by must be 'auto', 'name' or 'fov', got {by!r}")
+    out: dict[str, list[ContourRecord]] = {im.name: [] for im in images}
+    alias: dict[str, str] = {}
+    for im in images:
+        alias.setdefault(im.name, im.name)
+        alias.setdefault(Path(im.name).stem, im.name)
+    pending: list[ContourRecord] = []
+    unassigned = 0
+    for r in records:
+        key = alias.get(str(r.image)) or alias.get(Path(str(r.image)).stem)
+        if by == "fov" or (by == "auto" and key is None):
+            pending.append(r)
+        elif key is not None:
+            out[key].append(r)
+        else:
+            unassigned += 1
+    if pending and images:
+        pts = []
+        for r in pending:
+            ring = np.asarray(r.xy_nm, dtype=np.float64)
+            p = Polygon(ring) if len(ring) >= 3 else None
+            if p is None or p.is_empty:
+                pts.append(shapely.points(ring.mean(axis=0)) if len(ring) else shapely.points(np.nan, np.nan))
+            else:
+                pts.append(p.representative_point() if p.is_valid else shapely.points(ring.mean(axis=0)))
+        tree = shapely.STRtree([im.fov_nm for im in images])
+        src, dst = tree.query(np.array(pts, dtype=object), predicate="within")
+        hit = np.zeros(len(pending), bool)
+        for i, j in zip(src, dst):
+            out[images[j].name].append(pending[i])
+            hit[i] = True
+        unassigned += int((~hit).sum())
+    elif pending:
+        unassigned += len(pending)
+    return out, unassigned
+
+
+def evaluate_run(
+    truth_dir,
+    pred_path,
+    *,
+    gauges_path=None,
+    layer: tuple[int, int] = (100, 0),
+    assign: str = "auto",
+    match_dist_nm: float | None = None,
+    missing_frac: float = 0.5,
+    step_nm: float = 0.5,
+    overlays_dir=None,
+) -> dict[str, Any]:
+    """Score a contour file against a truth directory (what ``segsem evaluate`` runs).
+
+    Parameters
+    ----------
+    truth_dir : folder with ``truth.json`` (and ``manifest.csv``,
+        ``gauges_truth.csv``), see :func:`read_truth`.
+    pred_path : contours (``.csv``, ``.gds``, ``.oas``), read with
+        :func:`segsem_cli.contour_io.read_contours` on ``layer``.
+    gauges_path : optional measured gauge table (``wafer_cd_nm`` column),
+        compared with ``gauges_truth.csv`` (``true_cd_nm``).
+    assign : ``"auto"`` (CSV: by image name, falling back to field of view;
+        layout files: by field of view), ``"name"`` or ``"fov"``.
+    overlays_dir : if given, write ``<image>.png`` overlays there (truth
+        green, prediction red).
+
+    Returns
+    -------
+    dict
+        JSON-ready: ``images`` (one :meth:`ImageScore.to_dict` each),
+        ``overall`` (:func:`aggregate`), ``gauges`` (:meth:`GaugeScore.to_dict`
+        or None), ``unassigned`` (predicted contours in no image), ``settings``.
+    """
+    from pathlib import Path
+
+    from .contour_io import read_contours
+    from .errors import SegsemError
+
+    if step_nm is None or not step_nm > 0:
+        raise SegsemError(f"--step-nm: must be > 0, got {step_nm!r}")
+    if not 0.0 <= missing_frac < 1.0:
+        raise SegsemError(f"--missing-frac: must be in [0, 1), got {missing_frac!r}")
+    if match_dist_nm is not None and not match_dist_nm > 0:
+        raise SegsemError(f"--match-dist-nm: must be > 0, got {match_dist_nm!r}")
+    if assign not in ("auto", "name", "fov"):
+        raise SegsemError(f"--assign: {assign!r} is not one of auto, name, fov")
+    images, gauges_truth = read_truth(truth_dir)
+    pred_path = Path(pred_path)
+    records = read_contours(pred_path, layer=int(layer[0]), datatype=int(layer[1]))
+    how = assign
+    if assign == "auto" and pred_path.suffix.lower() != ".csv":
+        how = "fov"
+    per_image, unassigned = assign_records(records, images, by=how)
+    scores = [
+        evaluate_image(
+            im.features,
+            per_image[im.name],
+            pixel_nm=im.pixel_nm,
+            missing_frac=missing_frac,
+            match_dist_nm=match_dist_nm,
+            step_nm=step_nm,
+            fov_nm=im.fov_nm,
+            name=im.name,
+        )
+        for im in images
+    ]
+    gscore = None
+    if gauges_path is not None:
+        from .gauges import read_gauge_table
+
+        if gauges_truth is None:
+            raise SegsemError(f"{Path(truth_dir) / 'gauges_truth.csv'}: not found (needed to score --gauges)")
+        truth_rows = read_gauge_table(gauges_truth)
+        meas_rows = read_gauge_table(gauges_path)
+        if truth_rows and "true_cd_nm" not in truth_rows[0]:
+            raise SegsemError(f"{gauges_truth} row 1 field 'true_cd_nm': missing column")
+        if meas_rows and "wafer_cd_nm" not in meas_rows[0]:
+            raise SegsemError(f"{gauges_path} row 1 field 'wafer_cd_nm': missing column")
+        gscore = compare_gauges(truth_rows, meas_rows)
+    if overlays_dir is not None:
+        from .images import read_sem
+        from .overlay import contours_to_px, draw_overlay
+
+        for im in images:
+            if im.image_path is None:
+                raise SegsemError(f"truth image '{im.name}': no image file known (add it to manifest.csv) for --overlays")
+            pixels, _ = read_sem(im.image_path, im.pixel_nm)
+            truth_px = contours_to_px(im.transform, [r for f in im.features for r in feature_rings(f)])
+            pred_px = contours_to_px(im.transform, [r for p in per_image[im.name] for r in feature_rings(p)])
+            draw_overlay(pixels, {"truth": ("green", truth_px), "pred": ("red", pred_px)}, Path(overlays_dir) / f"{im.name}.png")
+    return {
+        "truth": str(truth_dir),
+        "pred": str(pred_path),
+        "settings": {
+            "assign": how,
+            "layer": f"{int(layer[0])}/{int(layer[1])}",
+            "match_dist_nm": match_dist_nm,
+            "match_dist_px": DEFAULT_MATCH_PX if match_dist_nm is None else None,
+            "missing_frac": missing_frac,
+            "step_nm": step_nm,
+        },
+        "n_pred_records": len(records),
+        "unassigned": unassigned,
+        "images": [s.to_dict() for s in scores],
+        "overall": aggregate(scores),
+        "gauges": gscore.to_dict() if gscore is not None else None,
+    }

@@ -173,3 +173,146 @@ def test_compare_gauges_known_numbers():
     assert g.rms_nm == pytest.approx(np.sqrt(11 / 3))
     assert (g.n_truth, g.n_measured, g.n_compared, g.n_missing, g.n_spurious) == (4, 4, 3, 1, 1)
     assert g.missing == ["d"] and g.spurious == ["e"]
+
+
+# ------------------------------------------------------------------ overlay
+
+
+def test_overlay_draws_subpixel_contours(tmp_path):
+    import cv2
+
+    from segsem_cli.overlay import draw_overlay
+
+    px = np.tile(np.linspace(0, 1, 40), (30, 1)).astype(np.float32)
+    # a vertical edge at u = 10 lands at x = 19.5 in the 2x image: columns 19 and 20 share it
+    out = draw_overlay(px, {"red": [rect(10, 5, 30, 25)]}, tmp_path / "o.png", legend=False)
+    img = cv2.imread(str(out))
+    assert img.shape == (60, 80, 3)
+    red = img[30, :, 2].astype(int) - img[30, :, 1].astype(int)
+    assert red[19] > 100 and red[20] > 100 and abs(red[19] - red[20]) < 30
+    assert red[17] < 20 and red[22] < 20
+    assert [p.name for p in tmp_path.iterdir()] == ["o.png"]
+
+
+# ------------------------------------------------------------------ evaluate command, end to end
+
+
+def _rect_rows(image, fid, r, source="sam2", conf=0.9):
+    return [f"{image},{fid},{source},{conf},0,{k},{x},{y}" for k, (x, y) in enumerate(r)]
+
+
+def _make_truth(tmp_path):
+    import json
+
+    import cv2
+
+    d = tmp_path / "truth"
+    d.mkdir()
+    cv2.imwrite(str(d / "A.png"), np.full((64, 64), 100, np.uint8))
+    cv2.imwrite(str(d / "B.png"), np.full((32, 32), 100, np.uint8))
+    (d / "manifest.csv").write_text("image,x_nm,y_nm,pixel_nm,label\nA.png,0,0,1.0,\nB.png,1000,0,2.0,\n")
+    truth = {
+        "images": {
+            "A": {
+                "offset_nm": [0.5, -0.25], "pixel_nm": 1.0, "shape": [64, 64], "center_nm": [0, 0],
+                "features": [
+                    {"id": "A:0", "design_index": 0, "exterior": rect(-20, -20, -5, 20).tolist(), "holes": [], "label": 1, "defect": None},
+                    {"id": "A:1", "design_index": 1, "exterior": rect(5, -20, 20, 20).tolist(), "holes": [], "label": 2, "defect": None},
+                ],
+            },
+            "B": {
+                "offset_nm": [0, 0], "pixel_nm": 2.0, "shape": [32, 32], "center_nm": [1000, 0],
+                "features": [{"id": "B:0", "design_index": 2, "exterior": rect(990, -10, 1010, 10).tolist(), "holes": [], "label": 1, "defect": None}],
+            },
+        }
+    }
+    (d / "truth.json").write_text(json.dumps(truth))
+    (d / "gauges_truth.csv").write_text("name,x1,y1,x2,y2,true_cd_nm\ng1,-25,0,0,0,15\ng2,0,0,25,0,15\ng3,985,0,1015,0,20\n")
+    lines = ["image,feature_id,source,confidence,ring,point_index,x_nm,y_nm"]
+    lines += _rect_rows("A", "A:0", rect(-20.5, -20.5, -4.5, 20.5))  # grown by 0.5 nm on every side
+    lines += _rect_rows("A.tif", "A:1", rect(5, -20, 20, 20))  # exact; image named by its file name
+    lines += _rect_rows("B", "junk", rect(1015, 15, 1025, 25), "threshold", 0.2)  # B:0 missing, junk extra
+    (tmp_path / "contours.csv").write_text("\n".join(lines) + "\n")
+    (tmp_path / "gauges.csv").write_text(
+        "name,x1,y1,x2,y2,wafer_cd_nm,image,source,confidence,status\n"
+        "g1,-25,0,0,0,16,A,sam2,0.9,ok\ng2,0,0,25,0,14.5,A,sam2,0.9,ok\ng3,985,0,1015,0,,B,,,no_crossing\n"
+    )
+    return d
+
+
+def _app():
+    import typer
+
+    from segsem_cli.commands.evaluate import register
+
+    app = typer.Typer()
+
+    @app.callback()
+    def _root():
+        """test root"""
+
+    register(app)
+    return app
+
+
+def test_evaluate_command_end_to_end(tmp_path):
+    import json
+
+    import cv2
+    from typer.testing import CliRunner
+
+    d = _make_truth(tmp_path)
+    res = CliRunner().invoke(
+        _app(),
+        ["evaluate", "--truth", str(d), "--pred", str(tmp_path / "contours.csv"), "--gauges", str(tmp_path / "gauges.csv"),
+         "--json", str(tmp_path / "score.json"), "--overlays", str(tmp_path / "ov")],
+    )
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    assert "overall" in res.output and "3 sigma" in res.output
+    j = json.loads((tmp_path / "score.json").read_text())
+    a, b = j["images"]
+    # A: feature A:0 is 0.5 nm off everywhere, A:1 exact, equal perimeters -> RMS sqrt(0.25 / 2)
+    assert a["image"] == "A" and (a["n_true"], a["n_matched"], a["n_missing"], a["n_extra"]) == (2, 2, 0, 0)
+    assert a["epe_rms_nm"] == pytest.approx(np.sqrt(0.125), abs=1e-9)
+    assert a["epe_max_nm"] == pytest.approx(0.5, abs=1e-9)
+    assert a["epe_bias_nm"] == pytest.approx(0.25, abs=1e-9)
+    assert a["epe_rms_px"] == pytest.approx(np.sqrt(0.125), abs=1e-9)
+    assert b["image"] == "B" and (b["n_true"], b["n_missing"], b["n_extra"]) == (1, 1, 1)
+    assert b["missing_ids"] == ["B:0"] and b["extra_ids"] == ["junk"] and b["epe_rms_nm"] is None
+    o = j["overall"]
+    assert (o["n_true"], o["n_matched"], o["n_missing"], o["n_extra"]) == (3, 2, 1, 1)
+    assert o["epe_rms_nm"] == pytest.approx(np.sqrt(0.125), abs=1e-9)
+    g = j["gauges"]
+    assert g["bias_nm"] == pytest.approx(0.25) and g["max_abs_nm"] == pytest.approx(1.0)
+    assert g["sigma3_nm"] == pytest.approx(3 * np.std([1.0, -0.5], ddof=1))
+    assert g["missing"] == ["g3"] and g["n_compared"] == 2
+    assert j["unassigned"] == 0
+    # overlays: B's missing truth edge x = 990 nm is u = 11 px -> x = 21.5 in the 2x image, drawn green
+    ov = cv2.imread(str(tmp_path / "ov" / "B.png"))
+    assert ov.shape == (64, 64, 3)
+    assert ov[32, 21, 1] > ov[32, 21, 2] + 50 and ov[32, 22, 1] > ov[32, 22, 2] + 50
+    assert (tmp_path / "ov" / "A.png").is_file()
+
+
+def test_evaluate_assigns_by_field_of_view_and_reports_bad_input(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from segsem_cli.errors import SegsemError
+
+    d = _make_truth(tmp_path)
+    out = tmp_path / "fov.json"
+    res = CliRunner().invoke(_app(), ["evaluate", "--truth", str(d), "--pred", str(tmp_path / "contours.csv"),
+                                      "--assign", "fov", "--json", str(out)])
+    assert res.exit_code == 0, repr(res.exception)
+    a, b = json.loads(out.read_text())["images"]
+    assert a["n_pred"] == 2 and b["n_pred"] == 1 and b["n_extra"] == 1
+    # bad input: one SegsemError line naming the file
+    (d / "truth.json").write_text('{"images": {"A": {"pixel_nm": 1, "shape": [64, 64], "center_nm": [0, 0], '
+                                  '"features": [{"id": "x", "exterior": [[0, 0], [1, 1]]}]}}}')
+    res = CliRunner().invoke(_app(), ["evaluate", "--truth", str(d), "--pred", str(tmp_path / "contours.csv")])
+    assert isinstance(res.exception, SegsemError)
+    assert "truth.json image 'A' feature 0 field 'exterior'" in str(res.exception)
+    res = CliRunner().invoke(_app(), ["evaluate", "--truth", str(tmp_path / "nope"), "--pred", str(tmp_path / "contours.csv")])
+    assert isinstance(res.exception, SegsemError) and "truth directory not found" in str(res.exception)
