@@ -11,7 +11,7 @@ come from the command line; unknown options are ignored):
 gds / oasis
     ``layer`` (100), ``datatype`` (0), ``grid_nm`` (0.1), ``cell`` ("SEGSEM"),
     ``per_image_cells`` (False), ``holes`` ("keyhole" or "datatype"),
-    ``hole_datatype`` (datatype + 1), ``max_vertices`` (8190).
+    ``hole_datatype`` (datatype + 1), ``max_vertices`` (4094, at most 8189).
 csv
     ``decimals`` (4).
 """
@@ -23,7 +23,7 @@ from typing import Any, Sequence
 from segsem_cli import hookimpl
 from segsem_cli.contour_io import write_contour_csv, write_layout
 from segsem_cli.errors import SegsemError
-from segsem_cli.geometry import GDS_MAX_VERTICES
+from segsem_cli.geometry import SAFE_MAX_VERTICES
 from segsem_cli.types import ContourRecord
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -85,7 +85,7 @@ class LayoutExporter:
             per_image_cells=_as_bool(options, "per_image_cells", False),
             holes=str(options.get("holes", "keyhole")),
             hole_datatype=_as_int(options, "hole_datatype", None),
-            max_vertices=_as_int(options, "max_vertices", GDS_MAX_VERTICES),
+            max_vertices=_as_int(options, "max_vertices", SAFE_MAX_VERTICES),
         )
         return [written]
 

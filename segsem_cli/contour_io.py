@@ -19,8 +19,9 @@ GDSII / OASIS layout
   contour, exact area. ``holes="datatype"`` writes the outline with its holes
   filled on ``datatype`` and each hole as its own polygon on ``hole_datatype``
   (default ``datatype + 1``); the contour is outline minus holes.
-* A polygon with more than ``max_vertices`` (default and GDSII maximum 8,190)
-  vertices is cut into pieces by axis-parallel lines
+* A polygon with more than ``max_vertices`` distinct vertices (default 4,094,
+  which keeps every GDSII record under 32 KiB; at most 8,189, i.e. the 8,190
+  GDSII points with the repeated first point) is cut into pieces by axis-parallel lines
   (:func:`segsem_cli.geometry.split_polygon`); the pieces tile the contour.
 * Invalid contours (self-intersecting, hole outside) are repaired with
   :func:`shapely.make_valid`; a contour with no area left is skipped. Both give
@@ -29,6 +30,9 @@ GDSII / OASIS layout
   :data:`GDS_PROPERTY_ATTRS` = 1 ``feature_id``, 2 ``source``, 3 ``confidence``
   (``%.6g``), 4 ``image``. OASIS named properties (:data:`OASIS_PROPERTY_NAMES`):
   ``feature_id``, ``source``, ``image`` (strings) and ``confidence`` (real).
+  The GDSII specification allows 128 bytes of property values per element;
+  longer names are still written (KLayout and gdstk read them) with a
+  :class:`~segsem_cli.geometry.GeometryWarning`.
 
 Contour CSV
 -----------
@@ -58,6 +62,7 @@ from .atomic import atomic_path, write_text
 from .errors import SegsemError, where
 from .geometry import (
     GDS_MAX_VERTICES,
+    SAFE_MAX_VERTICES,
     GeometryWarning,
     as_ring,
     from_dbu,
@@ -125,7 +130,7 @@ def _check_records(records) -> list[ContourRecord]:
 
 def layout_polygons(records: Sequence[ContourRecord], *, grid_nm: float = 0.1, datatype: int = 0,
                     holes: str = "keyhole", hole_datatype: int | None = None,
-                    max_vertices: int = GDS_MAX_VERTICES) -> list[LayoutPolygon]:
+                    max_vertices: int = SAFE_MAX_VERTICES) -> list[LayoutPolygon]:
     """Turn contour records into hole-free, grid-snapped, size-limited polygons.
 
     Parameters
@@ -253,7 +258,7 @@ def _write_library(lib: gdstk.Library, tmp: Path, fmt: str) -> None:
 def write_layout(records: Sequence[ContourRecord], path: str | Path, *, fmt: str | None = None,
                  layer: int = 100, datatype: int = 0, grid_nm: float = 0.1, cell: str = "SEGSEM",
                  per_image_cells: bool = False, holes: str = "keyhole", hole_datatype: int | None = None,
-                 max_vertices: int = GDS_MAX_VERTICES) -> Path:
+                 max_vertices: int = SAFE_MAX_VERTICES) -> Path:
     """Write contour records to a GDSII or OASIS file, atomically.
 
     Parameters
@@ -275,7 +280,8 @@ def write_layout(records: Sequence[ContourRecord], path: str | Path, *, fmt: str
     holes : {"keyhole", "datatype"}
         Hole handling; ``hole_datatype`` defaults to ``datatype + 1``.
     max_vertices : int
-        Vertex limit per polygon, 8..8190.
+        Distinct vertices per polygon, 8..8189 (GDSII's 8,190 points minus the repeated
+        first point); the default 4094 keeps records below 32 KiB for strict readers.
 
     Returns
     -------
@@ -297,17 +303,27 @@ def write_layout(records: Sequence[ContourRecord], path: str | Path, *, fmt: str
     polys = layout_polygons(records, grid_nm=grid_nm, datatype=datatype, holes=holes,
                             hole_datatype=hole_datatype, max_vertices=max_vertices)
     lib = build_library(polys, fmt=fmt, layer=layer, grid_nm=grid_nm, cell=cell, per_image_cells=per_image_cells)
-    with atomic_path(path) as tmp:
+    with atomic_path(path) as tmp, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         _write_library(lib, tmp, fmt)
+    for w in caught:
+        if "unofficially supported" in str(w.message):
+            # polygons are kept below the vertex limit, so this is the 128-byte property budget
+            warnings.warn(f"{path}: the GDSII properties of some polygons exceed the 128 bytes the GDSII "
+                          f"specification allows per element (long image or feature names); KLayout and gdstk "
+                          f"read them, stricter tools may drop them", GeometryWarning, stacklevel=2)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     return path
 
 
 # ----------------------------------------------------------------------- CSV
 
 def _fmt(v: float, decimals: int) -> str:
-    if not math.isfinite(v):
-        return str(float(v))
-    return f"{round(float(v), decimals) + 0.0:.{decimals}f}"  # + 0.0 turns -0.0 into 0.0
+    s = f"{float(v):.{decimals}f}"
+    if s[0] == "-" and not s.strip("-0."):
+        s = s[1:]  # no "-0.0000"
+    return s
 
 
 def contour_csv_text(records: Sequence[ContourRecord], *, decimals: int = 4) -> str:
@@ -328,11 +344,13 @@ def contour_csv_text(records: Sequence[ContourRecord], *, decimals: int = 4) -> 
         except SegsemError as exc:
             warnings.warn(f"{exc}; skipped", GeometryWarning, stacklevel=3)
             continue
-        conf = _fmt(rec.confidence, decimals)
+        head = io.StringIO()
+        csv.writer(head, lineterminator="").writerow(
+            [rec.image, rec.feature_id, rec.source, _fmt(rec.confidence, decimals)])
+        prefix = head.getvalue()
         for ring_no, ring in enumerate(rings):
-            for k, (x, y) in enumerate(ring):
-                w.writerow([rec.image, rec.feature_id, rec.source, conf, ring_no, k,
-                            _fmt(x, decimals), _fmt(y, decimals)])
+            buf.writelines(f"{prefix},{ring_no},{k},{_fmt(x, decimals)},{_fmt(y, decimals)}\n"
+                           for k, (x, y) in enumerate(ring.tolist()))
     return buf.getvalue()
 
 
@@ -462,28 +480,27 @@ def _read_csv(path: Path) -> list[ContourRecord]:
     if header is None or [h.strip() for h in header] != list(CSV_COLUMNS):
         raise SegsemError(f"{where(path, 1)}: header must be {','.join(CSV_COLUMNS)}")
     feats: dict[tuple[str, str], dict] = {}
+    n_cols = len(CSV_COLUMNS)
     for line_no, row in enumerate(reader, start=2):
         if not row:
             continue
-        if len(row) != len(CSV_COLUMNS):
-            raise SegsemError(f"{where(path, line_no)}: expected {len(CSV_COLUMNS)} fields, got {len(row)}")
-        image, fid, source, conf, ring, idx, x, y = row
-
-        def num(value: str, field: str, kind=float):
+        if len(row) != n_cols:
+            raise SegsemError(f"{where(path, line_no)}: expected {n_cols} fields, got {len(row)}")
+        try:
+            ring, idx, x, y = int(row[4]), int(row[5]), float(row[6]), float(row[7])
+            ok = ring >= 0 and idx >= 0 and math.isfinite(x) and math.isfinite(y)
+        except ValueError:
+            ok = False
+        if not ok:
+            _csv_row_error(path, line_no, row)
+        f = feats.get((row[0], row[1]))
+        if f is None:
             try:
-                v = kind(value)
+                conf = float(row[3])
             except ValueError:
-                raise SegsemError(f"{where(path, line_no, field)}: {value!r} is not a "
-                                  f"{'number' if kind is float else 'whole number'}") from None
-            if kind is float and field != "confidence" and not math.isfinite(v):
-                raise SegsemError(f"{where(path, line_no, field)}: {value!r} is not a finite number")
-            if kind is int and v < 0:
-                raise SegsemError(f"{where(path, line_no, field)}: {value!r} is negative")
-            return v
-
-        f = feats.setdefault((image, fid), {"source": source, "confidence": num(conf, "confidence"), "rings": {}})
-        f["rings"].setdefault(num(ring, "ring", int), []).append(
-            (num(idx, "point_index", int), num(x, "x_nm"), num(y, "y_nm")))
+                raise SegsemError(f"{where(path, line_no, 'confidence')}: {row[3]!r} is not a number") from None
+            f = feats[(row[0], row[1])] = {"source": row[2], "confidence": conf, "rings": {}}
+        f["rings"].setdefault(ring, []).append((idx, x, y))
     out: list[ContourRecord] = []
     for (image, fid), f in feats.items():
         rings = f["rings"]
@@ -493,6 +510,24 @@ def _read_csv(path: Path) -> list[ContourRecord]:
         for r, pts in rings.items():
             pts.sort()
             arrays[r] = np.array([(px, py) for _, px, py in pts], dtype=np.float64)
+            if len(arrays[r]) < 3:
+                raise SegsemError(f"{path}: feature '{fid}' of image '{image}' ring {r} has {len(pts)} point(s), "
+                                  f"needs at least 3")
         out.append(ContourRecord(image=image, feature_id=fid, source=f["source"], confidence=f["confidence"],
                                  xy_nm=arrays[0], holes_nm=tuple(arrays[r] for r in sorted(arrays) if r != 0)))
     return out
+
+
+def _csv_row_error(path: Path, line_no: int, row: list[str]):
+    """Raise the SegsemError naming the first bad numeric field of a contour CSV row."""
+    for col, kind in (("ring", int), ("point_index", int), ("x_nm", float), ("y_nm", float)):
+        value = row[CSV_COLUMNS.index(col)]
+        try:
+            v = kind(value)
+        except ValueError:
+            what = "a whole number" if kind is int else "a number"
+            raise SegsemError(f"{where(path, line_no, col)}: {value!r} is not {what}") from None
+        if (kind is int and v < 0) or (kind is float and not math.isfinite(v)):
+            what = "negative" if kind is int else "not finite"
+            raise SegsemError(f"{where(path, line_no, col)}: {value!r} is {what}")
+    raise AssertionError("unreachable")  # pragma: no cover

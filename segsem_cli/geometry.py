@@ -11,9 +11,11 @@ Conventions
   coordinate ``x`` nm is stored as ``round(x / grid_nm)``. The functions that
   work "in DBU" expect geometry already scaled by ``1 / grid_nm`` (see
   :func:`to_dbu_geometry`), so that the grid is the integer lattice.
-* GDSII limits a polygon to 8,190 distinct vertices (:data:`GDS_MAX_VERTICES`)
-  and has no holes; :func:`split_polygon` and :func:`keyhole` deal with both
-  without losing area.
+* GDSII limits a polygon to 8,190 points including the repeated first point,
+  i.e. 8,189 distinct vertices (:data:`GDS_MAX_VERTICES`); readers that take
+  the record length as a signed 16-bit number (KLayout warns) need at most
+  4,094 (:data:`SAFE_MAX_VERTICES`). GDSII also has no holes.
+  :func:`split_polygon` and :func:`keyhole` deal with both without losing area.
 
 All functions are plain functions over numpy arrays and shapely geometries.
 """
@@ -30,9 +32,15 @@ from shapely.prepared import prep
 
 from .errors import SegsemError
 
-#: Most distinct vertices a GDSII BOUNDARY can hold: its XY record is limited to
-#: 65,535 bytes, i.e. 8,191 points of 8 bytes including the repeated first point.
-GDS_MAX_VERTICES = 8190
+#: Most distinct vertices segsem puts in one GDSII BOUNDARY. The XY record of a
+#: boundary repeats the first point at the end; 8,190 points in all is the
+#: largest count the extended GDSII specification (and gdstk, without warning)
+#: accepts, so 8,189 distinct vertices.
+GDS_MAX_VERTICES = 8189
+#: Most distinct vertices whose XY record (4 + 8 * (n + 1) bytes) stays below
+#: 32,768 bytes, the limit of readers that take record lengths as signed 16-bit
+#: numbers; KLayout reads longer records but warns. segsem's default.
+SAFE_MAX_VERTICES = 4094
 
 
 class GeometryWarning(UserWarning):
@@ -41,6 +49,7 @@ class GeometryWarning(UserWarning):
 
 __all__ = [
     "GDS_MAX_VERTICES",
+    "SAFE_MAX_VERTICES",
     "GeometryWarning",
     "as_ring",
     "signed_area",
@@ -315,7 +324,7 @@ def vertex_count(poly: Polygon, *, keyhole: bool = True) -> int:
     return n
 
 
-def split_polygon(poly: Polygon, max_vertices: int = GDS_MAX_VERTICES, *, keyhole: bool = True,
+def split_polygon(poly: Polygon, max_vertices: int = SAFE_MAX_VERTICES, *, keyhole: bool = True,
                   grid_size: float | None = 1.0) -> list[Polygon]:
     """Cut a polygon into pieces of at most ``max_vertices`` vertices, never dropping area.
 
