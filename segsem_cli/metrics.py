@@ -30,6 +30,8 @@ import numpy as np
 from .types import ContourRecord
 
 DEFAULT_MATCH_PX = 4.0
+#: ``defect`` values of a truth feature that mean "not printed": excluded from the truth.
+ABSENT_DEFECTS = frozenset({"missing", "absent", "removed", "not_printed"})
 
 
 # --------------------------------------------------------------------------- geometry helpers
@@ -579,6 +581,9 @@ def read_truth(truth_dir) -> tuple[list[TruthImage], Any]:
     with a ``name``. Missing ``center_nm`` / ``pixel_nm`` / image path are
     taken from ``manifest.csv`` (row whose image stem is the name), a missing
     ``shape`` from the image file. ``rotation_rad`` is honoured when present.
+    Features whose ``defect`` is one of :data:`ABSENT_DEFECTS` (a design
+    feature that did not print) or whose exterior is empty are left out: the
+    truth is what is on the wafer.
 
     Returns
     -------
@@ -659,6 +664,8 @@ def read_truth(truth_dir) -> tuple[list[TruthImage], Any]:
             floc = f"{loc} feature {k}"
             if not isinstance(f, dict) or "exterior" not in f:
                 raise SegsemError(f"{floc} field 'exterior': missing")
+            if str(f.get("defect") or "").lower() in ABSENT_DEFECTS or not f["exterior"]:
+                continue  # a design feature that is not on the wafer: nothing to find
             ext = _ring_field(f["exterior"], floc, "exterior")
             holes = [_ring_field(h, floc, f"holes[{j}]") for j, h in enumerate(f.get("holes") or [])]
             feats.append({**f, "id": str(f.get("id", f"{name}:{k}")), "exterior": ext, "holes": holes})

@@ -218,6 +218,8 @@ def _make_truth(tmp_path):
                 "features": [
                     {"id": "A:0", "design_index": 0, "exterior": rect(-20, -20, -5, 20).tolist(), "holes": [], "label": 1, "defect": None},
                     {"id": "A:1", "design_index": 1, "exterior": rect(5, -20, 20, 20).tolist(), "holes": [], "label": 2, "defect": None},
+                    # a design feature that did not print: not part of the wafer truth, so not "missing"
+                    {"id": "A:2", "design_index": 3, "exterior": rect(24, -5, 28, 5).tolist(), "holes": [], "label": 0, "defect": "missing"},
                 ],
             },
             "B": {
@@ -308,6 +310,23 @@ def test_evaluate_assigns_by_field_of_view_and_reports_bad_input(tmp_path):
     assert res.exit_code == 0, repr(res.exception)
     a, b = json.loads(out.read_text())["images"]
     assert a["n_pred"] == 2 and b["n_pred"] == 1 and b["n_extra"] == 1
+    # a GDS without image names: contours go to the image whose field of view holds them
+    import gdstk
+
+    lib = gdstk.Library(unit=1e-9, precision=1e-10)
+    cell = lib.new_cell("TOP")
+    for r in (rect(-20.5, -20.5, -4.5, 20.5), rect(5, -20, 20, 20), rect(1015, 15, 1025, 25)):
+        cell.add(gdstk.Polygon(r, layer=100, datatype=0))
+    cell.add(gdstk.Polygon(rect(5000, 0, 5010, 10), layer=100, datatype=0))  # in no image
+    cell.add(gdstk.Polygon(rect(990, -10, 1010, 10), layer=7, datatype=0))  # other layer: ignored
+    lib.write_gds(tmp_path / "pred.gds")
+    res = CliRunner().invoke(_app(), ["evaluate", "--truth", str(d), "--pred", str(tmp_path / "pred.gds"), "--json", str(out)])
+    assert res.exit_code == 0, repr(res.exception)
+    j = json.loads(out.read_text())
+    a, b = j["images"]
+    assert j["settings"]["assign"] == "fov" and j["unassigned"] == 1
+    assert a["n_pred"] == 2 and a["epe_rms_nm"] == pytest.approx(np.sqrt(0.125), abs=1e-6)
+    assert (b["n_missing"], b["n_extra"]) == (1, 1)
     # bad input: one SegsemError line naming the file
     (d / "truth.json").write_text('{"images": {"A": {"pixel_nm": 1, "shape": [64, 64], "center_nm": [0, 0], '
                                   '"features": [{"id": "x", "exterior": [[0, 0], [1, 1]]}]}}}')
