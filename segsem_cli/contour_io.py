@@ -65,6 +65,7 @@ from .geometry import (
     SAFE_MAX_VERTICES,
     GeometryWarning,
     as_ring,
+    check_grid_nm,
     from_dbu,
     keyhole_pieces,
     orient_ring,
@@ -295,10 +296,10 @@ def write_layout(records: Sequence[ContourRecord], path: str | Path, *, fmt: str
             raise SegsemError(f"{path}: unknown layout suffix '{path.suffix}' (use .gds or .oas)")
     layer = _check_int("layer", layer, 0, 65535)
     datatype = _check_int("datatype", datatype, 0, 65535)
-    if hole_datatype is not None:
-        hole_datatype = _check_int("hole_datatype", hole_datatype, 0, 65535)
-        if holes == "datatype" and hole_datatype == datatype:
-            raise SegsemError(f"option 'hole_datatype': must differ from datatype {datatype}")
+    hole_datatype = _check_int("hole_datatype", datatype + 1 if hole_datatype is None else hole_datatype, 0, 65535)
+    if holes == "datatype" and hole_datatype == datatype:
+        raise SegsemError(f"option 'hole_datatype': must differ from datatype {datatype}")
+    grid_nm = check_grid_nm(grid_nm)
     max_vertices = _check_int("max_vertices", max_vertices, 8, GDS_MAX_VERTICES)
     polys = layout_polygons(records, grid_nm=grid_nm, datatype=datatype, holes=holes,
                             hole_datatype=hole_datatype, max_vertices=max_vertices)
@@ -375,7 +376,7 @@ def read_contours(path: str | Path, *, layer: int = 100, datatype: int = 0,
     hole_datatype : int or None
         For files written with ``holes="datatype"``: polygons on this datatype
         are cut out of the contour with the same provenance (or, without
-        provenance, out of every contour that contains them).
+        provenance, out of every contour they overlap).
 
     Returns
     -------
@@ -441,24 +442,33 @@ def _read_layout(path: Path, fmt: str, layer: int, datatype: int, hole_datatype:
             if isinstance(top, gdstk.Cell):
                 yield from top.get_polygons(layer=layer, datatype=dt)
 
+    def shapes(dt: int):
+        """(provenance key or None, valid polygons in DBU) of each polygon on (layer, dt)."""
+        for p in polygons(dt):
+            try:
+                parts = unkeyhole(np.rint(p.points * scale))
+            except SegsemError:  # fewer than 3 distinct vertices on the grid
+                continue
+            if parts:
+                yield _provenance(p), parts
+
+    # pieces of one contour (split, or one polygon per hole-free part) share the provenance key
     groups: dict[tuple, list[Polygon]] = {}
-    anon = 0
-    for p in polygons(datatype):
-        ring = np.rint(p.points * scale)
-        if len(ring) < 3:
-            continue
-        key = _provenance(p)
+    n_anon = 0
+    for key, parts in shapes(datatype):
         if key is None:
-            anon += 1
-            key = (path.stem, f"{path.stem}:{anon}", "layout", "nan", anon)
-        groups.setdefault(key, []).extend(unkeyhole(ring))
+            n_anon += 1
+            key = (path.stem, f"{path.stem}:{n_anon}", "layout", "nan", "anonymous")
+        groups.setdefault(key, []).extend(parts)
     if hole_datatype is not None:
-        for p in polygons(hole_datatype):
-            hole = Polygon(np.rint(p.points * scale))
-            key = _provenance(p)
-            for k in groups:
-                if (key is None and any(q.covers(hole) for q in groups[k])) or (key is not None and k[:4] == key):
-                    groups[k] = polygon_parts(shapely.difference(shapely.union_all(groups[k]), hole, grid_size=1))
+        for key, parts in shapes(hole_datatype):
+            hole = shapely.union_all(parts)
+            if key is not None:
+                targets = [key] if key in groups else []
+            else:
+                targets = [k for k, ps in groups.items() if any(q.intersects(hole) for q in ps)]
+            for k in targets:
+                groups[k] = polygon_parts(shapely.difference(shapely.union_all(groups[k]), hole, grid_size=1))
     out: list[ContourRecord] = []
     for key, parts in groups.items():
         merged = polygon_parts(shapely.union_all(parts, grid_size=1)) if len(parts) > 1 else parts

@@ -58,6 +58,7 @@ __all__ = [
     "polygon_parts",
     "repair",
     "polygon_rings",
+    "check_grid_nm",
     "snap_to_grid",
     "to_dbu_geometry",
     "from_dbu",
@@ -231,7 +232,14 @@ def polygon_rings(poly: Polygon) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
 
 # ------------------------------------------------------------------------ grid
 
-def _check_grid(grid_nm: float) -> float:
+def check_grid_nm(grid_nm) -> float:
+    """Validate a database grid in nm (a positive finite number) and return it as float.
+
+    Raises
+    ------
+    SegsemError
+        Naming ``grid_nm`` and the bad value.
+    """
     try:
         g = float(grid_nm)
     except (TypeError, ValueError):
@@ -260,7 +268,7 @@ def to_dbu_geometry(geom: BaseGeometry, grid_nm: float) -> BaseGeometry:
     shapely geometry
         Geometry whose coordinates are integers (stored as float) in DBU.
     """
-    g = _check_grid(grid_nm)
+    g = check_grid_nm(grid_nm)
     scaled = shapely.transform(geom, lambda c: c / g)
     return shapely.set_precision(scaled, 1.0)
 
@@ -280,7 +288,7 @@ def snap_to_grid(xy, grid_nm: float) -> np.ndarray:
     numpy.ndarray of int64
         ``round(xy / grid_nm)`` (round half to even).
     """
-    g = _check_grid(grid_nm)
+    g = check_grid_nm(grid_nm)
     a = np.asarray(xy, dtype=np.float64)
     if not np.isfinite(a).all():
         raise SegsemError("snap_to_grid: coordinates contain NaN or infinite values")
@@ -297,7 +305,7 @@ def from_dbu(dbu, grid_nm: float) -> np.ndarray:
     grid_nm : float
         Database unit in nm.
     """
-    g = _check_grid(grid_nm)
+    g = check_grid_nm(grid_nm)
     a = np.asarray(dbu, dtype=np.float64)
     inv = 1.0 / g
     if abs(inv - round(inv)) < 1e-9 * inv:
@@ -501,24 +509,29 @@ def unkeyhole(ring) -> list[Polygon]:
     return repair(Polygon(a))
 
 
-def keyhole_pieces(poly: Polygon) -> list[np.ndarray]:
-    """Keyhole a polygon; if a bridge cannot be placed, cut the polygon through the hole and retry.
+def keyhole_pieces(poly: Polygon, *, grid_size: float = 1.0) -> list[np.ndarray]:
+    """Keyhole a polygon; if a bridge cannot be placed, cut the polygon through a hole and retry.
+
+    Parameters
+    ----------
+    poly : shapely.Polygon
+        A valid polygon, normally in DBU.
+    grid_size : float
+        Grid the cut pieces are snapped to (1 for DBU).
 
     Returns
     -------
     list of numpy.ndarray
-        Rings without holes whose total area equals the polygon's.
+        Rings without holes (counter-clockwise) whose total area equals the polygon's.
     """
     try:
         return [keyhole(poly)]
     except SegsemError:
         pass
     minx, miny, maxx, maxy = poly.interiors[0].bounds
-    cut = round(0.5 * (minx + maxx))
+    cut = round(0.5 * (minx + maxx) / grid_size) * grid_size
     pminx, pminy, pmaxx, pmaxy = poly.bounds
     half = box(pminx - 1, pminy - 1, cut, pmaxy + 1)
-    out: list[np.ndarray] = []
-    for piece in polygon_parts(shapely.intersection(poly, half, grid_size=1)) + polygon_parts(
-            shapely.difference(poly, half, grid_size=1)):
-        out.extend(keyhole_pieces(piece))
-    return out
+    pieces = polygon_parts(shapely.intersection(poly, half, grid_size=grid_size))
+    pieces += polygon_parts(shapely.difference(poly, half, grid_size=grid_size))
+    return [ring for piece in pieces for ring in keyhole_pieces(piece, grid_size=grid_size)]

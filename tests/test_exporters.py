@@ -22,11 +22,14 @@ import klayout.db as db
 from segsem_cli import contour_io
 from segsem_cli.contour_io import CSV_COLUMNS, read_contours
 from segsem_cli.errors import SegsemError
+from segsem_cli import geometry
 from segsem_cli.geometry import (
     GDS_MAX_VERTICES,
     SAFE_MAX_VERTICES,
     GeometryWarning,
+    from_dbu,
     keyhole,
+    keyhole_pieces,
     orient_ring,
     signed_area,
     snap_to_grid,
@@ -157,16 +160,23 @@ def test_options_layer_datatype_cell_grid(tmp_path, records, fmt):
 @pytest.mark.parametrize("fmt", LAYOUT)
 def test_per_image_cells_are_referenced_from_the_top_cell(tmp_path, records, fmt):
     path = tmp_path / f"c{EXPORTERS[fmt].suffix}"
-    EXPORTERS[fmt].export(records, path, per_image_cells=True)
+    records = records + [ContourRecord("img_B", "img_B:1", square(0, 300, 5), "canny", 0.25)]  # same cell name
+    EXPORTERS[fmt].export(records, path, per_image_cells="yes")
     ly, shapes = kl_shapes(path)
     assert ly.top == "SEGSEM" and ly.own_shapes == 0
-    assert ly.children == ["SEGSEM_imgA", "SEGSEM_img_B"]
-    assert len(shapes) == 3
-    assert sorted(r.feature_id for r in read_contours(path)) == ["img B:1", "imgA:1", "imgA:2"]
+    assert ly.children == ["SEGSEM_imgA", "SEGSEM_img_B", "SEGSEM_img_B_2"]
+    assert len(shapes) == 4
+    back = read_contours(path)
+    assert sorted((r.image, r.feature_id) for r in back) == [
+        ("img B", "img B:1"), ("imgA", "imgA:1"), ("imgA", "imgA:2"), ("img_B", "img_B:1")]
+    for r in records:
+        (b,) = [b for b in back if b.feature_id == r.feature_id]
+        assert canon(snap_to_grid(b.xy_nm, 0.1)) == canon(snap_to_grid(r.xy_nm, 0.1))
 
 
 def test_grid_snapping_default_is_a_tenth_of_a_nm(tmp_path):
     assert snap_to_grid([[10.04, 10.06], [-0.04, 0.05]], 0.1).tolist() == [[100, 101], [0, 0]]
+    assert from_dbu([3, 100], 0.1).tolist() == [0.3, 10.0]  # not 0.30000000000000004
     rec = ContourRecord("i", "i:1", np.array([(10.04, 0.0), (20.0, 0.0), (20.0, 7.96)]), "s", 1.0)
     path = tmp_path / "g.gds"
     EXPORTERS["gds"].export([rec], path)
@@ -224,6 +234,22 @@ def test_keyhole_with_several_holes_is_one_ring_of_equal_area():
     assert signed_area(ring) == pytest.approx(poly.area, abs=1e-6)
     (rebuilt,) = unkeyhole(ring)
     assert len(rebuilt.interiors) == 5 and rebuilt.symmetric_difference(poly).area < 1e-6
+
+
+def test_keyhole_falls_back_to_cutting_through_the_hole(monkeypatch):
+    poly = to_dbu_geometry(Polygon(square(0, 0, 100), [square(40, 30, 20)[::-1]]), 1.0)
+    real = geometry.keyhole
+
+    def no_bridge(p):
+        if p.interiors:
+            raise SegsemError("keyhole: no bridge found")
+        return real(p)
+
+    monkeypatch.setattr(geometry, "keyhole", no_bridge)
+    rings = keyhole_pieces(poly)
+    assert len(rings) == 2
+    assert sum(signed_area(r) for r in rings) == 100 * 100 - 20 * 20
+    assert shapely.union_all([Polygon(r) for r in rings]).equals(poly)
 
 
 # ----------------------------------------------------------- vertex limit
