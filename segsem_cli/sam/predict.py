@@ -498,3 +498,81 @@ def predict_polygons(model, pixels: np.ndarray, polygons_uv: Sequence[np.ndarray
     boxes = [b for b, _ in prompts]
     pts = [p for _, p in prompts] if points else None
     return predict_boxes(model, pixels, boxes, pts, **kwargs)
+
+
+# ----------------------------------------------------------------------------- confidence
+
+
+def confidence(predicted_iou: float, stability: float, calibration: dict | None = None) -> float:
+    """Confidence in [0, 1] that a mask is right, from SAM2's predicted IoU and the stability score.
+
+    Without ``calibration``: ``clip(predicted_iou) * stability`` (both in [0, 1];
+    a mask must be both predicted good and stable). With a calibration fitted
+    by :func:`fit_calibration` (stored in segsem checkpoints):
+    ``sigmoid(a * predicted_iou + b * stability + c)``, an estimate of the
+    mask's true IoU on data like the validation images.
+    """
+    p = float(np.clip(predicted_iou, 0.0, 1.0))
+    s = float(np.clip(stability, 0.0, 1.0))
+    if not calibration:
+        return p * s
+    if calibration.get("kind") != "logistic":
+        raise SegsemError(f"unknown confidence calibration kind {calibration.get('kind')!r}")
+    z = float(calibration["w_iou"]) * p + float(calibration["w_stability"]) * s + float(calibration["bias"])
+    return float(1.0 / (1.0 + math.exp(-max(-50.0, min(50.0, z)))))
+
+
+def fit_calibration(predicted_iou, stability, true_iou, *, l2: float = 1e-5, min_samples: int = 4) -> dict | None:
+    """Fit ``true_iou ~ sigmoid(a * predicted_iou + b * stability + c)`` by least squares (L2 on a, b).
+
+    Returns a plain dict (stored in checkpoint metadata) with the fitted
+    parameters, the number of samples and the mean absolute error of the
+    confidence before (uncalibrated formula) and after; None when there are
+    fewer than ``min_samples`` samples or the true IoUs do not vary.
+    """
+    from scipy.optimize import minimize
+
+    p = np.clip(np.asarray(predicted_iou, dtype=np.float64), 0, 1)
+    s = np.clip(np.asarray(stability, dtype=np.float64), 0, 1)
+    y = np.clip(np.asarray(true_iou, dtype=np.float64), 0, 1)
+    if not (p.shape == s.shape == y.shape and p.ndim == 1):
+        raise SegsemError("calibration inputs must be 1-D arrays of the same length")
+    ok = np.isfinite(p) & np.isfinite(s) & np.isfinite(y)
+    p, s, y = p[ok], s[ok], y[ok]
+    if len(y) < min_samples or np.ptp(y) < 1e-3:
+        return None
+
+    def f(theta):
+        a, b, c = theta
+        z = np.clip(a * p + b * s + c, -50, 50)
+        q = 1 / (1 + np.exp(-z))
+        r = q - y
+        loss = np.mean(r ** 2) + l2 * (a * a + b * b)
+        g = 2 * r * q * (1 - q) / len(y)
+        return loss, np.array([np.sum(g * p) + 2 * l2 * a, np.sum(g * s) + 2 * l2 * b, np.sum(g)])
+
+    ym = float(np.clip(y.mean(), 1e-3, 1 - 1e-3))
+    res = minimize(f, x0=np.array([0.0, 0.0, math.log(ym / (1 - ym))]), jac=True, method="L-BFGS-B")
+    a, b, c = (float(x) for x in res.x)
+    cal = {"kind": "logistic", "w_iou": a, "w_stability": b, "bias": c, "n": int(len(y))}
+    before = np.mean(np.abs(p * s - y))
+    after = np.mean(np.abs(np.array([confidence(pi, si, cal) for pi, si in zip(p, s)]) - y))
+    cal["mae_before"] = float(before)
+    cal["mae_after"] = float(after)
+    return cal
+
+
+def fit_threshold(conf, true_iou, *, good_iou: float = 0.9) -> float | None:
+    """The confidence cut that best separates masks with ``true_iou >= good_iou`` from the rest
+    (maximum of sensitivity + specificity); None unless both kinds occur."""
+    c = np.asarray(conf, dtype=np.float64)
+    good = np.asarray(true_iou, dtype=np.float64) >= good_iou
+    if good.all() or not good.any():
+        return None
+    best, best_t = -1.0, None
+    for t in np.unique(c):
+        pred = c >= t
+        j = pred[good].mean() + (~pred[~good]).mean()
+        if j > best:
+            best, best_t = j, float(t)
+    return best_t
