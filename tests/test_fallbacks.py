@@ -1,0 +1,176 @@
+"""The classical fallbacks (plugins/threshold.py, canny.py, active_contour.py) on synthetic SEM images."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from segsem_cli.errors import SegsemError
+from segsem_cli.plugins import get_registry
+from segsem_cli.transform import PixelTransform
+from segsem_cli.types import Feature, SEMImage
+
+from synthetic_helpers import Rim, disc, rect, render
+
+RIM = Rim(rim=4.0)
+BLUR = 0.8
+SHAPE = (128, 128)
+NAMES = ("threshold", "canny", "active-contour")
+
+
+def make_image(pixels: np.ndarray, name: str = "img") -> SEMImage:
+    return SEMImage(Path(f"{name}.tif"), pixels, PixelTransform((0.0, 0.0), 2.0, pixels.shape))
+
+
+def make_features(image: SEMImage, polygons, clipped=None) -> list[Feature]:
+    clipped = clipped or [False] * len(polygons)
+    return [Feature(f"{image.name}:{i}", image.transform.to_layout(p), np.asarray(p, float), c)
+            for i, (p, c) in enumerate(zip(polygons, clipped))]
+
+
+def fallback(name):
+    return get_registry().get("fallback", name)
+
+
+def radii(c, cu, cv):
+    return np.hypot(c[:, 0] - cu, c[:, 1] - cv)
+
+
+SCENE = [disc(40.3, 42.6, 16.2), rect(72.4, 20.3, 110.6, 62.8), disc(88.7, 96.1, 14.1)]
+# Layout polygons: the truth shifted by a small residual misalignment (0.8, -0.6) px.
+LAYOUT = [s.polygon() + [0.8, -0.6] for s in SCENE]
+
+
+def run(name, tone="line", noise=0.03, seed=0, **opts):
+    img = make_image(render(SCENE, SHAPE, tone=tone, rim=RIM, blur=BLUR, noise=noise, seed=seed))
+    feats = make_features(img, LAYOUT)
+    return fallback(name).extract(img, feats, **opts), feats
+
+
+def check_scene(results, feats, tol_mean, tol_rms, tol_edge):
+    assert [r.feature_id for r in results] == [f.feature_id for f in feats]
+    for s, r in zip(SCENE, results):
+        assert r.ok, (r.status, r.extra)
+        assert 0.0 <= r.confidence <= 1.0
+        c = r.contour_px
+        assert c.ndim == 2 and c.shape[1] == 2 and len(c) > 20
+        if s.kind == "disc":
+            cu, cv, rad = s.params
+            rr = radii(c, cu, cv)
+            assert abs(rr.mean() - rad) < tol_mean
+            assert np.sqrt(np.mean((rr - rad) ** 2)) < tol_rms
+        else:
+            u0, v0, u1, v1 = s.params
+            left = (c[:, 1] > v0 + 6) & (c[:, 1] < v1 - 6) & (c[:, 0] < (u0 + u1) / 2)
+            right = (c[:, 1] > v0 + 6) & (c[:, 1] < v1 - 6) & (c[:, 0] > (u0 + u1) / 2)
+            top = (c[:, 0] > u0 + 6) & (c[:, 0] < u1 - 6) & (c[:, 1] < (v0 + v1) / 2)
+            bottom = (c[:, 0] > u0 + 6) & (c[:, 0] < u1 - 6) & (c[:, 1] > (v0 + v1) / 2)
+            assert abs(c[left, 0].mean() - u0) < tol_edge
+            assert abs(c[right, 0].mean() - u1) < tol_edge
+            assert abs(c[top, 1].mean() - v0) < tol_edge
+            assert abs(c[bottom, 1].mean() - v1) < tol_edge
+
+
+def test_all_fallbacks_registered():
+    names = get_registry().names("fallback")
+    for n in NAMES:
+        assert n in names
+        fb = fallback(n)
+        assert fb.name == n and fb.description
+
+
+# ----------------------------------------------------------------------------- threshold
+
+@pytest.mark.parametrize("tone", ["line", "hole"])
+def test_threshold_scene_sub_pixel(tone):
+    # Discs at moderate noise (rim contrast / pixel noise = 16); the straight edges
+    # (each a mean over ~30 points) are checked on a cleaner image.
+    results, feats = run("threshold", tone=tone, noise=0.05)
+    check_scene(results, feats, tol_mean=0.1, tol_rms=0.2, tol_edge=0.2)
+    results, feats = run("threshold", tone=tone, noise=0.02)
+    check_scene(results, feats, tol_mean=0.1, tol_rms=0.2, tol_edge=0.1)
+    assert all(r.source == "threshold" for r in results)
+    assert all(r.extra["substrate"] == ("outside" if tone == "line" else "inside") for r in results)
+
+
+def test_threshold_dark_resist_rim_only_no_double_edges():
+    # Resist top as dark as the substrate: the Otsu level cuts the rim, giving two
+    # iso-lines per feature (both rim flanks); refinement must land on the substrate side.
+    rim = Rim(S=0.2, P=1.0, T=0.22, rim=4.0)
+    img = make_image(render(SCENE, SHAPE, rim=rim, blur=BLUR, noise=0.03, seed=1))
+    results = fallback("threshold").extract(img, make_features(img, LAYOUT))
+    check_scene(results, make_features(img, LAYOUT), tol_mean=0.1, tol_rms=0.2, tol_edge=0.1)
+
+
+def test_threshold_blank_and_noise_images_give_no_contour():
+    feats_img = make_image(np.full(SHAPE, 0.4, dtype=np.float32))
+    for pixels in (np.full(SHAPE, 0.4, dtype=np.float32),
+                   (0.4 + 0.05 * np.random.default_rng(0).standard_normal(SHAPE)).astype(np.float32)):
+        img = make_image(pixels)
+        results = fallback("threshold").extract(img, make_features(feats_img, LAYOUT))
+        assert len(results) == len(LAYOUT)
+        for r in results:
+            assert r.status != "ok" and r.contour_px is None and r.confidence == 0.0
+
+
+def test_threshold_confidence_lower_when_noisy():
+    clean, _ = run("threshold", noise=0.01)
+    noisy, _ = run("threshold", noise=0.15)
+    for c, n in zip(clean, noisy):
+        assert c.ok and c.confidence > 0.85
+        assert n.confidence < c.confidence - 0.1
+
+
+def test_threshold_clipped_feature_is_not_closed_along_border():
+    # A disc cut by the left border: its printed shape is not closed inside the image.
+    shapes = [disc(5.0, 64.0, 20.0), disc(80.0, 64.0, 15.0)]
+    img = make_image(render(shapes, SHAPE, rim=RIM, blur=BLUR, noise=0.02))
+    poly0 = shapes[0].polygon()
+    poly0 = np.column_stack([np.clip(poly0[:, 0], 0, None), poly0[:, 1]])  # clipped to the FOV
+    feats = make_features(img, [poly0, shapes[1].polygon()], clipped=[True, False])
+    r = fallback("threshold").extract(img, feats)
+    assert r[0].status == "clipped" and r[0].contour_px is None
+    assert r[1].ok and abs(radii(r[1].contour_px, 80, 64).mean() - 15) < 0.1
+
+
+def test_threshold_clipped_feature_closed_inside_image_is_kept():
+    # Layout polygon runs out of the FOV, but the printed disc is fully inside (pulled back).
+    shapes = [disc(30.0, 64.0, 18.0)]
+    img = make_image(render(shapes, SHAPE, rim=RIM, blur=BLUR, noise=0.02))
+    lay = np.array([[0, 40], [50, 40], [50, 88], [0, 88]], dtype=float)
+    r = fallback("threshold").extract(img, make_features(img, [lay], clipped=[True]))
+    assert r[0].ok and abs(radii(r[0].contour_px, 30, 64).mean() - 18) < 0.1
+
+
+def test_threshold_bridge_is_reported_as_merged():
+    shapes = [rect(20, 40, 55, 90), rect(70, 40, 105, 90), rect(50, 60, 75, 68)]  # bar bridges the two
+    img = make_image(render(shapes, SHAPE, rim=RIM, blur=BLUR, noise=0.02))
+    feats = make_features(img, [shapes[0].polygon(), shapes[1].polygon()])
+    r = fallback("threshold").extract(img, feats)
+    assert [x.status for x in r] == ["merged", "merged"]
+    assert r[0].contour_px is None and r[0].extra["merged_with"] == [feats[1].feature_id]
+    merged = r[0].extra["merged_contour_px"]
+    assert merged[:, 0].min() == pytest.approx(20, abs=0.15) and merged[:, 0].max() == pytest.approx(105, abs=0.15)
+
+
+def test_threshold_not_found_when_feature_missing():
+    img = make_image(render(SCENE[:1], SHAPE, rim=RIM, blur=BLUR, noise=0.02))
+    r = fallback("threshold").extract(img, make_features(img, LAYOUT))
+    assert r[0].ok and r[1].status == "not_found" and r[2].status == "not_found"
+
+
+def test_threshold_options_strings_and_unknown_keys():
+    results, _ = run("threshold", threshold="0.3", edge="threshold", search_px="7", bogus="1")
+    base, _ = run("threshold")
+    # A lower level puts the edge further down the flank: onto the substrate side (larger discs).
+    r_low = radii(results[0].contour_px, *SCENE[0].params[:2]).mean()
+    r_mid = radii(base[0].contour_px, *SCENE[0].params[:2]).mean()
+    assert r_low > r_mid + 0.1
+    with pytest.raises(SegsemError, match="threshold"):
+        run("threshold", threshold="high")
+
+
+def test_threshold_zero_features():
+    img = make_image(render(SCENE, SHAPE, rim=RIM, blur=BLUR))
+    assert fallback("threshold").extract(img, []) == []
