@@ -60,7 +60,7 @@ SUBSTRATE_SIDES = ("auto", "inside", "outside")
 
 # ----------------------------------------------------------------------------- image prep
 
-def estimate_noise(pixels: np.ndarray, *, stride: int = 2) -> float:
+def estimate_noise(pixels: np.ndarray, *, stride: int = 4) -> float:
     """Robust per-pixel noise sigma of an image (grey levels).
 
     ``1.4826 * MAD`` of horizontal neighbour differences divided by
@@ -182,14 +182,25 @@ class RefineResult:
 
 # ----------------------------------------------------------------------------- sampling
 
-def _sample(arr: np.ndarray, uv: np.ndarray) -> np.ndarray:
-    """Bilinear samples of ``arr`` at ``(..., 2)`` points ``(u, v)`` (edge-clamped)."""
-    from scipy.ndimage import map_coordinates
+_REMAP_ROWS = 32000  # cv2.remap maps must stay below SHRT_MAX rows
 
-    flat = uv.reshape(-1, 2)
-    coords = np.vstack([flat[:, 1] - 0.5, flat[:, 0] - 0.5])
-    vals = map_coordinates(arr, coords, order=1, mode="nearest")
-    return vals.reshape(uv.shape[:-1])
+
+def _sample(arr: np.ndarray, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Bilinear samples of ``arr`` at ``(M, K)`` arrays of ``u`` and ``v`` (edge-clamped), float32.
+
+    Array index ``(row, col) = (v - 0.5, u - 0.5)``. Uses :func:`cv2.remap`
+    (float maps: exact bilinear weights), in chunks of rows.
+    """
+    import cv2
+
+    src = np.ascontiguousarray(arr, dtype=np.float32)
+    mx = (u - 0.5).astype(np.float32)
+    my = (v - 0.5).astype(np.float32)
+    out = np.empty(mx.shape, dtype=np.float32)
+    for r0 in range(0, mx.shape[0], _REMAP_ROWS):
+        r1 = min(mx.shape[0], r0 + _REMAP_ROWS)
+        out[r0:r1] = cv2.remap(src, mx[r0:r1], my[r0:r1], cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    return out
 
 
 def _neighbour_index(counts: np.ndarray, along_points: int) -> np.ndarray:
@@ -202,33 +213,62 @@ def _neighbour_index(counts: np.ndarray, along_points: int) -> np.ndarray:
     return st[:, None] + (local[:, None] + j[None, :]) % n[:, None]
 
 
-def _profiles(arr: np.ndarray, pts: np.ndarray, nrm: np.ndarray, counts: np.ndarray, *, search_px: float,
-              sample_px: float, smooth_sigma: float, along_points: int) -> tuple[np.ndarray, np.ndarray]:
-    """Profiles ``(M, K)`` at offsets ``-search_px..search_px`` along the outward normals.
+def _along_mean(a: np.ndarray, counts: np.ndarray, window: int) -> np.ndarray:
+    """Circular moving average of rows over ``window`` (odd) neighbours within each contour.
 
-    Each profile is smoothed along the normal (1-D Gaussian ``smooth_sigma`` px)
-    and averaged with its ``along_points`` neighbours on the contour (each
-    sampled along its own normal, so the average follows a curved edge).
-    Returns the profiles and a per-point flag that the window lies inside the image.
+    ``a`` is ``(M, ...)`` with the contours' rows concatenated (``counts``).
+    One padded gather and a float64 cumulative sum: no Python loop per contour.
     """
+    if window <= 1:
+        return a
+    h = window // 2
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    # Padded index: for each contour, local positions -h .. n+h-1 wrapped into it.
+    lens = counts + 2 * h
+    pst = np.repeat(starts, lens)
+    pn = np.repeat(counts, lens)
+    pstart_p = np.concatenate([[0], np.cumsum(lens)[:-1]])
+    local = np.arange(int(lens.sum())) - np.repeat(pstart_p, lens) - h
+    idx = pst + local % pn
+    c = np.cumsum(a[idx], axis=0, dtype=np.float64)
+    c = np.concatenate([np.zeros((1,) + c.shape[1:]), c], axis=0)
+    # Row i of contour k sits at padded position pstart_p[k] + h + i; window covers [pos-h, pos+h].
+    pos = np.repeat(pstart_p, counts) + h + (np.arange(int(counts.sum())) - np.repeat(starts, counts))
+    return ((c[pos + h + 1] - c[pos - h]) / window).astype(a.dtype, copy=False)
+
+
+def _raw_profiles(arr: np.ndarray, pts: np.ndarray, nrm: np.ndarray, *, search_px: float, sample_px: float,
+                  smooth_sigma: float) -> tuple[np.ndarray, np.ndarray]:
+    """Profiles ``(M, K)`` at offsets ``-search_px..search_px`` along the outward normals,
+    smoothed along the normal (1-D Gaussian ``smooth_sigma`` px), and a per-point flag
+    that the whole window lies inside the image."""
     from scipy.ndimage import gaussian_filter1d
 
     pad = int(np.ceil(3.0 * smooth_sigma / sample_px)) if smooth_sigma > 0 else 0
     k = int(round(search_px / sample_px))
     offsets = np.arange(-k - pad, k + pad + 1) * sample_px
-    uv = pts[:, None, :] + offsets[None, :, None] * nrm[:, None, :]
+    u = pts[:, 0:1] + offsets[None, :] * nrm[:, 0:1]
+    v = pts[:, 1:2] + offsets[None, :] * nrm[:, 1:2]
     h, w = arr.shape
-    inside = np.all((uv[..., 0] >= 0.5) & (uv[..., 0] <= w - 0.5)
-                    & (uv[..., 1] >= 0.5) & (uv[..., 1] <= h - 0.5), axis=1)
-    prof = _sample(arr, uv)
+    ends_u, ends_v = u[:, [0, -1]], v[:, [0, -1]]  # a straight window is inside iff its ends are
+    inside = np.all((ends_u >= 0.5) & (ends_u <= w - 0.5) & (ends_v >= 0.5) & (ends_v <= h - 0.5), axis=1)
+    prof = _sample(arr, u, v)
     if smooth_sigma > 0:
         prof = gaussian_filter1d(prof, smooth_sigma / sample_px, axis=1, mode="nearest")
     if pad:
         prof = prof[:, pad:-pad]
+    return prof, inside
+
+
+def _profiles(arr: np.ndarray, pts: np.ndarray, nrm: np.ndarray, counts: np.ndarray, *, search_px: float,
+              sample_px: float, smooth_sigma: float, along_points: int) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_raw_profiles` averaged with the ``along_points`` neighbours on the contour
+    (each sampled along its own normal, so the average follows a curved edge)."""
+    prof, inside = _raw_profiles(arr, pts, nrm, search_px=search_px, sample_px=sample_px,
+                                 smooth_sigma=smooth_sigma)
     if along_points > 1:
-        nb = _neighbour_index(counts, along_points)
-        prof = prof[nb].mean(axis=1)
-        inside = inside[nb].all(axis=1)
+        prof = _along_mean(prof, counts, along_points)
+        inside = _along_mean(inside.astype(np.float32), counts, along_points) > 0.999
     return prof, inside
 
 
@@ -340,20 +380,18 @@ def _smooth_closed(c: np.ndarray, sigma: float) -> np.ndarray:
     return gaussian_filter1d(np.asarray(c, dtype=np.float64), min(sigma, len(c) / 6.0), axis=0, mode="wrap")
 
 
-def _circular_running_median(d: np.ndarray, ok: np.ndarray, half: int) -> np.ndarray:
-    n = len(d)
-    w = min(2 * half + 1, n)
-    h = w // 2
-    dd = np.where(ok, d, np.nan)
-    padded = np.concatenate([dd[n - h:], dd, dd[:h]]) if h else dd
-    win = np.lib.stride_tricks.sliding_window_view(padded, w)
-    with np.errstate(all="ignore"):
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            med = np.nanmedian(win, axis=1)
-    return med
+def _running_median(d: np.ndarray, ok: np.ndarray, counts: np.ndarray, half: int) -> np.ndarray:
+    """Circular running median over ``2*half+1`` neighbours of the ``ok`` values, per contour (NaN if none)."""
+    w = 2 * half + 1
+    nb = _neighbour_index(counts, w)
+    win = np.sort(np.where(ok, d, np.nan)[nb], axis=1)  # NaN sort last
+    c = np.sum(ok[nb], axis=1)
+    # Rows whose neighbourhood wraps onto itself (contours shorter than w) count points twice; harmless.
+    lo = np.clip((c - 1) // 2, 0, w - 1)
+    hi = np.clip(c // 2, 0, w - 1)
+    rows = np.arange(len(d))
+    med = 0.5 * (win[rows, lo] + win[rows, hi])
+    return np.where(c > 0, med, np.nan)
 
 
 def _circular_fill(d: np.ndarray, ok: np.ndarray) -> np.ndarray:
@@ -365,9 +403,9 @@ def _circular_fill(d: np.ndarray, ok: np.ndarray) -> np.ndarray:
     return np.interp(i, xi, d[ok], period=n)
 
 
-def _regularise(d: np.ndarray, found: np.ndarray, *, outlier_k: float, outlier_window: int,
+def _regularise(d: np.ndarray, found: np.ndarray, med: np.ndarray, *, outlier_k: float,
                 contour_sigma: float, min_mad: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Reject outliers by MAD about a running median, fill by interpolation, smooth along the contour.
+    """Reject outliers by MAD about the running median ``med``, fill by interpolation, smooth along the contour.
 
     Returns (smoothed displacement, kept mask, residual of raw minus smoothed).
     """
@@ -375,7 +413,6 @@ def _regularise(d: np.ndarray, found: np.ndarray, *, outlier_k: float, outlier_w
 
     keep = found.copy()
     if keep.sum() >= 3:
-        med = _circular_running_median(d, keep, outlier_window)
         r = d - med
         finite = keep & np.isfinite(r)
         if finite.any():
@@ -403,11 +440,11 @@ def _decide_substrate(arr: np.ndarray, pts: np.ndarray, nrm: np.ndarray, counts:
     range (resist top as dark as the substrate), the side with the lower mean
     is the substrate (the bright rim lies on the resist side).
     """
-    prof, inside = _profiles(arr, pts, nrm, counts, search_px=reach_px, sample_px=0.5,
-                             smooth_sigma=1.0, along_points=1)
+    prof, inside = _raw_profiles(arr, pts, nrm, search_px=reach_px, sample_px=0.5, smooth_sigma=1.0)
     half = prof.shape[1] // 2
     inner, outer = prof[:, :half], prof[:, half + 1:]
-    floor_diff = np.percentile(outer, 10, axis=1) - np.percentile(inner, 10, axis=1)
+    kth = max(0, int(0.1 * half))
+    floor_diff = (np.partition(outer, kth, axis=1)[:, kth] - np.partition(inner, kth, axis=1)[:, kth])
     mean_diff = outer.mean(axis=1) - inner.mean(axis=1)
     span = prof.max(axis=1) - prof.min(axis=1)
     out: list[str] = []
@@ -542,13 +579,11 @@ def refine_contours(
         nrm = np.vstack([normals(c, smooth=normal_smooth) for c in current])
         counts = np.array([len(c) for c in current])
         starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-        prof1, inside1 = _profiles(img.sampled, pts, nrm, counts, search_px=sp, sample_px=sample_px,
-                                   smooth_sigma=smooth_sigma, along_points=1)
-        nb = _neighbour_index(counts, along_points)
-        nbw = _neighbour_index(counts, level_points)
-        prof = prof1[nb].mean(axis=1)
-        profw = prof1[nbw].mean(axis=1)
-        inside = inside1[nb].all(axis=1) & inside1[nbw].all(axis=1)
+        prof1, inside1 = _raw_profiles(img.sampled, pts, nrm, search_px=sp, sample_px=sample_px,
+                                       smooth_sigma=smooth_sigma)
+        prof = _along_mean(prof1, counts, along_points)
+        profw = _along_mean(prof1, counts, level_points)
+        inside = _along_mean(inside1.astype(np.float32), counts, max(along_points, level_points)) > 0.999
         k_ = prof.shape[1]
         half = k_ // 2
 
@@ -566,14 +601,15 @@ def refine_contours(
         snr = contrast / noise_prof
         found = found & inside & (snr >= min_snr) & (np.abs(s_out) <= sp - sample_px)
 
+        d_all = np.where(found, s_out, 0.0)
+        med_all = _running_median(d_all, found, counts, int(outlier_window))
         new: list[np.ndarray] = []
         results = []
         for i in range(len(current)):
             sl = slice(starts[i], starts[i] + counts[i])
             f_i = found[sl]
-            d, keep, resid = _regularise(np.where(f_i, s_out[sl], 0.0), f_i, outlier_k=outlier_k,
-                                         outlier_window=outlier_window, contour_sigma=contour_sigma,
-                                         min_mad=min_mad)
+            d, keep, resid = _regularise(d_all[sl], f_i, med_all[sl], outlier_k=outlier_k,
+                                         contour_sigma=contour_sigma, min_mad=min_mad)
             c_new = pts[sl] + d[:, None] * nrm[sl] if keep.any() else current[i]
             new.append(c_new)
             results.append(RefineResult(

@@ -70,6 +70,13 @@ class Shape:
     def sdf(self, u, v):
         return sdf_disc(u, v, *self.params) if self.kind == "disc" else sdf_rect(u, v, *self.params)
 
+    def bbox(self) -> tuple[float, float, float, float]:
+        """(u0, v0, u1, v1) bounding box."""
+        if self.kind == "disc":
+            cu, cv, r = self.params
+            return (cu - r, cv - r, cu + r, cv + r)
+        return self.params
+
     def polygon(self, n: int = 64) -> np.ndarray:
         """The truth outline as a (u, v) polygon (for use as a layout polygon)."""
         if self.kind == "disc":
@@ -94,15 +101,21 @@ def render(shapes, shape=(128, 128), *, tone: str = "line", rim: Rim = Rim(), bl
     h, w = shape
     off = (np.arange(ss) + 0.5) / ss
     img = np.zeros((h, w), dtype=np.float64)
-    rows = np.arange(h)[:, None]
-    cols = np.arange(w)[None, :]
+    # Signed distances are only needed near each shape: beyond ``margin`` px the
+    # profile has reached its substrate / resist-top plateau.
+    margin = int(np.ceil(rim.footprint + rim.rim + 12 * rim.decay + 4))
     for dy in off:
         for dx in off:
-            u = cols + dx
-            v = rows + dy
-            d = np.full((h, w), -1e9)
+            d = np.full((h, w), -float(margin))
             for s in shapes:
-                d = np.maximum(d, s.sdf(u, v))
+                u0, v0, u1, v1 = s.bbox()
+                r0, r1 = max(0, int(v0) - margin), min(h, int(np.ceil(v1)) + margin)
+                c0, c1 = max(0, int(u0) - margin), min(w, int(np.ceil(u1)) + margin)
+                if r0 >= r1 or c0 >= c1:
+                    continue
+                u = np.arange(c0, c1)[None, :] + dx
+                v = np.arange(r0, r1)[:, None] + dy
+                d[r0:r1, c0:c1] = np.maximum(d[r0:r1, c0:c1], s.sdf(u, v))
             e = d if tone == "line" else -d
             img += rim.profile(e)
     img /= ss * ss
