@@ -335,3 +335,47 @@ def test_evaluate_assigns_by_field_of_view_and_reports_bad_input(tmp_path):
     assert "truth.json image 'A' feature 0 field 'exterior'" in str(res.exception)
     res = CliRunner().invoke(_app(), ["evaluate", "--truth", str(tmp_path / "nope"), "--pred", str(tmp_path / "contours.csv")])
     assert isinstance(res.exception, SegsemError) and "truth directory not found" in str(res.exception)
+
+
+def test_evaluate_on_a_synth_dataset_scores_its_own_truth_zero_and_a_grown_copy_one_nm(tmp_path):
+    """Round trip with the real ``segsem synth`` output format (truth.json, manifest, gauges_truth.csv)."""
+    dataset = pytest.importorskip("segsem_cli.synth.dataset")
+    import csv
+    import json
+
+    import gdstk
+    from shapely.geometry import Polygon
+
+    from segsem_cli.contour_io import write_contour_csv
+    from segsem_cli.layout import load_layout
+    from segsem_cli.metrics import evaluate_run, read_truth
+
+    lib = gdstk.Library(unit=1e-9, precision=1e-12)
+    cell = lib.new_cell("TOP")
+    for i in range(12):
+        cell.add(gdstk.rectangle((i * 80, -300), (i * 80 + 40, 300), layer=1))
+    lib.write_gds(tmp_path / "l.gds")
+    (tmp_path / "g.csv").write_text("name,x1,y1,x2,y2\n" + "".join(f"g{i},{i * 80 - 15},0,{i * 80 + 55},0\n" for i in range(3, 9)))
+    dataset.make_dataset(load_layout(tmp_path / "l.gds", layer=(1, 0)), tmp_path / "syn", count=2, image_size=96,
+                         pixel_nm=2.0, sites=[(400, 0), (480, 60)], gauges=tmp_path / "g.csv", defect_rate=0.0)
+    images, gauges_truth = read_truth(tmp_path / "syn")
+    assert len(images) == 2 and gauges_truth is not None and all(im.image_path.is_file() for im in images)
+    recs = [ContourRecord(im.name, str(f["id"]), f["exterior"], "truth", 1.0, tuple(f["holes"])) for im in images for f in im.features]
+    write_contour_csv(recs, tmp_path / "c.csv")
+    rows = list(csv.DictReader(open(gauges_truth)))
+    with open(tmp_path / "m.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["name", "wafer_cd_nm"])
+        w.writerows([r["name"], r["true_cd_nm"]] for r in rows)
+    res = evaluate_run(tmp_path / "syn", tmp_path / "c.csv", gauges_path=tmp_path / "m.csv")
+    o = res["overall"]
+    assert o["n_true"] > 0 and o["n_missing"] == 0 and o["n_extra"] == 0
+    assert o["epe_max_nm"] < 1e-4  # the contour CSV keeps 4 decimals
+    assert res["gauges"]["n_compared"] >= 2 and res["gauges"]["max_abs_nm"] < 1e-5
+    grown = [ContourRecord(r.image, r.feature_id, np.asarray(Polygon(r.xy_nm).buffer(1.0, join_style="mitre").exterior.coords)[:-1],
+                           "grown", 1.0) for r in recs]
+    write_contour_csv(grown, tmp_path / "c2.csv")
+    o2 = evaluate_run(tmp_path / "syn", tmp_path / "c2.csv")["overall"]
+    assert o2["epe_rms_nm"] == pytest.approx(1.0, abs=2e-3) and o2["epe_bias_nm"] == pytest.approx(1.0, abs=2e-3)
+    assert o2["epe_rms_px"] == pytest.approx(0.5, abs=1e-3)
+    json.dumps(res)  # JSON-ready
