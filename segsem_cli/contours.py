@@ -34,6 +34,7 @@ __all__ = [
     "touches_border",
     "associate",
     "Association",
+    "features_covered",
 ]
 
 
@@ -271,3 +272,28 @@ def associate(feature_polys: Sequence[np.ndarray], contours: Sequence[np.ndarray
         others = tuple(o for o in owners[c] if o != f)
         result[f] = Association(c, float(best_iou[f]), others)
     return result
+
+
+def features_covered(contours: Sequence[np.ndarray], feature_polys: Sequence[np.ndarray], *,
+                     min_fraction: float = 0.5) -> list[list[int]]:
+    """For each closed contour, the features whose polygon it covers by at least ``min_fraction`` of their area.
+
+    A printed shape that covers two or more layout features is a bridge (merge).
+    """
+    import shapely
+
+    out: list[list[int]] = [[] for _ in contours]
+    if len(contours) == 0 or len(feature_polys) == 0:
+        return out
+    cp = _shapely_polys(contours)
+    fp = _shapely_polys(feature_polys)
+    tree = shapely.STRtree(fp)
+    ci, fi = tree.query(cp, predicate="intersects")
+    if len(ci) == 0:
+        return out
+    inter = shapely.area(shapely.intersection(cp[ci], fp[fi]))
+    frac = inter / np.maximum(shapely.area(fp[fi]), 1e-12)
+    for c, f, x in zip(ci, fi, frac):
+        if x >= min_fraction:
+            out[int(c)].append(int(f))
+    return out

@@ -174,3 +174,58 @@ def test_threshold_options_strings_and_unknown_keys():
 def test_threshold_zero_features():
     img = make_image(render(SCENE, SHAPE, rim=RIM, blur=BLUR))
     assert fallback("threshold").extract(img, []) == []
+
+
+# ----------------------------------------------------------------------------- canny and active-contour
+
+@pytest.mark.parametrize("name", ["canny", "active-contour"])
+@pytest.mark.parametrize("tone", ["line", "hole"])
+def test_other_fallbacks_scene_clean(name, tone):
+    results, feats = run(name, tone=tone, noise=0.01)
+    check_scene(results, feats, tol_mean=0.3, tol_rms=0.3, tol_edge=0.3)
+    assert all(r.source == name for r in results)
+
+
+@pytest.mark.parametrize("name", ["canny", "active-contour"])
+def test_other_fallbacks_dark_resist_rim(name):
+    rim = Rim(S=0.2, P=1.0, T=0.22, rim=4.0)
+    img = make_image(render(SCENE, SHAPE, rim=rim, blur=BLUR, noise=0.02, seed=1))
+    feats = make_features(img, LAYOUT)
+    check_scene(fallback(name).extract(img, feats), feats, tol_mean=0.3, tol_rms=0.3, tol_edge=0.3)
+
+
+@pytest.mark.parametrize("name", ["canny", "active-contour"])
+def test_other_fallbacks_blank_and_noise(name):
+    feats = make_features(make_image(np.zeros(SHAPE, np.float32)), LAYOUT)
+    for pixels in (np.full(SHAPE, 0.4, dtype=np.float32),
+                   (0.4 + 0.05 * np.random.default_rng(0).standard_normal(SHAPE)).astype(np.float32)):
+        results = fallback(name).extract(make_image(pixels), feats)
+        assert len(results) == len(feats)
+        assert all(r.status != "ok" and r.contour_px is None for r in results)
+
+
+@pytest.mark.parametrize("name", ["canny", "active-contour"])
+def test_other_fallbacks_confidence_lower_when_noisy(name):
+    clean, _ = run(name, noise=0.01)
+    noisy, _ = run(name, noise=0.15)
+    for c, n in zip(clean, noisy):
+        assert c.ok and c.confidence > 0.85
+        assert n.confidence < c.confidence - 0.1
+
+
+def test_active_contour_from_distant_layout_at_low_contrast():
+    """Layout 3 px larger than the print, low contrast: the snake + refinement still find the edge."""
+    rim = Rim(S=0.4, P=0.6, T=0.5, rim=4.0)
+    img = make_image(render(SCENE, SHAPE, rim=rim, blur=BLUR, noise=0.02, seed=2))
+    lay = [disc(40.3, 42.6, 19.2).polygon(), rect(69.4, 17.3, 113.6, 65.8).polygon(), disc(88.7, 96.1, 17.1).polygon()]
+    feats = make_features(img, lay)
+    check_scene(fallback("active-contour").extract(img, feats), feats, tol_mean=0.3, tol_rms=0.3, tol_edge=0.3)
+
+
+def test_canny_bridge_is_merged():
+    shapes = [rect(20, 40, 55, 90), rect(70, 40, 105, 90), rect(50, 60, 75, 68)]
+    img = make_image(render(shapes, SHAPE, rim=RIM, blur=BLUR, noise=0.02))
+    feats = make_features(img, [shapes[0].polygon(), shapes[1].polygon()])
+    r = fallback("canny").extract(img, feats)
+    assert [x.status for x in r] == ["merged", "merged"]
+    assert r[1].extra["merged_with"] == [feats[0].feature_id]

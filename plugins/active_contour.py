@@ -1,0 +1,127 @@
+"""Fallback ``active-contour``: a snake from the aligned layout polygon, then sub-pixel edge refinement.
+
+For low-contrast and noisy images, where iso-lines and Canny edges break up:
+the layout polygon (``Feature.pixels``) is a good prior for where the edge is.
+
+Stages, per feature (in a crop around the polygon):
+
+1. edge map: Sobel magnitude of the image smoothed with ``snake_sigma`` (2 px),
+   scaled to [0, 1]. Heavy smoothing merges the two flanks of a bright rim
+   into one band, so the snake is not torn between them;
+2. :func:`skimage.segmentation.active_contour` (periodic snake) started on the
+   layout polygon resampled every ``init_step_px``, pulled to the edge map
+   (``w_edge = 1``) with tension ``alpha`` and stiffness ``beta``;
+3. :func:`segsem_cli.edges.refine_contours` on all snakes at once (it finds
+   the substrate-side flank whichever flank the snake settled on).
+
+Statuses: ``low_contrast`` (fewer than ``min_valid`` of the normals found a
+clean edge: a snake always ends somewhere, refinement decides whether an
+edge is really there), ``not_found`` (the refined shape overlaps the layout
+polygon by IoU < ``min_iou``), ``clipped``, ``merged`` (as for ``canny``).
+
+Options: ``snake_sigma`` (2.0), ``alpha`` (0.01), ``beta`` (0.1), ``gamma``
+(0.01), ``max_iter`` (300), ``init_step_px`` (2.0), ``margin_px`` (12),
+``min_iou`` (0.2), ``min_valid`` (0.5), and the refinement options of
+:func:`segsem_cli.edges.parse_refine_options`.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Any, Sequence
+
+import numpy as np
+
+from segsem_cli import hookimpl
+from segsem_cli.contours import as_contour, features_covered, resample_closed
+from segsem_cli.edges import (EdgeImage, feature_result, gaussian_smooth, opt_float, opt_int, parse_refine_options,
+                              refine_contours)
+from segsem_cli.types import Feature, FeatureResult, SEMImage
+
+
+def edge_map(pixels: np.ndarray, sigma: float) -> np.ndarray:
+    """Sobel gradient magnitude of the smoothed image, scaled to [0, 1] (float32)."""
+    import cv2
+
+    sm = gaussian_smooth(pixels, sigma)
+    g = np.hypot(cv2.Sobel(sm, cv2.CV_32F, 1, 0, ksize=3), cv2.Sobel(sm, cv2.CV_32F, 0, 1, ksize=3))
+    top = float(np.percentile(g, 99.9)) if g.size else 0.0
+    return np.clip(g / top, 0, 1).astype(np.float32) if top > 0 else np.zeros_like(g)
+
+
+def snake_from_polygon(edges: np.ndarray, polygon_uv: np.ndarray, *, margin_px: float = 12.0,
+                       init_step_px: float = 2.0, alpha: float = 0.01, beta: float = 0.1, gamma: float = 0.01,
+                       max_iter: int = 300) -> np.ndarray | None:
+    """Run a periodic snake on ``edges`` from a ``(u, v)`` polygon; returns the snake in ``(u, v)`` or None."""
+    from skimage.segmentation import active_contour
+
+    h, w = edges.shape
+    poly = as_contour(polygon_uv, name="feature polygon")
+    u0, v0 = np.floor(poly.min(axis=0) - margin_px).astype(int)
+    u1, v1 = np.ceil(poly.max(axis=0) + margin_px).astype(int)
+    c0, r0, c1, r1 = max(0, u0), max(0, v0), min(w, u1), min(h, v1)
+    if c1 - c0 < 4 or r1 - r0 < 4:
+        return None
+    init = resample_closed(poly, init_step_px, min_points=12)
+    rc = np.column_stack([init[:, 1] - 0.5 - r0, init[:, 0] - 0.5 - c0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        snake = active_contour(edges[r0:r1, c0:c1], rc, alpha=alpha, beta=beta, gamma=gamma, w_line=0.0,
+                               w_edge=1.0, max_num_iter=int(max_iter), boundary_condition="periodic")
+    return np.column_stack([snake[:, 1] + 0.5 + c0, snake[:, 0] + 0.5 + r0])
+
+
+class ActiveContourFallback:
+    name = "active-contour"
+    description = "Snake from the aligned layout polygon on an edge map + sub-pixel edge refinement (low contrast)"
+
+    def extract(self, image: SEMImage, features: Sequence[Feature], **options: Any) -> list[FeatureResult]:
+        import shapely
+
+        ropt = parse_refine_options(options)
+        sigma = opt_float(options, "snake_sigma", 2.0, lo=0.0, hi=50.0)
+        kw = dict(alpha=opt_float(options, "alpha", 0.01, lo=0.0), beta=opt_float(options, "beta", 0.1, lo=0.0),
+                  gamma=opt_float(options, "gamma", 0.01, lo=1e-6), max_iter=opt_int(options, "max_iter", 300, lo=1),
+                  init_step_px=opt_float(options, "init_step_px", 2.0, lo=0.2),
+                  margin_px=opt_float(options, "margin_px", 12.0, lo=0.0))
+        min_iou = opt_float(options, "min_iou", 0.2, lo=0.0, hi=1.0)
+        min_valid = opt_float(options, "min_valid", 0.5, lo=0.0, hi=1.0)
+        if len(features) == 0:
+            return []
+        eimg = EdgeImage(image.pixels, image_sigma=ropt.pop("image_sigma"))
+        edges = edge_map(image.pixels, sigma)
+
+        snakes = [snake_from_polygon(edges, np.asarray(f.pixels, float), **kw) for f in features]
+        todo = [i for i, s in enumerate(snakes) if s is not None]
+        refined = dict(zip(todo, refine_contours(eimg, [snakes[i] for i in todo], **ropt)))
+        cover = dict(zip(todo, features_covered([refined[i].contour_uv for i in todo],
+                                                [f.pixels for f in features])))
+
+        out: list[FeatureResult] = []
+        for i, f in enumerate(features):
+            if i not in refined:
+                out.append(feature_result(f, None, source=self.name, image_shape=image.shape, status="not_found"))
+                continue
+            res = refined[i]
+            a, b = shapely.Polygon(res.contour_uv).buffer(0), shapely.Polygon(f.pixels).buffer(0)
+            union = a.union(b).area
+            iou = a.intersection(b).area / union if union > 0 else 0.0
+            extra: dict[str, Any] = {"layout_iou": float(iou)}
+            if res.valid_fraction >= min_valid and iou < min_iou:
+                out.append(feature_result(f, None, source=self.name, image_shape=image.shape,
+                                          status="not_found", extra=extra))
+                continue
+            others = [j for j in cover[i] if j != i]
+            if others and res.valid_fraction >= min_valid:
+                extra["merged_with"] = [features[j].feature_id for j in others]
+                extra["merged_contour_px"] = res.contour_uv
+                out.append(feature_result(f, None, source=self.name, image_shape=image.shape,
+                                          status="merged", extra=extra))
+                continue
+            out.append(feature_result(f, res, source=self.name, image_shape=image.shape, min_valid=min_valid,
+                                      confidence_scale=min(1.0, iou / 0.5), extra=extra))
+        return out
+
+
+@hookimpl
+def register_fallbacks(register):
+    register(ActiveContourFallback())

@@ -1,0 +1,204 @@
+"""Fallback ``canny``: Canny edges closed into regions per feature, then sub-pixel edge refinement.
+
+Stages:
+
+1. smooth (Gaussian ``canny_sigma``) and run :func:`cv2.Canny` with
+   hysteresis thresholds set from the gradient statistics of the image
+   (``high = max(high_k * median gradient, high_frac * 99.5th percentile)``,
+   ``low = high / 2``); the median gradient is the noise floor since edges are sparse;
+2. dilate the edges by one pixel to close small gaps and label the regions
+   they enclose; per feature, fill the holes of each region its layout
+   polygon overlaps and keep the one that overlaps it best (IoU >= ``min_iou``). A bright rim gives two edges per rim (both flanks),
+   so the candidates include the feature up to either flank; either is a
+   coarse start, and refinement puts the edge on the substrate-side flank;
+3. :func:`segsem_cli.edges.refine_contours` on all features at once.
+
+Statuses as for ``threshold``: ``not_found``, ``clipped`` (the region runs
+into the image border), ``merged`` (the region covers half of another layout
+feature too; ``extra["merged_with"]``),
+``low_contrast``.
+
+Options: ``canny_sigma`` (1.5), ``high_k`` (4.0), ``high_frac`` (0.2),
+``min_iou`` (0.2),
+``min_valid`` (0.5), and the refinement options of
+:func:`segsem_cli.edges.parse_refine_options`.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+from segsem_cli import hookimpl
+from segsem_cli.contours import coarse_contours, polygon_mask
+from segsem_cli.edges import EdgeImage, feature_result, gaussian_smooth, opt_float, parse_refine_options, refine_contours
+from segsem_cli.types import Feature, FeatureResult, SEMImage
+
+
+def canny_edges(pixels: np.ndarray, *, sigma: float = 1.5, high_k: float = 4.0, high_frac: float = 0.2) -> np.ndarray:
+    """Boolean Canny edge map of an image with data-driven hysteresis thresholds (see module docs)."""
+    import cv2
+
+    sm = gaussian_smooth(pixels, sigma)
+    lo, hi = np.percentile(sm[::2, ::2], [0.5, 99.5])
+    if not hi > lo:
+        return np.zeros(sm.shape, dtype=bool)
+    img8 = np.clip((sm - lo) * (255.0 / (hi - lo)), 0, 255).astype(np.uint8)
+    gx = cv2.Sobel(img8, cv2.CV_32F, 1, 0, ksize=3)
+    gy = cv2.Sobel(img8, cv2.CV_32F, 0, 1, ksize=3)
+    gm = np.hypot(gx, gy)[::2, ::2]
+    high = max(high_k * float(np.median(gm)), high_frac * float(np.percentile(gm, 99.5)), 1.0)
+    return cv2.Canny(img8, 0.5 * high, high, L2gradient=True) > 0
+
+
+class EdgeRegions:
+    """Regions enclosed by a Canny edge map (edges dilated by one pixel to close small gaps).
+
+    ``labels`` labels the non-edge pixels (4-connectivity); ``slices`` are
+    their bounding boxes; ``on_border`` flags regions that reach the image border.
+    """
+
+    def __init__(self, edges: np.ndarray):
+        from scipy import ndimage as ndi
+
+        self.shape = edges.shape
+        self.labels, self.n = ndi.label(~ndi.binary_dilation(edges))
+        self.slices = ndi.find_objects(self.labels)
+        lab = self.labels
+        self.on_border = np.zeros(self.n + 1, dtype=bool)
+        self.on_border[np.unique(np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]]))] = True
+        self._filled: dict[int, tuple[tuple[slice, slice], np.ndarray]] = {}
+
+    def filled(self, lbl: int) -> tuple[tuple[slice, slice], np.ndarray]:
+        """Region ``lbl`` with its holes filled, as (bounding-box slices, mask within them)."""
+        from scipy import ndimage as ndi
+
+        if lbl not in self._filled:
+            sl = self.slices[lbl - 1]
+            self._filled[lbl] = (sl, ndi.binary_fill_holes(self.labels[sl] == lbl))
+        return self._filled[lbl]
+
+    def candidates(self, polygon_uv: np.ndarray) -> tuple[list[int], np.ndarray, tuple[slice, slice]]:
+        """Labels of the regions a ``(u, v)`` polygon overlaps, its mask and the mask's slices."""
+        h, w = self.shape
+        u0, v0 = np.floor(polygon_uv.min(axis=0)).astype(int)
+        u1, v1 = np.ceil(polygon_uv.max(axis=0)).astype(int)
+        r0, r1, c0, c1 = max(0, v0), min(h, v1 + 1), max(0, u0), min(w, u1 + 1)
+        if r1 - r0 < 1 or c1 - c0 < 1:
+            return [], np.zeros((0, 0), bool), (slice(0, 0), slice(0, 0))
+        sl = (slice(r0, r1), slice(c0, c1))
+        mask = polygon_mask(polygon_uv - [c0, r0], (r1 - r0, c1 - c0))
+        hits = np.bincount(self.labels[sl][mask], minlength=self.n + 1)
+        return [int(x) for x in np.nonzero(hits)[0] if x != 0], mask, sl
+
+
+def _overlap(sl_a, mask_a, sl_b, mask_b) -> tuple[int, int, int]:
+    """(intersection, area a, area b) of two masks given with their bounding-box slices."""
+    r0 = max(sl_a[0].start, sl_b[0].start)
+    r1 = min(sl_a[0].stop, sl_b[0].stop)
+    c0 = max(sl_a[1].start, sl_b[1].start)
+    c1 = min(sl_a[1].stop, sl_b[1].stop)
+    na, nb = int(mask_a.sum()), int(mask_b.sum())
+    if r0 >= r1 or c0 >= c1:
+        return 0, na, nb
+    a = mask_a[r0 - sl_a[0].start:r1 - sl_a[0].start, c0 - sl_a[1].start:c1 - sl_a[1].start]
+    b = mask_b[r0 - sl_b[0].start:r1 - sl_b[0].start, c0 - sl_b[1].start:c1 - sl_b[1].start]
+    return int(np.count_nonzero(a & b)), na, nb
+
+
+def region_for_feature(regions: EdgeRegions, polygons: Sequence[np.ndarray], index: int, *,
+                       min_iou: float = 0.2) -> tuple[np.ndarray | None, float, str, list[int]]:
+    """The edge-enclosed region that best matches layout polygon ``index``.
+
+    Returns ``(coarse contour or None, iou, status, merged_with)``: status is
+    ``"ok"``, ``"not_found"`` or ``"clipped"`` (the best region reaches the
+    image border); ``merged_with`` lists the other polygons covered by half or
+    more by a filled region that also holds this feature (a bridge). With a
+    bright rim the regions are nested (feature up to the rim's inner flank,
+    the rim band filled up to its outer flank); the best IoU picks one, the
+    outer one reveals bridges.
+    """
+    labels, mask, sl = regions.candidates(np.asarray(polygons[index], float))
+    best, best_iou, status = None, 0.0, "not_found"
+    filled_cands = []
+    for lbl in labels:
+        if regions.on_border[lbl]:
+            fs = regions.slices[lbl - 1]
+            inter, na, nb = _overlap(sl, mask, fs, regions.labels[fs] == lbl)
+            iou = inter / max(1, na + nb - inter)
+            if iou > best_iou:
+                best, best_iou, status = None, iou, "clipped"
+            continue
+        fs, fm = regions.filled(lbl)
+        inter, na, nb = _overlap(sl, mask, fs, fm)
+        iou = inter / max(1, na + nb - inter)
+        filled_cands.append((lbl, fs, fm))
+        if iou > best_iou:
+            best, best_iou, status = lbl, iou, "ok"
+    if status != "ok" or best_iou < min_iou:
+        return None, best_iou, ("clipped" if status == "clipped" else "not_found"), []
+    bsl, bm = regions.filled(best)
+    merged: set[int] = set()
+    for lbl, fs, fm in filled_cands:
+        inter, na, nb = _overlap(bsl, bm, fs, fm)
+        if inter < 0.9 * na:  # this region does not hold the chosen one
+            continue
+        for j, poly in enumerate(polygons):
+            if j == index:
+                continue
+            pj = np.asarray(poly, float)
+            if (pj.max(axis=0)[0] < fs[1].start or pj.min(axis=0)[0] > fs[1].stop
+                    or pj.max(axis=0)[1] < fs[0].start or pj.min(axis=0)[1] > fs[0].stop):
+                continue
+            _, pmask, psl = regions.candidates(pj)
+            if pmask.size and _overlap(psl, pmask, fs, fm)[0] >= 0.5 * max(1, int(pmask.sum())):
+                merged.add(j)
+    cs = [c for c in coarse_contours(np.pad(bm, 1).astype(np.float32), 0.5, min_area=4.0) if c.closed]
+    if not cs:
+        return None, best_iou, "not_found", []
+    c = max(cs, key=lambda x: abs(x.area)).points + [bsl[1].start - 1, bsl[0].start - 1]
+    return c, best_iou, "ok", sorted(merged)
+
+
+class CannyFallback:
+    name = "canny"
+    description = "Canny edges closed into regions per layout feature + sub-pixel edge refinement"
+
+    def extract(self, image: SEMImage, features: Sequence[Feature], **options: Any) -> list[FeatureResult]:
+        ropt = parse_refine_options(options)
+        sigma = opt_float(options, "canny_sigma", 1.5, lo=0.0, hi=50.0)
+        high_k = opt_float(options, "high_k", 4.0, lo=0.0)
+        high_frac = opt_float(options, "high_frac", 0.2, lo=0.0, hi=1.0)
+        min_iou = opt_float(options, "min_iou", 0.2, lo=0.0, hi=1.0)
+        min_valid = opt_float(options, "min_valid", 0.5, lo=0.0, hi=1.0)
+        if len(features) == 0:
+            return []
+        eimg = EdgeImage(image.pixels, image_sigma=ropt.pop("image_sigma"))
+        edges = canny_edges(image.pixels, sigma=sigma, high_k=high_k, high_frac=high_frac)
+
+        regions = EdgeRegions(edges)
+        polys = [np.asarray(f.pixels, float) for f in features]
+        found = [region_for_feature(regions, polys, i, min_iou=min_iou) for i in range(len(features))]
+        todo = [i for i, (c, _, st, mw) in enumerate(found) if c is not None and not mw]
+        refined = dict(zip(todo, refine_contours(eimg, [found[i][0] for i in todo], **ropt)))
+
+        out: list[FeatureResult] = []
+        for i, f in enumerate(features):
+            c, iou, status, merged_with = found[i]
+            extra: dict[str, Any] = {"layout_iou": iou}
+            if merged_with:
+                extra["merged_with"] = [features[j].feature_id for j in merged_with]
+                out.append(feature_result(f, None, source=self.name, image_shape=image.shape,
+                                          status="merged", extra=extra))
+            elif c is None:
+                out.append(feature_result(f, None, source=self.name, image_shape=image.shape,
+                                          status=status, extra=extra))
+            else:
+                out.append(feature_result(f, refined[i], source=self.name, image_shape=image.shape,
+                                          min_valid=min_valid, confidence_scale=min(1.0, iou / 0.5), extra=extra))
+        return out
+
+
+@hookimpl
+def register_fallbacks(register):
+    register(CannyFallback())
