@@ -290,12 +290,13 @@ def add_ler(poly: Polygon, *, sigma_nm: float, corr_nm: float, rng: np.random.Ge
     The displacement is Gaussian with standard deviation ``sigma_nm`` and
     autocorrelation ``exp(-(s / corr_nm)^2)`` along the arc length ``s``;
     positive values push the edge out of the material. Rings are resampled every
-    ``step_nm`` (default ``min(1, corr_nm / 4)``). Returns the largest valid
+    ``step_nm`` (default ``min(2, corr_nm / 6)``; the resampled polygon *is*
+    the printed shape, so the step only limits the finest roughness scale). Returns the largest valid
     polygon of the result (None if nothing is left).
     """
     if sigma_nm <= 0:
         return poly
-    step = step_nm if step_nm is not None else min(1.0, corr_nm / 4.0)
+    step = step_nm if step_nm is not None else min(2.0, corr_nm / 6.0)
     p = orient(poly, 1.0)  # exterior CCW, holes CW: material on the left, outwards on the right
     ext = _ler_ring(np.asarray(p.exterior.coords)[:-1], sigma_nm, corr_nm, rng, step)
     holes = [_ler_ring(np.asarray(r.coords)[:-1], sigma_nm, corr_nm, rng, step) for r in p.interiors]
