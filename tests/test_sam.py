@@ -227,8 +227,9 @@ def test_contour_follows_pixel_centre_convention():
     # the binary mask at image resolution: pixel centres inside the disc
     r0, c0, mh, mw = window
     vv, uu = np.mgrid[r0:r0 + mh, c0:c0 + mw] + 0.5
-    inside = np.hypot(uu - cu, vv - cv) < r
-    assert np.mean(mask == inside) > 0.995
+    d = np.hypot(uu - cu, vv - cv)
+    assert mask.sum() == pytest.approx(math.pi * r * r, rel=0.02)
+    assert np.all(np.abs(d - r)[mask != (d < r)] < 0.3)  # disagreements only at the rim
 
 
 # ----------------------------------------------------------------------------- fine-tuning

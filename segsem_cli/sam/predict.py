@@ -281,74 +281,103 @@ class MaskPrediction:
         return out
 
 
-def _contours(lowres: torch.Tensor, view: View, box_px: Sequence[float], point_px, *, min_hole_area: float = 1.0):
-    """Mask crop, its window, outer contour and holes for one prompt (image coordinates)."""
+def _ring_area(uv: np.ndarray) -> float:
+    x, y = uv[:, 0], uv[:, 1]
+    return 0.5 * float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1)))
+
+
+def _contours(lowres: torch.Tensor, view: View, box_px: Sequence[float], point_px, *, min_hole_area: float = 4.0):
+    """Mask, its window, outer contour and holes for one prompt (image coordinates).
+
+    The mask kept is one 8-connected component of ``logits > 0`` at image
+    resolution: the one holding the prompt point if any, else the one with
+    most pixels inside the prompt box. Other components are discarded (their
+    logits set negative, which cannot move this component's contour: no
+    marching-squares cell touches two components). Its outer contour is the
+    largest ring, the others are its holes; holes smaller than ``min_hole_area``
+    px (noise) are filled first.
+    """
     import scipy.ndimage as ndi
-    import shapely
-    from shapely.geometry import Point, Polygon, box as sbox
     from skimage.measure import find_contours
 
     L = lowres.shape[-1]
+    empty = (np.zeros((0, 0), bool), (view.r0, view.c0, 0, 0), None, ())
     pos = (lowres > 0).cpu().numpy()
-    # Low-res window of the box (+1 cell), to find the positive components touching the prompt.
+    # Low-res cells of the box (+1), to find the positive components touching the prompt.
     sy, sx = L / view.h, L / view.w
     u0, v0, u1, v1 = box_px
     bc0 = max(0, int(math.floor((u0 - view.c0) * sx)) - 1)
     bc1 = min(L, int(math.ceil((u1 - view.c0) * sx)) + 1)
     br0 = max(0, int(math.floor((v0 - view.r0) * sy)) - 1)
     br1 = min(L, int(math.ceil((v1 - view.r0) * sy)) + 1)
-    lab, n = ndi.label(pos, structure=np.ones((3, 3), bool))
+    eight = np.ones((3, 3), bool)
+    lab, _ = ndi.label(pos, structure=eight)
     ids = np.unique(lab[br0:br1, bc0:bc1])
     ids = ids[ids > 0]
     if ids.size == 0:
-        return np.zeros((0, 0), bool), (view.r0, view.c0, 0, 0), None, ()
+        return empty
     rr, cc = np.nonzero(np.isin(lab, ids))
-    # Crop (low-res cells +2) mapped to window pixels.
+    # Crop (low-res cells +2) mapped to window pixels, upsampled there only.
     lr0, lr1 = max(0, rr.min() - 2), min(L, rr.max() + 3)
     lc0, lc1 = max(0, cc.min() - 2), min(L, cc.max() + 3)
     pr0, pr1 = int(math.floor(lr0 / sy)), min(view.h, int(math.ceil(lr1 / sy)))
     pc0, pc1 = int(math.floor(lc0 / sx)), min(view.w, int(math.ceil(lc1 / sx)))
     logits = upsample_logits(lowres, (view.h, view.w), rows=(pr0, pr1), cols=(pc0, pc1)).cpu().numpy()
-    mask = logits > 0
-    window = (view.r0 + pr0, view.c0 + pc0, pr1 - pr0, pc1 - pc0)
-    if not mask.any():
-        return mask, window, None, ()
-    low = float(min(-1.0, logits.min()))
-    padded = np.pad(logits, 1, mode="constant", constant_values=low)
-    polys = []
-    for c in find_contours(padded, 0.0):
+    wr0, wc0 = view.r0 + pr0, view.c0 + pc0
+    comp, n = ndi.label(logits > 0, structure=eight)
+    if n == 0:
+        return empty
+    keep = 0
+    if point_px is not None:
+        r, c = int(math.floor(point_px[1])) - wr0, int(math.floor(point_px[0])) - wc0
+        if 0 <= r < comp.shape[0] and 0 <= c < comp.shape[1]:
+            keep = int(comp[r, c])
+    if keep == 0:
+        r0 = max(0, int(math.floor(v0)) - wr0)
+        r1 = min(comp.shape[0], int(math.ceil(v1)) - wr0)
+        c0 = max(0, int(math.floor(u0)) - wc0)
+        c1 = min(comp.shape[1], int(math.ceil(u1)) - wc0)
+        inside = comp[r0:r1, c0:c1] if r1 > r0 and c1 > c0 else np.zeros(0, int)
+        counts = np.bincount(inside.ravel(), minlength=n + 1)
+        counts[0] = 0
+        if counts.max() == 0:
+            return empty
+        keep = int(np.argmax(counts))
+    sel = comp == keep
+    rows, cols = np.nonzero(sel.any(axis=1))[0], np.nonzero(sel.any(axis=0))[0]
+    a0, a1 = max(0, rows[0] - 1), min(sel.shape[0], rows[-1] + 2)
+    b0, b1 = max(0, cols[0] - 1), min(sel.shape[1], cols[-1] + 2)
+    sel = sel[a0:a1, b0:b1]
+    lg = logits[a0:a1, b0:b1]
+    low = float(min(-1.0, lg.min()))
+    lg = np.where(sel | (lg <= 0), lg, low)  # other components -> negative
+    if min_hole_area > 0:  # fill holes smaller than min_hole_area px (noise): they would not be kept anyway
+        holes_lab, nh = ndi.label(~sel)
+        if nh:
+            area = np.bincount(holes_lab.ravel(), minlength=nh + 1)
+            border = np.unique(np.concatenate([holes_lab[0], holes_lab[-1], holes_lab[:, 0], holes_lab[:, -1]]))
+            small = area < min_hole_area
+            small[0] = False
+            small[border] = False
+            if small.any():
+                fill = small[holes_lab]
+                lg = np.where(fill, max(1.0, float(lg.max())), lg)
+                sel = sel | fill
+    window = (wr0 + a0, wc0 + b0, a1 - a0, b1 - b0)
+    rings = []
+    for c in find_contours(np.pad(lg, 1, mode="constant", constant_values=low), 0.0):
         if len(c) < 4:
             continue
         uv = np.stack([c[:, 1] - 1 + 0.5 + window[1], c[:, 0] - 1 + 0.5 + window[0]], axis=1)
-        if np.allclose(uv[0], uv[-1]):
+        if uv[0, 0] == uv[-1, 0] and uv[0, 1] == uv[-1, 1]:
             uv = uv[:-1]
-        if len(uv) < 3:
-            continue
-        pg = Polygon(uv)
-        if not pg.is_valid:
-            pg = shapely.make_valid(pg)
-        polys.append((uv, pg))
-    if not polys:
-        return mask, window, None, ()
-    prompt = sbox(u0, v0, u1, v1)
-    if point_px is not None:
-        prompt = prompt.union(Point(point_px).buffer(0.5))
-
-    def inside_value(pg) -> float:
-        p = pg.representative_point()
-        r = int(np.clip(math.floor(p.y) - window[0], 0, mask.shape[0] - 1))
-        c = int(np.clip(math.floor(p.x) - window[1], 0, mask.shape[1] - 1))
-        return float(logits[r, c])
-
-    outers = [(uv, pg) for uv, pg in polys if pg.area > 0 and pg.intersects(prompt) and inside_value(pg) > 0]
-    if not outers:
-        return mask, window, None, ()
-    outer_uv, outer_pg = max(outers, key=lambda t: t[1].area)
-    holes = tuple(
-        uv for uv, pg in polys
-        if uv is not outer_uv and pg.area >= min_hole_area and outer_pg.contains(pg) and inside_value(pg) <= 0
-    )
-    return mask, window, outer_uv, holes
+        if len(uv) >= 3:
+            rings.append((abs(_ring_area(uv)), uv))
+    if not rings:
+        return sel, window, None, ()
+    rings.sort(key=lambda t: -t[0])
+    holes = tuple(uv for a, uv in rings[1:] if a >= 0.5 * min_hole_area)
+    return sel, window, rings[0][1], holes
 
 
 def polygon_prompt(polygon_uv: np.ndarray, shape: tuple[int, int], *, box_margin_px: float = 3.0,
