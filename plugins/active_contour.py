@@ -32,7 +32,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from segsem_cli import hookimpl
-from segsem_cli.contours import as_contour, features_covered, resample_closed
+from segsem_cli.contours import features_covered, resample_closed, usable_polygon
 from segsem_cli.edges import (EdgeImage, feature_result, gaussian_smooth, opt_float, opt_int, parse_refine_options,
                               refine_contours)
 from segsem_cli.types import Feature, FeatureResult, SEMImage
@@ -54,8 +54,10 @@ def snake_from_polygon(edges: np.ndarray, polygon_uv: np.ndarray, *, margin_px: 
     """Run a periodic snake on ``edges`` from a ``(u, v)`` polygon; returns the snake in ``(u, v)`` or None."""
     from skimage.segmentation import active_contour
 
+    if not usable_polygon(polygon_uv):
+        return None
     h, w = edges.shape
-    poly = as_contour(polygon_uv, name="feature polygon")
+    poly = np.asarray(polygon_uv, dtype=np.float64)
     u0, v0 = np.floor(poly.min(axis=0) - margin_px).astype(int)
     u1, v1 = np.ceil(poly.max(axis=0) + margin_px).astype(int)
     c0, r0, c1, r1 = max(0, u0), max(0, v0), min(w, u1), min(h, v1)

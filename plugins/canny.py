@@ -30,7 +30,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from segsem_cli import hookimpl
-from segsem_cli.contours import coarse_contours, polygon_mask
+from segsem_cli.contours import coarse_contours, polygon_mask, usable_polygon
 from segsem_cli.edges import EdgeImage, feature_result, gaussian_smooth, opt_float, parse_refine_options, refine_contours
 from segsem_cli.types import Feature, FeatureResult, SEMImage
 
@@ -118,6 +118,8 @@ def region_for_feature(regions: EdgeRegions, polygons: Sequence[np.ndarray], ind
     the rim band filled up to its outer flank); the best IoU picks one, the
     outer one reveals bridges.
     """
+    if not usable_polygon(polygons[index]):
+        return None, 0.0, "not_found", []
     labels, mask, sl = regions.candidates(np.asarray(polygons[index], float))
     best, best_iou, status = None, 0.0, "not_found"
     filled_cands = []
@@ -147,7 +149,7 @@ def region_for_feature(regions: EdgeRegions, polygons: Sequence[np.ndarray], ind
             if j == index:
                 continue
             pj = np.asarray(poly, float)
-            if (pj.max(axis=0)[0] < fs[1].start or pj.min(axis=0)[0] > fs[1].stop
+            if not usable_polygon(pj) or (pj.max(axis=0)[0] < fs[1].start or pj.min(axis=0)[0] > fs[1].stop
                     or pj.max(axis=0)[1] < fs[0].start or pj.min(axis=0)[1] > fs[0].stop):
                 continue
             _, pmask, psl = regions.candidates(pj)

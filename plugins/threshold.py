@@ -19,7 +19,8 @@ shape covers several layout features, e.g. a bridge; the refined shape is in
 
 Options (``--fallback-opt key=value``): ``coarse_sigma`` (2.0), ``level``
 (Otsu), ``min_iou`` (0.2), ``min_valid`` (0.5), ``min_area`` (4 px^2), and the
-refinement options of :func:`segsem_cli.edges.parse_refine_options`.
+refinement options of :func:`segsem_cli.edges.parse_refine_options` (here
+``passes`` defaults to 1: the iso-lines already run parallel to the edge).
 """
 from __future__ import annotations
 
@@ -53,6 +54,8 @@ class ThresholdFallback:
     def extract(self, image: SEMImage, features: Sequence[Feature], **options: Any) -> list[FeatureResult]:
         t0 = time.perf_counter()
         ropt = parse_refine_options(options)
+        if "passes" not in options:  # iso-lines already run parallel to the edge: one pass is enough
+            ropt["passes"] = 1
         coarse_sigma = opt_float(options, "coarse_sigma", 2.0, lo=0.0, hi=50.0)
         min_iou = opt_float(options, "min_iou", 0.2, lo=0.0, hi=1.0)
         min_valid = opt_float(options, "min_valid", 0.5, lo=0.0, hi=1.0)

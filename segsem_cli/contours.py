@@ -22,6 +22,7 @@ from .errors import SegsemError
 
 __all__ = [
     "as_contour",
+    "usable_polygon",
     "signed_area",
     "polygon_area",
     "orient",
@@ -59,6 +60,13 @@ def as_contour(contour, *, name: str = "contour", min_points: int = 3) -> np.nda
     if len(a) < min_points:
         raise SegsemError(f"{name}: needs at least {min_points} vertices, got {len(a)}")
     return a
+
+
+def usable_polygon(polygon, *, min_area: float = 1e-6) -> bool:
+    """True for an ``(N >= 3, 2)`` finite polygon with non-zero area (a feature worth extracting)."""
+    a = np.asarray(polygon, dtype=np.float64)
+    return bool(a.ndim == 2 and a.shape[1] == 2 and len(a) >= 3 and np.all(np.isfinite(a))
+                and abs(signed_area(a)) > min_area)
 
 
 def signed_area(contour: np.ndarray) -> float:
@@ -236,15 +244,24 @@ def associate(feature_polys: Sequence[np.ndarray], contours: Sequence[np.ndarray
     Overlap is the intersection over union of the filled polygons (shapely,
     with an STRtree so the cost grows with the number of overlapping pairs,
     not features x contours). A feature whose best IoU is below ``min_iou``
-    gets ``index=-1``. When the same contour is the best match of several
-    features, each of them lists the others in ``shared_with``.
+    gets ``index=-1``, as does a degenerate polygon (fewer than 3 vertices or
+    zero area). When the same contour is the best match of several features,
+    each of them lists the others in ``shared_with``.
     """
     import shapely
 
-    n_f = len(feature_polys)
-    result = [Association(-1, 0.0) for _ in range(n_f)]
-    if n_f == 0 or len(contours) == 0:
-        return result
+    n_all = len(feature_polys)
+    result_all = [Association(-1, 0.0) for _ in range(n_all)]
+    keep = [i for i, p in enumerate(feature_polys) if usable_polygon(p)]  # degenerate: no match
+    if not keep or len(contours) == 0:
+        return result_all
+    if len(keep) < n_all:
+        sub = associate([feature_polys[i] for i in keep], contours, min_iou=min_iou)
+        for i, a in zip(keep, sub):
+            result_all[i] = Association(a.index, a.iou, tuple(keep[j] for j in a.shared_with))
+        return result_all
+    n_f = n_all
+    result = result_all
     fp = _shapely_polys(feature_polys)
     cp = _shapely_polys(contours)
     tree = shapely.STRtree(cp)
@@ -283,10 +300,11 @@ def features_covered(contours: Sequence[np.ndarray], feature_polys: Sequence[np.
     import shapely
 
     out: list[list[int]] = [[] for _ in contours]
-    if len(contours) == 0 or len(feature_polys) == 0:
+    keep = [i for i, p in enumerate(feature_polys) if usable_polygon(p)]  # degenerate ones cover nothing
+    if len(contours) == 0 or len(keep) == 0:
         return out
     cp = _shapely_polys(contours)
-    fp = _shapely_polys(feature_polys)
+    fp = _shapely_polys([feature_polys[i] for i in keep])
     tree = shapely.STRtree(fp)
     ci, fi = tree.query(cp, predicate="intersects")
     if len(ci) == 0:
@@ -295,5 +313,5 @@ def features_covered(contours: Sequence[np.ndarray], feature_polys: Sequence[np.
     frac = inter / np.maximum(shapely.area(fp[fi]), 1e-12)
     for c, f, x in zip(ci, fi, frac):
         if x >= min_fraction:
-            out[int(c)].append(int(f))
+            out[int(c)].append(keep[int(f)])
     return out

@@ -229,3 +229,19 @@ def test_canny_bridge_is_merged():
     r = fallback("canny").extract(img, feats)
     assert [x.status for x in r] == ["merged", "merged"]
     assert r[1].extra["merged_with"] == [feats[0].feature_id]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_degenerate_feature_polygon_is_not_found_not_an_error(name):
+    img = make_image(render(SCENE, SHAPE, rim=RIM, blur=BLUR, noise=0.02))
+    polys = [LAYOUT[0], np.array([[5.0, 5.0], [9.0, 5.0], [13.0, 5.0]]), np.zeros((2, 2))]
+    r = fallback(name).extract(img, make_features(img, polys))
+    assert r[0].ok and r[1].status == "not_found" and r[2].status == "not_found"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_integer_images_work(name):
+    px = render(SCENE, SHAPE, rim=RIM, blur=BLUR, noise=0.01)
+    img = make_image(np.round(px * 4000).astype(np.uint16))
+    feats = make_features(img, LAYOUT)
+    check_scene(fallback(name).extract(img, feats), feats, tol_mean=0.15, tol_rms=0.3, tol_edge=0.3)
