@@ -55,6 +55,7 @@ __all__ = [
 ]
 
 EDGE_RULES = ("threshold", "peak", "max-gradient")
+_BATCH_POINTS = 8192
 SUBSTRATE_SIDES = ("auto", "inside", "outside")
 
 
@@ -566,6 +567,29 @@ def refine_contours(
 
     current = [orient(resample_closed(as_contour(c, name=f"contour {i}"), step_px))
                for i, c in enumerate(contours_uv)]
+    # Work in batches of about _BATCH_POINTS points: the (points x samples) arrays then stay
+    # in cache (a 2048 px image with 200 features ran 1.5x slower per point in one batch).
+    sizes = np.array([len(c) for c in current])
+    if len(current) > 1 and sizes.sum() > _BATCH_POINTS:
+        groups: list[list[int]] = [[]]
+        acc = 0
+        for i, n in enumerate(sizes):
+            if groups[-1] and acc + n > _BATCH_POINTS:
+                groups.append([])
+                acc = 0
+            groups[-1].append(i)
+            acc += int(n)
+        kw = dict(edge=edge, threshold=threshold, search_px=search_px, step_px=step_px, sample_px=sample_px,
+                  smooth_sigma=smooth_sigma, along_points=along_points, level_points=level_points,
+                  normal_smooth=normal_smooth, min_snr=min_snr, outlier_k=outlier_k,
+                  outlier_window=outlier_window, min_mad=min_mad, contour_sigma=contour_sigma,
+                  centre_weight=centre_weight, passes=passes, base_sigma=base_sigma)
+        out: list[RefineResult] = [None] * len(current)  # type: ignore[list-item]
+        for g in groups:
+            for i, r in zip(g, refine_contours(img, [contours_uv[i] for i in g],
+                                               substrate=[subs[i] for i in g], **kw)):
+                out[i] = r
+        return out
     decided = list(subs)
     results: list[RefineResult] = []
     sp = float(search_px)

@@ -223,3 +223,16 @@ def test_parse_refine_options_from_strings():
         parse_refine_options({"threshold": "abc"})
     with pytest.raises(SegsemError, match="substrate"):
         parse_refine_options({"substrate": "left"})
+
+
+def test_large_batches_split_without_changing_results(monkeypatch):
+    import segsem_cli.edges as edges_mod
+
+    img = render([disc(40, 40, 12), disc(90, 90, 15)], (128, 128), tone="hole", rim=RIM, blur=BLUR, noise=0.03, seed=7)
+    coarse = [circle(40, 40, 13), circle(90, 90, 14)]
+    whole = refine_contours(img, coarse)
+    monkeypatch.setattr(edges_mod, "_BATCH_POINTS", 50)
+    split = refine_contours(img, coarse)
+    for a, b in zip(whole, split):
+        assert a.substrate == b.substrate == "inside"
+        assert np.allclose(a.contour_uv, b.contour_uv)
