@@ -120,7 +120,7 @@ class ActiveContourFallback:
                                           status="merged", extra=extra))
                 continue
             out.append(feature_result(f, res, source=self.name, image_shape=image.shape, min_valid=min_valid,
-                                      confidence_scale=min(1.0, iou / 0.5), extra=extra))
+                                      layout_px=f.pixels, extra=extra))
         return out
 
 

@@ -11,7 +11,11 @@ Stages:
    polygon overlaps and keep the one that overlaps it best (IoU >= ``min_iou``). A bright rim gives two edges per rim (both flanks),
    so the candidates include the feature up to either flank; either is a
    coarse start, and refinement puts the edge on the substrate-side flank;
-3. :func:`segsem_cli.edges.refine_contours` on all features at once.
+3. :func:`segsem_cli.edges.refine_contours` on all features at once. A
+   feature whose best region overlaps its layout polygon by IoU <
+   ``layout_start_iou`` (edge gaps, noise) is refined from the layout
+   polygon instead (``extra["coarse"] == "layout"``); refinement then decides
+   whether an edge is there (``low_contrast`` if not).
 
 Statuses as for ``threshold``: ``not_found``, ``clipped`` (the region runs
 into the image border), ``merged`` (the region covers half of another layout
@@ -19,7 +23,7 @@ feature too; ``extra["merged_with"]``),
 ``low_contrast``.
 
 Options: ``canny_sigma`` (1.5), ``high_k`` (4.0), ``high_frac`` (0.2),
-``min_iou`` (0.2),
+``min_iou`` (0.2), ``layout_start_iou`` (0.5),
 ``min_valid`` (0.5), and the refinement options of
 :func:`segsem_cli.edges.parse_refine_options`.
 """
@@ -30,7 +34,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from segsem_cli import hookimpl
-from segsem_cli.contours import coarse_contours, polygon_mask, usable_polygon
+from segsem_cli.contours import coarse_contours, polygon_mask, touches_border, usable_polygon
 from segsem_cli.edges import EdgeImage, feature_result, gaussian_smooth, opt_float, parse_refine_options, refine_contours
 from segsem_cli.types import Feature, FeatureResult, SEMImage
 
@@ -121,10 +125,15 @@ def region_for_feature(regions: EdgeRegions, polygons: Sequence[np.ndarray], ind
     if not usable_polygon(polygons[index]):
         return None, 0.0, "not_found", []
     labels, mask, sl = regions.candidates(np.asarray(polygons[index], float))
+    # A region reaching the image border means "clipped" only for a feature near the border;
+    # elsewhere it is a leak through a gap in the edges (or an empty edge map).
+    near_border = touches_border(np.asarray(polygons[index], float), regions.shape, margin_px=3.0)
     best, best_iou, status = None, 0.0, "not_found"
     filled_cands = []
     for lbl in labels:
         if regions.on_border[lbl]:
+            if not near_border:
+                continue
             fs = regions.slices[lbl - 1]
             inter, na, nb = _overlap(sl, mask, fs, regions.labels[fs] == lbl)
             iou = inter / max(1, na + nb - inter)
@@ -173,6 +182,7 @@ class CannyFallback:
         high_frac = opt_float(options, "high_frac", 0.2, lo=0.0, hi=1.0)
         min_iou = opt_float(options, "min_iou", 0.2, lo=0.0, hi=1.0)
         min_valid = opt_float(options, "min_valid", 0.5, lo=0.0, hi=1.0)
+        layout_start_iou = opt_float(options, "layout_start_iou", 0.5, lo=0.0, hi=1.0)
         if len(features) == 0:
             return []
         eimg = EdgeImage(image.pixels, image_sigma=ropt.pop("image_sigma"))
@@ -181,23 +191,33 @@ class CannyFallback:
         regions = EdgeRegions(edges)
         polys = [np.asarray(f.pixels, float) for f in features]
         found = [region_for_feature(regions, polys, i, min_iou=min_iou) for i in range(len(features))]
-        todo = [i for i, (c, _, st, mw) in enumerate(found) if c is not None and not mw]
-        refined = dict(zip(todo, refine_contours(eimg, [found[i][0] for i in todo], **ropt)))
+        # Where the edges enclose no good region (gaps, noise), start from the layout polygon.
+        start: dict[int, np.ndarray] = {}
+        for i, (c, iou, st, mw) in enumerate(found):
+            if mw or st == "clipped":
+                continue
+            if c is not None and iou >= layout_start_iou:
+                start[i] = c
+            elif usable_polygon(polys[i]):
+                start[i] = polys[i]
+        todo = sorted(start)
+        refined = dict(zip(todo, refine_contours(eimg, [start[i] for i in todo], **ropt)))
 
         out: list[FeatureResult] = []
         for i, f in enumerate(features):
             c, iou, status, merged_with = found[i]
-            extra: dict[str, Any] = {"layout_iou": iou}
+            extra: dict[str, Any] = {"region_iou": iou}
             if merged_with:
                 extra["merged_with"] = [features[j].feature_id for j in merged_with]
                 out.append(feature_result(f, None, source=self.name, image_shape=image.shape,
                                           status="merged", extra=extra))
-            elif c is None:
+            elif i in refined:
+                extra["coarse"] = "edges" if start[i] is c else "layout"
+                out.append(feature_result(f, refined[i], source=self.name, image_shape=image.shape,
+                                          min_valid=min_valid, layout_px=f.pixels, extra=extra))
+            else:
                 out.append(feature_result(f, None, source=self.name, image_shape=image.shape,
                                           status=status, extra=extra))
-            else:
-                out.append(feature_result(f, refined[i], source=self.name, image_shape=image.shape,
-                                          min_valid=min_valid, confidence_scale=min(1.0, iou / 0.5), extra=extra))
         return out
 
 

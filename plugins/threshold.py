@@ -11,8 +11,9 @@ Stages (all vectorised; one pass over the image, one batched refinement):
 4. :func:`segsem_cli.edges.refine_contours` moves every associated contour
    onto the physical edge (``edge``/``threshold`` rule, see docs/edge-convention.md).
 
-Statuses: ``not_found`` (no contour overlaps the feature), ``clipped`` (the
-shape runs out of the image: its iso-line is open), ``merged`` (one printed
+Statuses: ``not_found`` (no closed contour overlaps the feature), ``clipped``
+(a feature within 3 px of the border whose best-matching iso-line is open, i.e.
+runs out of the image), ``merged`` (one printed
 shape covers several layout features, e.g. a bridge; the refined shape is in
 ``extra["merged_contour_px"]`` and the other ids in ``extra["merged_with"]``),
 ``low_contrast`` (fewer than ``min_valid`` of the normals found a clean edge).
@@ -30,7 +31,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from segsem_cli import hookimpl
-from segsem_cli.contours import associate, coarse_contours
+from segsem_cli.contours import associate, coarse_contours, touches_border, usable_polygon
 from segsem_cli.edges import EdgeImage, feature_result, gaussian_smooth, opt_float, parse_refine_options, refine_contours
 from segsem_cli.types import Feature, FeatureResult, SEMImage
 
@@ -71,34 +72,47 @@ class ThresholdFallback:
         found = coarse_contours(coarse, level, min_area=min_area)
         t2 = time.perf_counter()
 
-        assoc = associate([f.pixels for f in features], [c.points for c in found], min_iou=min_iou)
+        closed = [c for c in found if c.closed]
+        assoc = associate([f.pixels for f in features], [c.points for c in closed], min_iou=min_iou)
+        # Open iso-lines end on the image border: a feature near the border whose best
+        # match is open is clipped. (Elsewhere an open iso-line is noise or background.)
+        near = [i for i, f in enumerate(features) if usable_polygon(f.pixels)
+                and touches_border(np.asarray(f.pixels, float), image.shape, margin_px=3.0)]
+        open_ = [c for c in found if not c.closed]
+        clipped: set[int] = set()
+        if near and open_:
+            for i, a in zip(near, associate([features[i].pixels for i in near], [c.points for c in open_],
+                                            min_iou=min_iou)):
+                if a.index >= 0 and a.iou > assoc[i].iou:
+                    clipped.add(i)
         t3 = time.perf_counter()
 
-        # Refine every contour that is the unique-or-shared best match and is closed.
-        todo = sorted({a.index for a in assoc if a.index >= 0 and found[a.index].closed})
-        refined = dict(zip(todo, refine_contours(eimg, [found[i].points for i in todo], **ropt)))
+        # Refine every closed contour that is some feature's best match.
+        todo = sorted({a.index for i, a in enumerate(assoc) if a.index >= 0 and i not in clipped})
+        refined = dict(zip(todo, refine_contours(eimg, [closed[i].points for i in todo], **ropt)))
         t4 = time.perf_counter()
 
         out: list[FeatureResult] = []
-        for f, a in zip(features, assoc):
+        for i, (f, a) in enumerate(zip(features, assoc)):
             extra: dict[str, Any] = {"layout_iou": a.iou, "level": level}
+            if i in clipped:
+                out.append(feature_result(f, None, source=self.name, image_shape=image.shape,
+                                          status="clipped", extra=extra))
+                continue
             if a.index < 0:
                 out.append(feature_result(f, None, source=self.name, image_shape=image.shape,
                                           status="not_found", extra=extra))
                 continue
-            if not found[a.index].closed:
-                out.append(feature_result(f, None, source=self.name, image_shape=image.shape,
-                                          status="clipped", extra=extra))
-                continue
             res = refined[a.index]
-            if a.shared_with:
-                extra["merged_with"] = [features[o].feature_id for o in a.shared_with]
+            others = [o for o in a.shared_with if o not in clipped]
+            if others:
+                extra["merged_with"] = [features[o].feature_id for o in others]
                 extra["merged_contour_px"] = res.contour_uv
                 out.append(feature_result(f, None, source=self.name, image_shape=image.shape,
                                           status="merged", extra=extra))
                 continue
             out.append(feature_result(f, res, source=self.name, image_shape=image.shape, min_valid=min_valid,
-                                      confidence_scale=min(1.0, a.iou / 0.5), extra=extra))
+                                      layout_px=f.pixels, extra=extra))
         t5 = time.perf_counter()
         self.last_timings = {"smooth": t1 - t0, "coarse_contours": t2 - t1, "association": t3 - t2,
                              "refinement": t4 - t3, "results": t5 - t4, "total": t5 - t0}

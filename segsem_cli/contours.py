@@ -23,6 +23,7 @@ from .errors import SegsemError
 __all__ = [
     "as_contour",
     "usable_polygon",
+    "polygon_iou",
     "signed_area",
     "polygon_area",
     "orient",
@@ -67,6 +68,17 @@ def usable_polygon(polygon, *, min_area: float = 1e-6) -> bool:
     a = np.asarray(polygon, dtype=np.float64)
     return bool(a.ndim == 2 and a.shape[1] == 2 and len(a) >= 3 and np.all(np.isfinite(a))
                 and abs(signed_area(a)) > min_area)
+
+
+def polygon_iou(a: np.ndarray, b: np.ndarray) -> float:
+    """Intersection over union of two filled ``(u, v)`` polygons (0 when either is degenerate)."""
+    import shapely
+
+    if not (usable_polygon(a) and usable_polygon(b)):
+        return 0.0
+    pa, pb = _shapely_polys([a, b])
+    union = shapely.area(shapely.union(pa, pb))
+    return float(shapely.area(shapely.intersection(pa, pb)) / union) if union > 0 else 0.0
 
 
 def signed_area(contour: np.ndarray) -> float:
