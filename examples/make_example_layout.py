@@ -27,6 +27,7 @@ cutlines across lines, spaces, line-end gaps, islands and holes.
 from __future__ import annotations
 
 import csv
+import datetime
 from pathlib import Path
 
 import gdstk
@@ -269,7 +270,7 @@ def build() -> gdstk.Library:
 
 def main() -> None:
     lib = build()
-    lib.write_gds(str(HERE / "opc_test.gds"))
+    lib.write_gds(str(HERE / "opc_test.gds"), timestamp=datetime.datetime(2024, 1, 1))  # fixed: reproducible bytes
     with open(HERE / "gauges.csv", "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=["name", "x1", "y1", "x2", "y2", "kind", "design_cd_nm"], lineterminator="\n")
         w.writeheader()

@@ -614,14 +614,29 @@ def _umask() -> int:
 
 
 def truth_json_text(truth: Mapping[str, Any]) -> str:
-    """``truth.json`` text: indented structure, but every coordinate ring on one line."""
+    """``truth.json`` text: indented structure, but every list of numbers (or of
+    ``[x, y]`` pairs: a ring, the per-row drift) on one line."""
     import json
     import re
 
-    text = json.dumps(truth, indent=1, default=_json_default)
-    # lists of numbers ([x, y] pairs, per-row drift), then lists of pairs, onto single lines
-    text = re.sub(r"\[\s+((?:-?[0-9.eE+-]+,\s*)*-?[0-9.eE+-]+)\s+\]", lambda m: "[" + re.sub(r"\s+", "", m.group(1)) + "]", text)
-    text = re.sub(r"\[\s+((?:\[[^\[\]]*\],?\s*)+)\]", lambda m: "[" + re.sub(r"\s+", "", m.group(1)) + "]", text)
+    store: list[str] = []
+
+    def is_num(v) -> bool:
+        return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+
+    def compact(o):
+        if isinstance(o, dict):
+            return {k: compact(v) for k, v in o.items()}
+        if isinstance(o, (list, tuple)):
+            if o and (all(is_num(v) for v in o) or all(isinstance(v, (list, tuple)) and all(is_num(w) for w in v)
+                                                         for v in o)):
+                store.append(json.dumps(o, separators=(",", ":"), default=_json_default))
+                return f"\x00{len(store) - 1}\x00"
+            return [compact(v) for v in o]
+        return o
+
+    text = json.dumps(compact(truth), indent=1, default=_json_default)
+    text = re.sub(r'"\\u0000(\d+)\\u0000"', lambda m: store[int(m.group(1))], text)
     return text + "\n"
 
 
