@@ -32,7 +32,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from segsem_cli import hookimpl
-from segsem_cli.contours import features_covered, resample_closed, usable_polygon
+from segsem_cli.contours import features_covered, polygon_ious, resample_closed, usable_polygon
 from segsem_cli.edges import (EdgeImage, feature_result, gaussian_smooth, opt_float, opt_int, parse_refine_options,
                               refine_contours)
 from segsem_cli.types import Feature, FeatureResult, SEMImage
@@ -77,8 +77,6 @@ class ActiveContourFallback:
     description = "Snake from the aligned layout polygon on an edge map + sub-pixel edge refinement (low contrast)"
 
     def extract(self, image: SEMImage, features: Sequence[Feature], **options: Any) -> list[FeatureResult]:
-        import shapely
-
         ropt = parse_refine_options(options)
         sigma = opt_float(options, "snake_sigma", 2.0, lo=0.0, hi=50.0)
         kw = dict(alpha=opt_float(options, "alpha", 0.01, lo=0.0), beta=opt_float(options, "beta", 0.1, lo=0.0),
@@ -98,16 +96,15 @@ class ActiveContourFallback:
         cover = dict(zip(todo, features_covered([refined[i].contour_uv for i in todo],
                                                 [f.pixels for f in features])))
 
+        ious = dict(zip(todo, polygon_ious([refined[i].contour_uv for i in todo], [features[i].pixels for i in todo])))
         out: list[FeatureResult] = []
         for i, f in enumerate(features):
             if i not in refined:
                 out.append(feature_result(f, None, source=self.name, image_shape=image.shape, status="not_found"))
                 continue
             res = refined[i]
-            a, b = shapely.Polygon(res.contour_uv).buffer(0), shapely.Polygon(f.pixels).buffer(0)
-            union = a.union(b).area
-            iou = a.intersection(b).area / union if union > 0 else 0.0
-            extra: dict[str, Any] = {"layout_iou": float(iou)}
+            iou = float(ious[i])
+            extra: dict[str, Any] = {"layout_iou": iou}
             if res.valid_fraction >= min_valid and iou < min_iou:
                 out.append(feature_result(f, None, source=self.name, image_shape=image.shape,
                                           status="not_found", extra=extra))
@@ -120,7 +117,7 @@ class ActiveContourFallback:
                                           status="merged", extra=extra))
                 continue
             out.append(feature_result(f, res, source=self.name, image_shape=image.shape, min_valid=min_valid,
-                                      layout_px=f.pixels, extra=extra))
+                                      layout_iou=iou, extra=extra))
         return out
 
 

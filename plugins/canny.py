@@ -34,7 +34,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from segsem_cli import hookimpl
-from segsem_cli.contours import coarse_contours, polygon_mask, touches_border, usable_polygon
+from segsem_cli.contours import coarse_contours, polygon_ious, polygon_mask, touches_border, usable_polygon
 from segsem_cli.edges import EdgeImage, feature_result, gaussian_smooth, opt_float, parse_refine_options, refine_contours
 from segsem_cli.types import Feature, FeatureResult, SEMImage
 
@@ -203,6 +203,7 @@ class CannyFallback:
         todo = sorted(start)
         refined = dict(zip(todo, refine_contours(eimg, [start[i] for i in todo], **ropt)))
 
+        ious = dict(zip(todo, polygon_ious([refined[i].contour_uv for i in todo], [polys[i] for i in todo])))
         out: list[FeatureResult] = []
         for i, f in enumerate(features):
             c, iou, status, merged_with = found[i]
@@ -214,7 +215,7 @@ class CannyFallback:
             elif i in refined:
                 extra["coarse"] = "edges" if start[i] is c else "layout"
                 out.append(feature_result(f, refined[i], source=self.name, image_shape=image.shape,
-                                          min_valid=min_valid, layout_px=f.pixels, extra=extra))
+                                          min_valid=min_valid, layout_iou=ious[i], extra=extra))
             else:
                 out.append(feature_result(f, None, source=self.name, image_shape=image.shape,
                                           status=status, extra=extra))

@@ -31,7 +31,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from segsem_cli import hookimpl
-from segsem_cli.contours import associate, coarse_contours, touches_border, usable_polygon
+from segsem_cli.contours import associate, coarse_contours, polygon_ious, touches_border, usable_polygon
 from segsem_cli.edges import EdgeImage, feature_result, gaussian_smooth, opt_float, parse_refine_options, refine_contours
 from segsem_cli.types import Feature, FeatureResult, SEMImage
 
@@ -92,9 +92,11 @@ class ThresholdFallback:
         refined = dict(zip(todo, refine_contours(eimg, [closed[i].points for i in todo], **ropt)))
         t4 = time.perf_counter()
 
+        ious = polygon_ious([refined[a.index].contour_uv if a.index in refined else f.pixels
+                             for f, a in zip(features, assoc)], [f.pixels for f in features])
         out: list[FeatureResult] = []
         for i, (f, a) in enumerate(zip(features, assoc)):
-            extra: dict[str, Any] = {"layout_iou": a.iou, "level": level}
+            extra: dict[str, Any] = {"coarse_iou": a.iou, "level": level}
             if i in clipped:
                 out.append(feature_result(f, None, source=self.name, image_shape=image.shape,
                                           status="clipped", extra=extra))
@@ -112,7 +114,7 @@ class ThresholdFallback:
                                           status="merged", extra=extra))
                 continue
             out.append(feature_result(f, res, source=self.name, image_shape=image.shape, min_valid=min_valid,
-                                      layout_px=f.pixels, extra=extra))
+                                      layout_iou=ious[i], extra=extra))
         t5 = time.perf_counter()
         self.last_timings = {"smooth": t1 - t0, "coarse_contours": t2 - t1, "association": t3 - t2,
                              "refinement": t4 - t3, "results": t5 - t4, "total": t5 - t0}

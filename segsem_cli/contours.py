@@ -24,6 +24,7 @@ __all__ = [
     "as_contour",
     "usable_polygon",
     "polygon_iou",
+    "polygon_ious",
     "signed_area",
     "polygon_area",
     "orient",
@@ -72,13 +73,25 @@ def usable_polygon(polygon, *, min_area: float = 1e-6) -> bool:
 
 def polygon_iou(a: np.ndarray, b: np.ndarray) -> float:
     """Intersection over union of two filled ``(u, v)`` polygons (0 when either is degenerate)."""
+    return float(polygon_ious([a], [b])[0])
+
+
+def polygon_ious(a: Sequence[np.ndarray], b: Sequence[np.ndarray]) -> np.ndarray:
+    """Pairwise IoU ``a[i]`` vs ``b[i]`` of filled polygons, vectorised (0 where either is degenerate)."""
     import shapely
 
-    if not (usable_polygon(a) and usable_polygon(b)):
-        return 0.0
-    pa, pb = _shapely_polys([a, b])
-    union = shapely.area(shapely.union(pa, pb))
-    return float(shapely.area(shapely.intersection(pa, pb)) / union) if union > 0 else 0.0
+    if len(a) != len(b):
+        raise SegsemError(f"polygon_ious: {len(a)} polygons against {len(b)}")
+    out = np.zeros(len(a))
+    ok = [i for i in range(len(a)) if usable_polygon(a[i]) and usable_polygon(b[i])]
+    if not ok:
+        return out
+    pa = _shapely_polys([a[i] for i in ok])
+    pb = _shapely_polys([b[i] for i in ok])
+    inter = shapely.area(shapely.intersection(pa, pb))
+    union = shapely.area(pa) + shapely.area(pb) - inter
+    out[ok] = np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
+    return out
 
 
 def signed_area(contour: np.ndarray) -> float:

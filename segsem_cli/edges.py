@@ -731,7 +731,7 @@ def parse_refine_options(options: Mapping[str, Any]) -> dict[str, Any]:
 def feature_result(feature: Any, res: RefineResult | None, *, source: str, image_shape: tuple[int, int],
                    min_valid: float = 0.5, border_px: float = 0.5, status: str | None = None,
                    confidence_scale: float = 1.0, layout_px: np.ndarray | None = None,
-                   extra: dict[str, Any] | None = None):
+                   layout_iou: float | None = None, extra: dict[str, Any] | None = None):
     """Turn one refinement into a :class:`~segsem_cli.types.FeatureResult` (shared by fallbacks and backbones).
 
     * ``status`` given (e.g. ``"not_found"``): that status, no contour, confidence 0.
@@ -741,7 +741,9 @@ def feature_result(feature: Any, res: RefineResult | None, *, source: str, image
     * fewer than ``min_valid`` of the normals with a clean edge: ``"low_contrast"``.
     * otherwise ``"ok"`` with confidence ``res.quality * confidence_scale``,
       times ``min(1, IoU / 0.5)`` with ``layout_px`` (the feature's layout
-      polygon) when given; the IoU goes to ``extra["layout_iou"]``.
+      polygon) when given, or with ``layout_iou`` if the caller computed it
+      (e.g. :func:`segsem_cli.contours.polygon_ious` for all features at once);
+      the IoU goes to ``extra["layout_iou"]``.
 
     ``extra`` always receives ``valid_fraction``, ``median_snr``,
     ``roughness_px`` and ``substrate`` when a refinement is given.
@@ -762,11 +764,12 @@ def feature_result(feature: Any, res: RefineResult | None, *, source: str, image
         return FeatureResult(fid, None, source, 0.0, status="clipped", extra=ex)
     if res.valid_fraction < min_valid:
         return FeatureResult(fid, None, source, 0.0, status="low_contrast", extra=ex)
-    if layout_px is not None:
+    if layout_iou is None and layout_px is not None:
         from .contours import polygon_iou
 
-        iou = polygon_iou(c, np.asarray(layout_px, dtype=np.float64))
-        ex["layout_iou"] = iou
-        confidence_scale *= min(1.0, iou / 0.5)
+        layout_iou = polygon_iou(c, np.asarray(layout_px, dtype=np.float64))
+    if layout_iou is not None:
+        ex["layout_iou"] = float(layout_iou)
+        confidence_scale *= min(1.0, float(layout_iou) / 0.5)
     conf = float(np.clip(res.quality * confidence_scale, 0.0, 1.0))
     return FeatureResult(fid, np.ascontiguousarray(c, dtype=np.float64), source, conf, status="ok", extra=ex)
