@@ -462,3 +462,21 @@ def test_synthesize_image_truth_matches_image_geometry(lines_layout):
     nominal = PixelTransform(center_nm=(1020.0, 500.0), pixel_nm=1.0, shape=(64, 128))
     assert abs(nominal.to_layout(np.array([u, 32.5]))[0] - left_edge_nm) == pytest.approx(
         abs(res.transform.offset_nm[0]), abs=0.06)
+
+
+def test_drift_shifts_each_row_of_a_long_edge():
+    from segsem_cli.synth.render import polygons_to_pixels
+
+    tr = PixelTransform(center_nm=(0.0, 0.0), pixel_nm=1.0, shape=(64, 64))
+    shift = np.linspace(-0.5, 0.5, 64)
+    (ext, _), = polygons_to_pixels([box(-5, -100, 5, 100)], tr, row_shift_px=shift)
+    left = ext[np.abs(ext[:, 0] - 27) < 1]  # the left edge at u = 27 + shift(v)
+    inside = (left[:, 1] > 0.5) & (left[:, 1] < 63.5)
+    np.testing.assert_allclose(left[inside, 0], 27 + np.interp(left[inside, 1] - 0.5, np.arange(64), shift))
+    assert inside.sum() >= 60
+    # and the clean render of a drifted straight edge crosses the mid level at the shifted position
+    clean = render_clean([box(0.25, -100, 100, 100)], tr, params=CLEAN, row_shift_px=shift)
+    mid = (CLEAN.substrate_level + CLEAN.edge_level) / 2
+    for r in (5, 32, 60):
+        (u,) = mid_crossings(clean.signal[r].astype(np.float64), mid)
+        assert u == pytest.approx(32.25 + shift[r], abs=0.02)

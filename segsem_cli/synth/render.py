@@ -235,13 +235,7 @@ def _ring_arrays(shapes_px: Sequence[tuple[np.ndarray, list[np.ndarray]]], max_s
             want_positive = j == 0  # exterior: interior on the left <=> positive shoelace area in (u, v)
             if (area2 > 0) != want_positive:
                 ring = ring[::-1]
-            seg = np.roll(ring, -1, axis=0) - ring
-            L = np.hypot(seg[:, 0], seg[:, 1])
-            nsub = np.maximum(1, np.ceil(L / max_seg).astype(int))
-            rep = np.repeat(np.arange(len(ring)), nsub)
-            start = np.repeat(np.cumsum(nsub) - nsub, nsub)
-            frac = (np.arange(rep.size) - start) / np.repeat(nsub, nsub)
-            dense = ring[rep] + seg[rep] * frac[:, None]
+            dense = _densify(ring, max_seg)
             n = len(dense)
             idx = np.arange(n)
             verts.append(dense)
@@ -313,6 +307,18 @@ def _signed_distance(points: np.ndarray, verts, nxt, prv, tree):
     return d, gu / gn, gv / gn, j
 
 
+def _densify(ring: np.ndarray, max_seg: float) -> np.ndarray:
+    """Insert vertices so that no segment of the closed ring is longer than ``max_seg``."""
+    seg = np.roll(ring, -1, axis=0) - ring
+    nsub = np.maximum(1, np.ceil(np.hypot(seg[:, 0], seg[:, 1]) / max_seg).astype(int))
+    if np.all(nsub == 1):
+        return ring
+    rep = np.repeat(np.arange(len(ring)), nsub)
+    start = np.repeat(np.cumsum(nsub) - nsub, nsub)
+    frac = (np.arange(rep.size) - start) / np.repeat(nsub, nsub)
+    return ring[rep] + seg[rep] * frac[:, None]
+
+
 def polygons_to_pixels(shapes: Sequence[Polygon], transform: PixelTransform,
                        row_shift_px: np.ndarray | None = None) -> list[tuple[np.ndarray, list[np.ndarray]]]:
     """Map polygons (layout nm) to pixel rings ``(exterior, [holes])`` in ``(u, v)``.
@@ -331,6 +337,7 @@ def polygons_to_pixels(shapes: Sequence[Polygon], transform: PixelTransform,
                 continue
             uv = transform.to_pixel(ring)
             if row_shift_px is not None:
+                uv = _densify(uv, 1.0)  # the shift varies along long edges: give them vertices on every row
                 uv[:, 0] += np.interp(uv[:, 1] - 0.5, np.arange(h), row_shift_px)
             px.append(uv)
         out.append((px[0], px[1:]))
