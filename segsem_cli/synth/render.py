@@ -99,8 +99,8 @@ class RenderParams:
     scan_offset_sigma: float = 0.0
     scan_gain_sigma: float = 0.0
     drift_px: float = 0.0
-    gain: float = 0.8
-    offset: float = 0.05
+    gain: float = 0.6
+    offset: float = 0.1
     gain_jitter: float = 0.0
     offset_jitter: float = 0.0
     bits: int = 8
