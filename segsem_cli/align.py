@@ -427,39 +427,110 @@ def _model_channels(polys, t: PixelTransform, edge_bias: float, sigma_px: float,
     return region[pad : pad + h, pad : pad + w], rim[pad : pad + h, pad : pad + w]
 
 
+def _corner_weights(polys, t: PixelTransform, radius_px: float, weight: float, min_turn_deg: float = 30.0):
+    """Weight map: ``weight`` within ``radius_px`` of a polygon corner (turning by more
+    than ``min_turn_deg``), 1 elsewhere. Corners round and line ends pull back
+    when printed, by amounts that are not symmetric within the field of view."""
+    h, w = t.shape
+    out = np.ones((h, w), dtype=np.float32)
+    cos_min = math.cos(math.radians(min_turn_deg))
+    r = int(round(radius_px))
+    for p in _polys_to_px(polys, t, (0.0, 0.0)):
+        for ring in [p.exterior, *p.interiors]:
+            xy = np.asarray(ring.coords)[:-1]
+            if len(xy) < 3:
+                continue
+            d_in = xy - np.roll(xy, 1, axis=0)
+            d_out = np.roll(xy, -1, axis=0) - xy
+            n_in = np.linalg.norm(d_in, axis=1)
+            n_out = np.linalg.norm(d_out, axis=1)
+            ok = (n_in > 1e-9) & (n_out > 1e-9)
+            cosang = np.einsum("ij,ij->i", d_in, d_out) / np.maximum(n_in * n_out, 1e-18)
+            for (u, v) in xy[ok & (cosang < cos_min)]:
+                if -r <= u <= w + r and -r <= v <= h + r:
+                    cv2.circle(out, (int(round(u - 0.5)), int(round(v - 0.5))), r, float(weight), -1)
+    return out
+
+
 def _refine(img_s, t_nom: PixelTransform, t: PixelTransform, polys, *, sigma_px: float, smooth_px: float,
-            border: int, rotation: bool, max_iter: int, bias_step: float = 0.25, weak_px: float = 1.0):
+            border: int, rotation: bool, max_iter: int, robust: bool = True,
+            corner_px: float = 10.0, corner_weight: float = 0.1, weak_px: float = 1.0):
     """Gauss-Newton fit of ``img_s ~ a * region + c * rim + quadratic background``.
 
     Non-linear unknowns: content shift ``(du, dv)``, edge bias (px) and,
-    optionally, rotation. Returns a dict with the refined transform, edge bias,
-    1-sigma shift uncertainty, weak-direction flag, coefficients and score,
-    or None when the fit breaks down.
+    optionally, rotation; the linear ones are re-solved at every step. With
+    ``robust``, pixels the model cannot explain (line-end pullback, missing
+    or bridged features, particles) are down-weighted (Huber weights on the
+    residual, iteratively re-weighted). Returns a dict with the refined
+    transform, edge bias, 1-sigma shift uncertainty, weak-direction flag,
+    coefficients and score, or None when the fit breaks down.
     """
     h, w = img_s.shape
     pad = border + 2
     sl = (slice(border, h - border), slice(border, w - border))
-    y = img_s[sl].ravel().astype(np.float64)
-    bg = _poly_basis((h, w), 2).reshape(h, w, -1)[sl].reshape(-1, 6)
     theta = t.rotation_rad
     eb = 0.0
     weak = False
     strong = None
-    coef = None
+    # Pixels used: all those near a layout edge (where the shift is measured), and
+    # every 4th row/column elsewhere with weight 16 (background and grey levels).
+    reg, rim = _model_channels(polys, t, eb, sigma_px, pad)
+    near = cv2.dilate((rim > 1e-3).astype(np.uint8), np.ones((7, 7), np.uint8))[sl]
+    sparse = np.zeros_like(near)
+    sparse[::4, ::4] = 1
+    keep = (near > 0) | (sparse > 0)
+    idx = np.flatnonzero(keep.ravel())
+    samp_w = np.where(near.ravel()[idx] > 0, 1.0, 16.0)
+    if corner_weight < 1.0 and corner_px > 0:
+        samp_w = samp_w * _corner_weights(polys, t, corner_px, corner_weight)[sl].ravel()[idx]
+
+    def take(a2d):
+        return a2d[sl].ravel()[idx]
+
+    y = take(img_s).astype(np.float64)
+    n = y.size
+    n_lin = 8
+    n_geo = 4 if rotation else 3
+    A = np.empty((n, n_lin + n_geo), dtype=np.float64)
+    A[:, 2:n_lin] = _poly_basis((h, w), 2).reshape(h, w, 6)[sl].reshape(-1, 6)[idx]
+    wts = samp_w.copy()
     vv, uu = np.mgrid[0:h, 0:w].astype(np.float32) + 0.5
-    n_lin = 2 + bg.shape[1]
     # smoothing the image correlates the residuals over about 4 pi smooth^2 pixels
     corr_area = max(1.0, 4.0 * math.pi * smooth_px ** 2)
-    for _ in range(max_iter):
+
+    def solve_lin():
+        L = A[:, :n_lin]
+        Lw = L * wts[:, None]
+        return np.linalg.solve(Lw.T @ L + 1e-12 * np.eye(n_lin), Lw.T @ y)
+
+    for it in range(max_iter):
         t = t.with_offset(t.offset_nm, theta)
-        reg, rim = _model_channels(polys, t, eb, sigma_px, pad)
-        lin = np.concatenate([reg[sl].reshape(-1, 1), rim[sl].reshape(-1, 1), bg], axis=1).astype(np.float64)
-        coef = np.linalg.lstsq(lin, y, rcond=None)[0]
+        if it > 0:
+            reg, rim = _model_channels(polys, t, eb, sigma_px, pad)
+        A[:, 0] = take(reg)
+        A[:, 1] = take(rim)
+        try:
+            coef = solve_lin()
+        except np.linalg.LinAlgError:
+            return None
+        r_lin = y - A[:, :n_lin] @ coef
+        if robust:
+            # Huber weights, scale from the median absolute residual
+            scale = 1.4826 * float(np.median(np.abs(r_lin))) + 1e-12
+            k = 2.0 * scale
+            ar = np.abs(r_lin)
+            wts = samp_w * np.where(ar <= k, 1.0, k / np.maximum(ar, 1e-30))
+            coef = solve_lin()
+            r_lin = y - A[:, :n_lin] @ coef
         a, c = float(coef[0]), float(coef[1])
         model = a * reg + c * rim
-        reg2, rim2 = _model_channels(polys, t, eb + bias_step, sigma_px, pad)
         gu, gv = _gradients(model)
-        geo = [-gu, -gv, (a * reg2 + c * rim2 - model) / bias_step]
+        A[:, n_lin] = -take(gu)
+        A[:, n_lin + 1] = -take(gv)
+        # growing the polygons by db moves every edge outwards along n = -grad(region)/|grad(region)|
+        ru, rv = _gradients(reg)
+        mag = np.maximum(cv2.magnitude(ru, rv), 1e-6)
+        A[:, n_lin + 2] = take((gu * ru + gv * rv) / mag)
         if rotation:
             # content displacement per radian, obtained through the transform itself
             eps = 1e-4
@@ -468,24 +539,28 @@ def _refine(img_s, t_nom: PixelTransform, t: PixelTransform, polys, *, sigma_px:
             disp = (t2.to_pixel(t.to_layout(pts)) - pts) / eps
             du_ = disp[0, 0] + (disp[1, 0] - disp[0, 0]) * (uu - pts[0, 0]) + (disp[2, 0] - disp[0, 0]) * (vv - pts[0, 1])
             dv_ = disp[0, 1] + (disp[1, 1] - disp[0, 1]) * (uu - pts[0, 0]) + (disp[2, 1] - disp[0, 1]) * (vv - pts[0, 1])
-            geo.append(-(gu * du_ + gv * dv_))
-        A = np.concatenate([lin, np.stack([g[sl].ravel() for g in geo], axis=1).astype(np.float64)], axis=1)
-        ata = A.T @ A
-        # a direction along which the pattern is invariant (long lines) is left alone
-        # (its 1-sigma uncertainty from the shift block alone exceeds weak_px)
+            A[:, n_lin + 3] = take(-(gu * du_ + gv * dv_))
+        Aw = A * wts[:, None]
+        ata = Aw.T @ A
+        atb = Aw.T @ y
+        wsum = float(wts.sum())
+        s2_lin = float((wts * r_lin) @ r_lin) / max(wsum - n_lin, 1.0) * corr_area
+        # a direction along which the pattern is (nearly) invariant (long lines) is left
+        # alone: its 1-sigma uncertainty from the shift block alone exceeds weak_px
         hs = ata[n_lin : n_lin + 2, n_lin : n_lin + 2]
         evals, evecs = np.linalg.eigh(hs)
-        r_lin = y - lin @ coef
-        s2_lin = float(r_lin @ r_lin) / max(len(y) - n_lin, 1) * corr_area
         weak = bool(evals[0] <= 1e-9 * max(evals[1], 1e-30) or s2_lin / max(evals[0], 1e-300) > weak_px ** 2)
         if weak:
             strong = evecs[:, 1]
             P = np.delete(np.eye(A.shape[1]), n_lin + 1, axis=1)
             P[n_lin : n_lin + 2, n_lin] = strong
-            sol = P @ np.linalg.lstsq(A @ P, y, rcond=None)[0]
+            try:
+                sol = P @ np.linalg.solve(P.T @ ata @ P, P.T @ atb)
+            except np.linalg.LinAlgError:
+                return None
         else:
             try:
-                sol = np.linalg.solve(ata, A.T @ y)
+                sol = np.linalg.solve(ata, atb)
             except np.linalg.LinAlgError:
                 return None
         step = np.clip(sol[n_lin : n_lin + 2], -2.0, 2.0)
@@ -494,7 +569,7 @@ def _refine(img_s, t_nom: PixelTransform, t: PixelTransform, polys, *, sigma_px:
         t = t.with_offset(_content_shift_to_offset(t, step))
         eb += deb
         theta += dth
-        if math.hypot(*step) < 2e-3 and abs(deb) < 2e-3 and abs(dth) * max(h, w) < 2e-3:
+        if math.hypot(*step) < 2e-3 and abs(deb) < 1e-2 and abs(dth) * max(h, w) < 2e-3:
             break
     t = t.with_offset(t.offset_nm, theta)
     if weak:
@@ -504,23 +579,63 @@ def _refine(img_s, t_nom: PixelTransform, t: PixelTransform, polys, *, sigma_px:
         t = t_rot.with_offset(_content_shift_to_offset(t_rot, strong * float(strong @ d)), theta)
     # final model, residual noise and score
     reg, rim = _model_channels(polys, t, eb, sigma_px, pad)
-    lin = np.concatenate([reg[sl].reshape(-1, 1), rim[sl].reshape(-1, 1), bg], axis=1).astype(np.float64)
-    coef = np.linalg.lstsq(lin, y, rcond=None)[0]
-    resid = y - lin @ coef
-    fg = lin[:, :2] @ coef[:2]
-    sig = y - lin[:, 2:] @ coef[2:]
+    A[:, 0] = take(reg)
+    A[:, 1] = take(rim)
+    coef = solve_lin()
+    fg = A[:, :2] @ coef[:2]
+    sig = y - A[:, 2:n_lin] @ coef[2:]
+    resid = sig - fg
     fg_c, sig_c = fg - fg.mean(), sig - sig.mean()
     den = math.sqrt(float(fg_c @ fg_c) * float(sig_c @ sig_c))
     score = float(np.clip((fg_c @ sig_c) / den, 0.0, 1.0)) if den > 0 else 0.0
-    s2 = float(resid @ resid) / max(len(y) - A.shape[1], 1)
+    s2 = float((wts * resid) @ resid) / max(float(wts.sum()) - A.shape[1], 1.0)
     cinv = np.linalg.pinv(ata)
     var = cinv[n_lin : n_lin + 2, n_lin : n_lin + 2] * s2 * corr_area
     if weak:
         var = np.outer(strong, strong) * float(strong @ var @ strong)
+    sigma_formal = math.sqrt(max(float(np.trace(var)), 0.0))
+    sigma_jack = _jackknife_sigma(A, wts, resid, idx, (h - 2 * border, w - 2 * border), n_lin,
+                                  strong if weak else None)
     return {
-        "t": t, "edge_bias": eb, "sigma": float(math.sqrt(max(float(np.trace(var)), 0.0))), "weak": weak,
+        "t": t, "edge_bias": eb, "sigma": float(max(sigma_formal, sigma_jack)), "weak": weak,
         "a": float(coef[0]), "c": float(coef[1]), "score": score,
     }
+
+
+def _jackknife_sigma(A, wts, resid, idx, shape, n_lin: int, strong, k: int = 4) -> float:
+    """Delete-one-block jackknife of the shift over a ``k x k`` grid of image blocks.
+
+    Captures spatially correlated misfit (edge roughness, local print
+    variations) that the formal covariance (white noise) misses. Returns the
+    1-sigma uncertainty of the shift (pixels, both axes together).
+    """
+    hh, ww = shape
+    block = (idx // ww) * k // hh * k + (idx % ww) * k // ww
+    Aw = A * wts[:, None]
+    ata = Aw.T @ A
+    atr = Aw.T @ resid
+    P = np.eye(A.shape[1])
+    if strong is not None:
+        P = np.delete(P, n_lin + 1, axis=1)
+        P[n_lin : n_lin + 2, n_lin] = strong
+    est = []
+    for b in range(k * k):
+        sel = block == b
+        if not np.any(sel):
+            continue
+        m_b = ata - Aw[sel].T @ A[sel]
+        g_b = atr - Aw[sel].T @ resid[sel]
+        try:
+            sol = P @ np.linalg.solve(P.T @ m_b @ P, P.T @ g_b)
+        except np.linalg.LinAlgError:
+            continue
+        est.append(sol[n_lin : n_lin + 2])
+    if len(est) < 2:
+        return float("nan")
+    est = np.asarray(est)
+    nb = len(est)
+    var = (nb - 1) / nb * float(np.sum((est - est.mean(axis=0)) ** 2))
+    return math.sqrt(var)
 
 
 def align_image(
@@ -539,6 +654,9 @@ def align_image(
     min_score: float = 0.2,
     min_significance: float = 8.0,
     max_iter: int = 15,
+    robust: bool = True,
+    corner_px: float | None = None,
+    corner_weight: float = 0.1,
 ) -> AlignResult:
     """Align a SEM image to the layout: find the stage error (and a tiny rotation).
 
@@ -593,6 +711,16 @@ def align_image(
         of the correlation expected from noise alone.
     max_iter : int
         Gauss-Newton iterations at most.
+    robust : bool
+        Down-weight pixels the layout model cannot explain (line-end
+        pullback, missing or bridged features, particles): Huber weights,
+        iteratively re-weighted.
+    corner_px, corner_weight : float
+        Pixels within ``corner_px`` (default ``3 * sigma_px + 4``) of a design
+        corner get weight ``corner_weight`` in the refinement: printed corners
+        round and line ends pull back, and when such features sit on one side
+        of the view only they would bias the offset. They still count where
+        nothing else constrains a direction. ``corner_weight=1`` disables.
 
     Returns
     -------
@@ -697,7 +825,9 @@ def align_image(
     # ---- fine: Gauss-Newton on the exactly re-rendered layout model
     if refine:
         fit = _refine(img_s, transform, t, polys, sigma_px=sigma_px, smooth_px=smooth_px, border=bd,
-                      rotation=rotation, max_iter=max_iter)
+                      rotation=rotation, max_iter=max_iter, robust=robust,
+                      corner_px=3.0 * sigma_px + 4.0 if corner_px is None else corner_px,
+                      corner_weight=corner_weight)
         if fit is None:
             return _fail(transform, "refinement diverged", score=peak)
         t, edge_bias, res_px, weak, score = fit["t"], fit["edge_bias"], fit["sigma"], fit["weak"], fit["score"]
