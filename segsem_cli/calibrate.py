@@ -52,9 +52,17 @@ class Calibration:
     n_images: int
     penalty_px: float
     scores: list[FeatureScore] = field(default_factory=list)
+    edge_threshold: float | None = None
+    edge_curve: list[dict[str, float]] = field(default_factory=list)
 
     def to_meta(self) -> dict[str, Any]:
-        return {
+        meta: dict[str, Any] = {}
+        if self.edge_threshold is not None:
+            meta["edge_threshold"] = float(self.edge_threshold)
+            meta["edge_threshold_curve"] = [{k: float(v) for k, v in row.items()} for row in self.edge_curve]
+        if not self.curve:
+            return meta
+        return meta | {
             "threshold": float(self.threshold),
             "calibration_curve": [{k: float(v) for k, v in row.items()} for row in self.curve],
             "calibration_features": int(self.n_features),
@@ -117,13 +125,11 @@ def truth_contours_px(row: ManifestRow, pixels_shape, pixel_nm: float, truth: di
     return out
 
 
-def score_image(row: ManifestRow, state, truth: dict | None) -> list[FeatureScore]:
-    """Both proposals of every feature of one image, scored against the truth."""
+def _prepare(row: ManifestRow, state, truth: dict | None):
+    """Read, align and list the features of one image, with its truth rings in px (None if alignment failed)."""
     from .align import align_image
-    from .hybrid import candidates
     from .images import read_sem
     from .layout import features_in_view
-    from .metrics import epe_samples
 
     cfg = state.cfg
     pixels, px = read_sem(row.image, row.pixel_nm)
@@ -132,16 +138,28 @@ def score_image(row: ManifestRow, state, truth: dict | None) -> list[FeatureScor
     polys = [state.layout.polygons[i] for i in state.layout.query(fov)]
     ar = align_image(pixels, transform, polys, search_px=cfg.search_px)
     if ar.status == "failed":
-        return []
+        return None
     feats = features_in_view(state.layout, ar.transform)
     image = SEMImage(Path(row.image), pixels, ar.transform, dict(row.extra))
+    return image, feats, truth_contours_px(row, pixels.shape, px, truth, feats)
+
+
+def score_image(row: ManifestRow, state, truth: dict | None, prepared=None) -> list[FeatureScore]:
+    """Both proposals of every feature of one image, scored against the truth."""
+    from .hybrid import candidates
+    from .metrics import epe_samples
+
+    cfg = state.cfg
+    prepared = prepared if prepared is not None else _prepare(row, state, truth)
+    if prepared is None:
+        return []
+    image, feats, truth_px = prepared
     cands, _ = candidates(image, feats, fallback=state.fallback, fallback_options=cfg.fallback_options, model=state.model,
                           refine=cfg.refine, edge_options=cfg.edge_options)
-    truth_px = truth_contours_px(row, pixels.shape, px, truth, feats)
     out = []
     for f, c in zip(feats, cands):
         rings = truth_px.get(f.feature_id)
-        if not rings or f.clipped:
+        if not rings:
             continue
         b = c.backbone
         eb = _rms(epe_samples(rings, [b.contour_px], step_nm=0.5)) if b is not None and b.ok else None
@@ -149,6 +167,63 @@ def score_image(row: ManifestRow, state, truth: dict | None) -> list[FeatureScor
         out.append(FeatureScore(row.name, f.feature_id, None if b is None or not b.ok else float(b.confidence), eb, ef,
                                 b.source if b is not None else "", c.fallback.source))
     return out
+
+
+EDGE_GRID = tuple(np.round(np.arange(0.30, 0.851, 0.05), 3))
+
+
+def edge_threshold_curve(prepared: list, state, *, grid=EDGE_GRID, border_px: float = 3.0) -> list[dict[str, float]]:
+    """EPE RMS (px) of the fallback's contours against the truth for each edge threshold ``t``.
+
+    Truth samples within ``border_px`` of the image border are left out (the
+    contour there runs along the border, not along an edge).
+    """
+    from .metrics import epe_samples
+
+    sums = np.zeros(len(grid))
+    counts = np.zeros(len(grid))
+    for image, feats, truth_px in prepared:
+        h, w = image.shape
+        for k, t in enumerate(grid):
+            opts = dict(state.cfg.fallback_options)
+            opts["threshold"] = str(float(t))
+            res = state.fallback.extract(image, feats, **opts)
+            for f, r in zip(feats, res):
+                rings = truth_px.get(f.feature_id)
+                if not rings or not r.ok:
+                    continue
+                d = epe_samples(rings, [r.contour_px], step_nm=0.5)
+                # keep samples away from the border
+                pts = np.concatenate([_sample_points(rg) for rg in rings])
+                if len(pts) == len(d):
+                    keep = (pts[:, 0] > border_px) & (pts[:, 0] < w - border_px) & (pts[:, 1] > border_px) & (pts[:, 1] < h - border_px)
+                    d = d[keep]
+                sums[k] += float(np.sum(d * d))
+                counts[k] += d.size
+    return [{"edge_threshold": float(t), "epe_rms_px": float(np.sqrt(s / c)) if c else float("nan"), "samples": float(c)}
+            for t, s, c in zip(grid, sums, counts)]
+
+
+def _sample_points(ring: np.ndarray) -> np.ndarray:
+    from .metrics import sample_ring
+
+    return sample_ring(np.asarray(ring, dtype=float), 0.5)
+
+
+def choose_edge_threshold(curve: list[dict[str, float]]) -> float:
+    """The grid minimum of the EPE curve, refined by a parabola through its neighbours."""
+    ts = np.array([r["edge_threshold"] for r in curve])
+    e = np.array([r["epe_rms_px"] for r in curve])
+    if not np.isfinite(e).any():
+        raise SegsemError("no fallback contour could be scored against the truth: cannot fit the edge threshold")
+    e = np.where(np.isfinite(e), e, np.inf)
+    k = int(np.argmin(e))
+    if 0 < k < len(ts) - 1 and np.isfinite(e[k - 1]) and np.isfinite(e[k + 1]):
+        den = e[k - 1] - 2 * e[k] + e[k + 1]
+        if den > 0:
+            step = ts[1] - ts[0]
+            return float(np.clip(ts[k] + 0.5 * step * (e[k - 1] - e[k + 1]) / den, ts[k] - step, ts[k] + step))
+    return float(ts[k])
 
 
 def threshold_curve(scores: list[FeatureScore], *, grid=None, penalty_px: float = 3.0) -> list[dict[str, float]]:
@@ -181,12 +256,19 @@ def choose_threshold(curve: list[dict[str, float]]) -> float:
     return float(best["threshold"])
 
 
-def calibrate(cfg, *, truth_path: Path | None = None, penalty_px: float = 3.0, progress: Callable[[str], None] | None = None) -> Calibration:
-    """Score every feature of the manifest's images and pick the threshold (see module docstring)."""
+def calibrate(cfg, *, truth_path: Path | None = None, penalty_px: float = 3.0, fit_edge: bool = True,
+              progress: Callable[[str], None] | None = None) -> Calibration:
+    """Fit the edge threshold (optional) and the confidence threshold on labelled images.
+
+    1. With ``fit_edge``, the fallback is run at edge thresholds 0.30..0.85 and
+       the one with the lowest EPE against the truth is kept (the labels define
+       where the user's edge is); it is then used by the fallback and by the
+       refinement of SAM2 contours.
+    2. With a model, the confidence threshold is chosen as described in the
+       module docstring.
+    """
     from .pipeline import _State
 
-    if cfg.model is None:
-        raise SegsemError("calibrate needs --model (a fine-tuned checkpoint)")
     rows = read_manifest(cfg.manifest)
     truth = None
     tp = truth_path if truth_path is not None else Path(cfg.manifest).parent / "truth.json"
@@ -198,19 +280,34 @@ def calibrate(cfg, *, truth_path: Path | None = None, penalty_px: float = 3.0, p
     elif truth_path is not None:
         raise SegsemError(f"{truth_path}: truth file not found")
     state = _State(cfg)
-    scores: list[FeatureScore] = []
-    n_img = 0
+    prepared = []
     for row in rows:
-        s = score_image(row, state, truth)
-        if s:
-            n_img += 1
-        scores.extend(s)
-        if progress:
-            progress(row.name)
-    if not scores:
-        raise SegsemError(f"{cfg.manifest}: no feature could be scored against the truth (check labels / truth.json)")
-    curve = threshold_curve(scores, penalty_px=penalty_px)
-    return Calibration(choose_threshold(curve), curve, len(scores), n_img, penalty_px, scores)
+        p = _prepare(row, state, truth)
+        if p is not None:
+            prepared.append(p)
+    if not prepared:
+        raise SegsemError(f"{cfg.manifest}: no image could be aligned to the layout")
+    edge_t, edge_curve = None, []
+    if fit_edge:
+        edge_curve = edge_threshold_curve(prepared, state)
+        edge_t = choose_edge_threshold(edge_curve)
+        cfg.fallback_options = {**cfg.fallback_options, "threshold": f"{edge_t:.4f}"}
+        cfg.edge_options = {**cfg.edge_options, "threshold": f"{edge_t:.4f}"}
+    scores: list[FeatureScore] = []
+    curve: list[dict[str, float]] = []
+    threshold = None
+    if state.model is not None:
+        for row, p in zip(rows, prepared):
+            scores.extend(score_image(row, state, truth, prepared=p))
+            if progress:
+                progress(row.name)
+        if not scores:
+            raise SegsemError(f"{cfg.manifest}: no feature could be scored against the truth (check labels / truth.json)")
+        curve = threshold_curve(scores, penalty_px=penalty_px)
+        threshold = choose_threshold(curve)
+    n_feat = len(scores) if scores else sum(len(t) for _, _, t in prepared)
+    return Calibration(threshold if threshold is not None else float("nan"), curve, n_feat, len(prepared), penalty_px,
+                       scores, edge_threshold=edge_t, edge_curve=edge_curve)
 
 
 def store_threshold(model_path: Path, calib: Calibration, out: Path | None = None) -> Path:

@@ -105,6 +105,11 @@ class _State:
         self.model = None
         if cfg.model is not None:
             self.model = get_backbone(cfg.backbone).load(Path(cfg.model), device=cfg.device, **cfg.backbone_options)
+            # the edge threshold fitted by `segsem calibrate` on the user's labels, unless given explicitly
+            et = (getattr(self.model, "meta", None) or {}).get("edge_threshold")
+            if et is not None:
+                cfg.fallback_options.setdefault("threshold", f"{float(et):.4f}")
+                cfg.edge_options.setdefault("threshold", f"{float(et):.4f}")
         self.threshold = resolve_threshold(cfg.threshold, self.model)
 
 
