@@ -1,0 +1,177 @@
+"""`segsem extract` end to end on the bundled example (classical path), through the real CLI."""
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from segsem_cli.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "examples" / "data"
+LAYOUT = ROOT / "examples" / "opc_test.gds"
+GAUGES = ROOT / "examples" / "gauges.csv"
+
+
+def small_manifest(tmp_path, names=("img_0000", "img_0003"), extra_rows=()):
+    """A manifest over copies of some bundled images (plus optional bad rows)."""
+    d = tmp_path / "data"
+    d.mkdir(exist_ok=True)
+    rows = list(csv.DictReader((DATA / "manifest.csv").open()))
+    keep = [r for r in rows if Path(r["image"]).stem in names]
+    for r in keep:
+        shutil.copy(DATA / r["image"], d / r["image"])
+    with (d / "manifest.csv").open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=["image", "x_nm", "y_nm", "pixel_nm", "lot"])
+        w.writeheader()
+        for r in keep:
+            w.writerow({"image": r["image"], "x_nm": r["x_nm"], "y_nm": r["y_nm"], "pixel_nm": r["pixel_nm"], "lot": "L7"})
+        for r in extra_rows:
+            w.writerow(r)
+    shutil.copy(DATA / "truth.json", d / "truth.json")
+    return d / "manifest.csv"
+
+
+def run(args):
+    return main([str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def extracted(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ex")
+    m = small_manifest(tmp)
+    out = tmp / "out"
+    rc = run(["extract", m, "--layout", LAYOUT, "--export", "gds", "--out", out, "--gauges", GAUGES,
+              "--fallback-opt", "threshold=0.63"])
+    assert rc == 0
+    return m, out
+
+
+def test_outputs_written(extracted):
+    m, out = extracted
+    for name in ("contours.gds", "features.csv", "gauges.csv", "summary.json", "images/img_0000.json", "overlays/img_0000.png"):
+        assert (out / name).is_file(), name
+    assert not list(out.rglob("*.part*")), "temporary files left behind"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["counts"]["ok"] + summary["counts"]["ambiguous"] == 2
+
+
+def test_alignment_recovers_stage_error(extracted):
+    m, out = extracted
+    truth = json.loads((m.parent / "truth.json").read_text())["images"]
+    for name in ("img_0000", "img_0003"):
+        rec = json.loads((out / "images" / f"{name}.json").read_text())
+        err = np.subtract(rec["offset_nm"], truth[name]["offset_nm"]) / rec["pixel_nm"]
+        assert np.hypot(*err) < 0.5, (name, rec["offset_nm"], truth[name]["offset_nm"])
+
+
+def test_gds_readable_by_klayout_with_feature_count(extracted):
+    import klayout.db as db
+
+    m, out = extracted
+    feats = list(csv.DictReader((out / "features.csv").open()))
+    n_ok = sum(1 for f in feats if f["status"] == "ok")
+    assert n_ok > 0
+    ly = db.Layout()
+    ly.read(str(out / "contours.gds"))
+    top = ly.top_cell()
+    n = sum(1 for _ in top.begin_shapes_rec(ly.layer(100, 0)))
+    assert n >= n_ok  # long contours may be split, never dropped
+    assert all(f["source"] == "threshold" for f in feats if f["status"] == "ok")
+
+
+def test_contours_match_truth(extracted):
+    from segsem_cli.metrics import evaluate_run
+
+    m, out = extracted
+    ev = evaluate_run(m.parent, out / "contours.gds")
+    # easy-noise images with the edge threshold that matches the simulator's convention
+    assert ev["overall"]["epe_rms_px"] < 0.6, ev["overall"]
+
+
+def test_gauge_table(extracted):
+    m, out = extracted
+    rows = list(csv.DictReader((out / "gauges.csv").open()))
+    assert [r["name"] for r in rows] == [r["name"] for r in csv.DictReader(GAUGES.open())]
+    for r in rows:
+        assert r["status"] in ("ok", "outside_images", "no_crossing", "single_crossing")
+        if r["status"] == "ok":
+            assert float(r["wafer_cd_nm"]) > 0 and r["image"] and r["source"] == "threshold"
+        else:
+            assert r["wafer_cd_nm"] == ""
+    assert "kind" in rows[0]  # extra columns passed through
+    truth = {r["name"]: r for r in csv.DictReader((DATA / "gauges_truth.csv").open())}
+    errs = [float(r["wafer_cd_nm"]) - float(truth[r["name"]]["true_cd_nm"]) for r in rows
+            if r["status"] == "ok" and truth[r["name"]]["true_cd_nm"] and truth[r["name"]]["image"] in ("img_0000", "img_0003")]
+    assert errs, "no gauge measured on the easy images"
+    assert abs(np.mean(errs)) < 1.0 and np.max(np.abs(errs)) < 3.0, errs
+
+
+def test_resume_and_force(extracted, capsys):
+    m, out = extracted
+    before = (out / "images" / "img_0000.json").stat().st_mtime_ns
+    assert run(["extract", m, "--layout", LAYOUT, "--export", "gds", "--out", out, "--gauges", GAUGES,
+                "--fallback-opt", "threshold=0.63"]) == 0
+    assert (out / "images" / "img_0000.json").stat().st_mtime_ns == before
+    assert json.loads((out / "summary.json").read_text())["counts"]["resumed"] == 2
+    # other options: images are redone
+    assert run(["extract", m, "--layout", LAYOUT, "--export", "gds", "--out", out, "--no-overlays"]) == 0
+    assert (out / "images" / "img_0000.json").stat().st_mtime_ns != before
+
+
+def test_bad_images_do_not_sink_the_batch(tmp_path):
+    import tifffile
+
+    bad = [
+        {"image": "corrupt.tif", "x_nm": 1200, "y_nm": 400, "pixel_nm": 1},
+        {"image": "blank.tif", "x_nm": 1200, "y_nm": 400, "pixel_nm": 1},
+        {"image": "missing.tif", "x_nm": 1200, "y_nm": 400, "pixel_nm": 1},
+    ]
+    m = small_manifest(tmp_path, names=("img_0000",), extra_rows=bad)
+    (m.parent / "corrupt.tif").write_bytes(b"II*\x00not a tiff at all")
+    tifffile.imwrite(m.parent / "blank.tif", np.full((64, 64), 7, np.uint8))
+    out = tmp_path / "out"
+    assert run(["extract", m, "--layout", LAYOUT, "--export", "csv", "--out", out, "--no-overlays"]) == 0
+    recs = {p.stem: json.loads(p.read_text()) for p in (out / "images").glob("*.json")}
+    assert recs["img_0000"]["status"] in ("ok", "ambiguous")
+    assert recs["corrupt"]["status"] == "error" and "unreadable TIFF" in recs["corrupt"]["message"]
+    assert recs["blank"]["status"] == "error" and "blank image" in recs["blank"]["message"]
+    assert recs["missing"]["status"] == "error" and "file not found" in recs["missing"]["message"]
+    rows = list(csv.DictReader((out / "contours.csv").open()))
+    assert rows and {r["image"] for r in rows} == {"img_0000"}
+
+
+def test_workers_give_the_same_contours(tmp_path):
+    m = small_manifest(tmp_path)
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert run(["extract", m, "--layout", LAYOUT, "--export", "csv", "--out", a, "--no-overlays"]) == 0
+    assert run(["extract", m, "--layout", LAYOUT, "--export", "csv", "--out", b, "--no-overlays", "--workers", "2"]) == 0
+    assert (a / "contours.csv").read_text() == (b / "contours.csv").read_text()
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--layer", "9/0"], "has no polygons on layer 9/0"),
+        (["--fallback", "nope"], "unknown fallback 'nope'"),
+        (["--export", "dxf"], "unknown exporter 'dxf'"),
+        (["--cell", "NOPE"], "no cell 'NOPE'"),
+        (["--fallback-opt", "threshold"], "--fallback-opt: 'threshold' is not key=value"),
+    ],
+)
+def test_bad_options_one_line_error(tmp_path, capsys, args, message):
+    m = small_manifest(tmp_path, names=("img_0000",))
+    rc = run(["extract", m, "--layout", LAYOUT, "--out", tmp_path / "o", *args])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert message in " ".join(err.split())
+
+
+def test_bad_manifest_names_row_and_field(tmp_path, capsys):
+    m = tmp_path / "m.csv"
+    m.write_text("image,x_nm,y_nm,pixel_nm\na.tif,12,abc,1\n")
+    rc = run(["extract", m, "--layout", LAYOUT, "--out", tmp_path / "o"])
+    assert rc == 2
+    assert "m.csv row 2 field 'y_nm': 'abc' is not a number" in " ".join(capsys.readouterr().err.split())
