@@ -103,6 +103,11 @@ def build_report(images: list[dict], *, title: str, threshold: float | None, mod
             for f in feats:
                 parts.append(f"<tr><td>{e(f['feature_id'])}</td><td>{e(f['source'])}</td><td>{f['confidence']:.3f}</td><td class='{e(f['status'])}'>{e(f['status'])}</td></tr>")
             parts.append("</table></details>")
+    parts.append(
+        "<script>window.addEventListener('load',function(){var im=Array.prototype.slice.call(document.images);"
+        "document.body.setAttribute('data-images-total',im.length);"
+        "document.body.setAttribute('data-images-loaded',im.filter(function(i){return i.complete&&i.naturalWidth>0;}).length);});</script>"
+    )
     parts.append("<p style='color:#888'>overlay colours: layout blue; extracted contours in red, green, ... by source (legend in the top-left corner of each image).</p></body></html>")
     return "\n".join(parts), data
 
