@@ -364,12 +364,14 @@ def test_finetune_command(dataset, tmp_path, capsys):
 
     out = tmp_path / "cli.pt"
     rc = main(["finetune", str(dataset), "--config", "segsem-micro", "--image-size", str(SIZE), "--out", str(out),
-               "--epochs", "1", "--lr", "1e-3", "--device", "cpu", "--quiet"])
+               "--epochs", "1", "--lr", "1e-3", "--device", "cpu", "--quiet", "--loss-weights", "focal=5,dice=1"])
     assert rc == 0 and out.is_file()
     assert f"wrote {out}" in capsys.readouterr().out
     rc = main(["finetune", str(dataset), "--config", "hiera_x", "--out", str(tmp_path / "x.pt"), "--device", "cpu"])
     assert rc == 2
     assert "unknown SAM2 config 'hiera_x'" in capsys.readouterr().err
+    rc = main(["finetune", str(dataset), "--config", "segsem-micro", "--out", str(tmp_path / "y.pt"), "--loss-weights", "focall=1"])
+    assert rc == 2 and "unknown term 'focall'" in capsys.readouterr().err
 
 
 def test_confidence_calibration_fits_true_iou():

@@ -29,6 +29,7 @@ def register(app: typer.Typer) -> None:
         device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:N or auto (bf16 autocast on CUDA)."),
         grad_clip: float = typer.Option(1.0, "--grad-clip", min=0.0, help="Gradient norm clip (0 = off)."),
         no_augment: bool = typer.Option(False, "--no-augment", help="Switch off flips/rotations/photometric augmentation."),
+        loss_weights: Optional[str] = typer.Option(None, "--loss-weights", help="Loss weights, e.g. focal=20,dice=1,iou=1 (SAM2's, the default); lower focal for models trained from scratch."),
         resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run of --out (or extend it with more --epochs)."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     ):
@@ -38,10 +39,9 @@ def register(app: typer.Typer) -> None:
 
             segsem finetune train.csv --config sam2.1_hiera_t --checkpoint sam2.1_hiera_tiny.pt --out model.pt --epochs 30
 
-        By default only the image encoder and the prompt encoder train (SegSEM); the mask decoder stays
-        frozen. Each epoch reports the validation IoU and boundary EPE (px); the best epoch is kept. After
-        training, the confidence (predicted IoU + stability) is calibrated on the validation images and
-        stored in the model together with a confidence threshold.
+        By default only the image encoder and the prompt encoder train (SegSEM); the mask decoder stays frozen. Each epoch reports the validation IoU and boundary EPE (px); the best epoch is kept.
+
+        After training, the confidence (predicted IoU + stability) is calibrated on the validation images and stored in the model with a confidence threshold.
         """
         from rich.console import Console
 
@@ -52,11 +52,26 @@ def register(app: typer.Typer) -> None:
             raise SegsemError(f"{checkpoint}: checkpoint not found")
         if config is None and checkpoint is None:
             raise SegsemError("--config is required without --checkpoint (e.g. --config sam2.1_hiera_t)")
+        weights = None
+        if loss_weights:
+            weights = {}
+            for part in loss_weights.split(","):
+                k, _, v = part.partition("=")
+                k = k.strip()
+                if k not in ("focal", "dice", "iou"):
+                    raise SegsemError(f"--loss-weights: unknown term '{k}' (use focal, dice, iou)")
+                try:
+                    weights[k] = float(v)
+                except ValueError:
+                    raise SegsemError(f"--loss-weights: '{part}' is not term=number") from None
+                if not weights[k] >= 0:
+                    raise SegsemError(f"--loss-weights: '{part}' must be >= 0")
         res = run(
             dataset, out, config=config, checkpoint=checkpoint, train=train, val=val, val_fraction=val_fraction,
             epochs=epochs, lr=lr, batch=batch, image_size=image_size, seed=seed, device=device,
             grad_clip=grad_clip if grad_clip > 0 else None, resume=resume, objects_per_image=objects,
-            box_margin_px=box_margin_px, do_augment=not no_augment, progress=not quiet, console=console,
+            box_margin_px=box_margin_px, do_augment=not no_augment, loss_weights=weights, progress=not quiet,
+            console=console,
         )
         b = res.best
         typer.echo(
