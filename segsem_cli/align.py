@@ -6,25 +6,27 @@ layout ``(x, y)`` in nm with ``y`` up. This module maps between the two only
 through :class:`~segsem_cli.transform.PixelTransform` (``to_pixel``,
 ``to_layout``, ``with_offset``).
 
-Method (see ``docs/alignment.md``)
-----------------------------------
-1. The layout polygons are rendered (exact area coverage) on a canvas that is
-   the image grown by the search range, with the nominal transform.
-2. Both the SEM image (after removing a quadratic background: charging) and
-   the rendered coverage are turned into a polarity-agnostic *edge map*: the
-   gradient magnitude after Gaussian smoothing. The SEM's bright edge rims and
-   either polarity (lines bright on dark, holes dark in bright resist) all
-   give ridges along the printed edges.
-3. Coarse search: normalised cross-correlation of the whole image edge map
-   against the layout edge map for every integer shift within the search
-   range (``cv2.matchTemplate``, ``TM_CCOEFF_NORMED``). Near-equal peaks
-   (periodic patterns) are detected; the one nearest the nominal position is
-   kept and the result is flagged ``ambiguous``.
-4. Fine stage: Gauss-Newton (Lucas-Kanade) fit of the image edge map by
-   ``gain * model + bias``, where the model is the edge map of the layout
-   re-rendered exactly at the current sub-pixel offset (and rotation). The
-   printed CD bias and corner rounding are symmetric about each feature, so
-   the edge-based fit is unbiased for the offset.
+Method (details and measurements in ``docs/alignment.md``)
+----------------------------------------------------------
+1. The design polygons are rendered with exact area coverage
+   (:func:`render_layout`) on a canvas that is the image grown by the search
+   range, with the nominal transform.
+2. SEM appearance model: the image is ``a * region + c * rim + background``
+   (:func:`sem_channels`): ``region`` is the blurred coverage (the sign of
+   ``a`` is the polarity), ``rim`` the bright band along every edge (edge
+   effect, ``c >= 0``), and a quadratic background absorbs charging.
+3. Coarse search: normalised cross-correlation of the whole (detrended,
+   smoothed) image with both channels for every whole-pixel shift within the
+   search range (``cv2.matchTemplate``), combined as a multiple correlation.
+   Near-equal peaks (periodic patterns) and, with unknown polarity, the
+   line/space swap are detected; the candidate nearest the nominal position
+   is kept and the result is flagged ``ambiguous``.
+4. Fine stage: Gauss-Newton fit of the shift, a global edge bias (printed CD
+   bias plus the rim's own offset, so that features cut by the image border
+   do not bias the shift) and optionally a rotation, with the layout
+   re-rendered exactly at every step. Pixels near design corners and line
+   ends are down-weighted (they round and pull back when printed) and
+   residual outliers (missing/bridged features) get Huber weights.
 """
 from __future__ import annotations
 
