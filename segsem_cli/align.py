@@ -327,7 +327,7 @@ class AlignResult:
 def _fail(transform: PixelTransform, message: str, score: float = 0.0) -> AlignResult:
     return AlignResult(
         transform=transform, offset_nm=(0.0, 0.0), offset_px=(0.0, 0.0), score=float(score),
-        residual_px=float("nan"), ambiguous=False, status="failed", message=f"alignment failed: {message}",
+        residual_px=float("nan"), ambiguous=False, status="failed", message=message,
         rotation_rad=transform.rotation_rad,
     )
 
