@@ -136,7 +136,7 @@ def _prepare(row: ManifestRow, state, truth: dict | None):
     transform = PixelTransform((row.x_nm, row.y_nm), px, pixels.shape)
     fov = transform.field_of_view_nm(cfg.search_px)
     polys = [state.layout.polygons[i] for i in state.layout.query(fov)]
-    ar = align_image(pixels, transform, polys, search_px=cfg.search_px)
+    ar = align_image(pixels, transform, polys, search_px=cfg.search_px, polarity=cfg.polarity)
     if ar.status == "failed":
         return None
     feats = features_in_view(state.layout, ar.transform)

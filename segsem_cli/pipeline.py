@@ -55,6 +55,7 @@ class ExtractConfig:
     device: str = "cpu"
     gauges: Path | None = None
     search_px: float = 40.0
+    polarity: str = "auto"
     align: bool = True
     workers: int = 1
     force: bool = False
@@ -75,6 +76,7 @@ class ExtractConfig:
             backbone_options=self.backbone_options,
             threshold=self.threshold,
             search_px=self.search_px,
+            polarity=self.polarity,
             align=self.align,
             refine=self.refine,
             edge_options=self.edge_options,
@@ -164,7 +166,7 @@ def process_image(row: ManifestRow, state: _State) -> dict:
     if cfg.align:
         fov = transform.field_of_view_nm(cfg.search_px)
         polys = [state.layout.polygons[i] for i in state.layout.query(fov)]
-        ar = align_image(pixels, transform, polys, search_px=cfg.search_px)
+        ar = align_image(pixels, transform, polys, search_px=cfg.search_px, polarity=cfg.polarity)
         rec.update(
             offset_nm=list(ar.offset_nm),
             offset_px=list(ar.offset_px),

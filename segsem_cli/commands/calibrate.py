@@ -23,6 +23,7 @@ def register(app: typer.Typer) -> None:
         truth: Optional[Path] = typer.Option(None, "--truth", help="truth.json (default: beside the manifest if present, else the label masks)."),
         penalty_px: float = typer.Option(3.0, "--penalty-px", min=0.0, help="Cost of a feature left without contour, in px of EPE."),
         device: str = typer.Option("cpu", "--device", help="Torch device."),
+        polarity: str = typer.Option("auto", "--polarity", help="Layout polygons print bright (resist lines) or dark (holes): auto|bright|dark. Resolves line/space ambiguity in alignment."),
         search_px: float = typer.Option(40.0, "--search-px", min=0.0, help="Alignment search range (px)."),
         out: Optional[Path] = typer.Option(None, "--out", help="Write the calibrated model here instead of updating MODEL in place."),
         json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the curves as JSON."),
@@ -47,14 +48,14 @@ def register(app: typer.Typer) -> None:
         from ..atomic import write_json
         from ..errors import SegsemError
         from ..calibrate import calibrate, store_threshold
-        from ..commands.extract import parse_kv
+        from ..commands.extract import _polarity, parse_kv
         from ..layout import parse_layer
         from ..pipeline import ExtractConfig
 
         cfg = ExtractConfig(
             manifest=manifest, layout=layout, out=Path("."), cell=cell, layer=parse_layer(layer), fallback=fallback,
             fallback_options=parse_kv(fallback_opt, "--fallback-opt"), backbone=backbone, model=model,
-            backbone_options=parse_kv(backbone_opt, "--backbone-opt"), device=device, search_px=search_px,
+            backbone_options=parse_kv(backbone_opt, "--backbone-opt"), device=device, search_px=search_px, polarity=_polarity(polarity),
             edge_options=parse_kv(edge_opt, "--edge-opt"), overlays=False,
         )
         console = Console()
@@ -90,3 +91,4 @@ def register(app: typer.Typer) -> None:
             write_json(json_out, {"threshold": cal.threshold if cal.curve else None, "curve": cal.curve,
                                   "edge_threshold": cal.edge_threshold, "edge_curve": cal.edge_curve,
                                   "features": cal.n_features, "images": cal.n_images})
+

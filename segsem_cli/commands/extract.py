@@ -41,6 +41,7 @@ def register(app: typer.Typer) -> None:
         device: str = typer.Option("cpu", "--device", help="Torch device for the backbone: cpu, cuda, cuda:1."),
         edge_opt: Optional[list[str]] = typer.Option(None, "--edge-opt", help="Edge refinement option key=value, e.g. threshold=0.5, edge=peak."),
         no_refine: bool = typer.Option(False, "--no-refine", help="Keep the backbone's raw mask contours (no sub-pixel refinement)."),
+        polarity: str = typer.Option("auto", "--polarity", help="Layout polygons print bright (resist lines) or dark (holes): auto|bright|dark. Resolves line/space ambiguity in alignment."),
         search_px: float = typer.Option(40.0, "--search-px", min=0.0, help="Largest stage error searched by alignment (pixels)."),
         no_align: bool = typer.Option(False, "--no-align", help="Trust the nominal centres (no alignment)."),
         out_layer: str = typer.Option("100/0", "--out-layer", help="Layer/datatype of the exported contours."),
@@ -87,7 +88,7 @@ def register(app: typer.Typer) -> None:
             threshold=threshold,
             device=device,
             gauges=gauges,
-            search_px=search_px,
+            search_px=search_px, polarity=_polarity(polarity),
             align=not no_align,
             workers=workers,
             force=force,
@@ -146,3 +147,11 @@ def _print_summary(summary) -> None:
     c.print(t)
     for k, v in summary.outputs.items():
         c.print(f"{k}: {v}")
+
+
+def _polarity(value: str) -> str:
+    from ..errors import SegsemError
+
+    if value not in ("auto", "bright", "dark"):
+        raise SegsemError(f"--polarity: '{value}' is not one of auto, bright, dark")
+    return value
