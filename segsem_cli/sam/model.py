@@ -242,6 +242,8 @@ def build_model(
     """
     from hydra.utils import instantiate
 
+    if mode not in ("eval", "train"):
+        raise SegsemError(f"mode must be 'eval' or 'train', got {mode!r}")
     dev = parse_device(device)
     sd, meta = (None, {})
     if checkpoint is not None:
@@ -268,8 +270,6 @@ def build_model(
         load_state_dict_checked(model, sd, source=checkpoint)
     model = model.to(dev)
     model.train(mode == "train")
-    if mode not in ("eval", "train"):
-        raise SegsemError(f"mode must be 'eval' or 'train', got {mode!r}")
     model.segsem_meta = meta
     model.segsem_config = str(config)
     model.segsem_config_yaml = config_yaml(model_cfg)
