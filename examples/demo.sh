@@ -23,7 +23,7 @@ if [ -z "$MODEL" ]; then
     echo "== on the bundled synthetic images. This is a DEMONSTRATION model (random init, ~1 M parameters);"
     echo "== real use starts from an official SAM2 checkpoint: segsem finetune ... --config sam2.1_hiera_t --checkpoint sam2.1_hiera_tiny.pt"
     segsem finetune "$DATA/manifest.csv" --config segsem-micro --out "$MODEL" --train full \
-      --epochs "${SEGSEM_DEMO_EPOCHS:-30}" --image-size 256 --lr 1e-3 --seed 0
+      --epochs "${SEGSEM_DEMO_EPOCHS:-120}" --image-size 256 --lr 2e-3 --seed 0 --loss-weights focal=1,dice=1,iou=1
   else
     echo "== using the cached demo model $MODEL (delete it to retrain)"
   fi

@@ -6,7 +6,7 @@ the fallback's) and scored against the truth: the RMS edge placement error
 (px) of each. Then, for each threshold ``T`` on a grid, the per-feature choice
 of :func:`segsem_cli.hybrid.select` is replayed and its expected cost is
 
-    cost(T) = sqrt( mean over features of  EPE_chosen^2  or  penalty^2 if failed )
+    cost(T) = sqrt( mean over features of  min(EPE_chosen, penalty)^2  or  penalty^2 if failed )
 
 with ``penalty`` (default 3 px) the cost of a feature that ends up with no
 contour. The threshold with the lowest cost is stored in the model file
@@ -147,7 +147,6 @@ def _prepare(row: ManifestRow, state, truth: dict | None):
 def score_image(row: ManifestRow, state, truth: dict | None, prepared=None) -> list[FeatureScore]:
     """Both proposals of every feature of one image, scored against the truth."""
     from .hybrid import candidates
-    from .metrics import epe_samples
 
     cfg = state.cfg
     prepared = prepared if prepared is not None else _prepare(row, state, truth)
@@ -162,24 +161,40 @@ def score_image(row: ManifestRow, state, truth: dict | None, prepared=None) -> l
         if not rings:
             continue
         b = c.backbone
-        eb = _rms(epe_samples(rings, [b.contour_px], step_nm=0.5)) if b is not None and b.ok else None
-        ef = _rms(epe_samples(rings, [c.fallback.contour_px], step_nm=0.5)) if c.fallback.ok else None
+        eb = _rms(epe_inside(rings, b.contour_px, image.shape)) if b is not None and b.ok else None
+        ef = _rms(epe_inside(rings, c.fallback.contour_px, image.shape)) if c.fallback.ok else None
         out.append(FeatureScore(row.name, f.feature_id, None if b is None or not b.ok else float(b.confidence), eb, ef,
                                 b.source if b is not None else "", c.fallback.source))
     return out
 
 
+BORDER_PX = 3.0
 EDGE_GRID = tuple(np.round(np.arange(0.30, 0.851, 0.05), 3))
 
 
-def edge_threshold_curve(prepared: list, state, *, grid=EDGE_GRID, border_px: float = 3.0) -> list[dict[str, float]]:
+def epe_inside(rings: list[np.ndarray], contour: np.ndarray, shape, *, border_px: float = BORDER_PX) -> np.ndarray:
+    """EPE (px) of truth samples lying inside the image, at least ``border_px`` from its border.
+
+    Near the border a clipped contour runs along the border, not along an
+    edge, and the truth of a feature cut by the field of view extends outside.
+    """
+    from .metrics import epe_samples, sample_ring
+
+    d = epe_samples(rings, [contour], step_nm=0.5)
+    pts = np.concatenate([sample_ring(np.asarray(rg, dtype=float), 0.5) for rg in rings])
+    if len(pts) != len(d):
+        return d
+    h, w = shape
+    keep = (pts[:, 0] > border_px) & (pts[:, 0] < w - border_px) & (pts[:, 1] > border_px) & (pts[:, 1] < h - border_px)
+    return d[keep]
+
+
+def edge_threshold_curve(prepared: list, state, *, grid=EDGE_GRID, cap_px: float = 3.0) -> list[dict[str, float]]:
     """EPE RMS (px) of the fallback's contours against the truth for each edge threshold ``t``.
 
-    Truth samples within ``border_px`` of the image border are left out (the
-    contour there runs along the border, not along an edge).
+    Each sample's EPE is capped at ``cap_px`` so that a gross failure (a
+    bridge, a wrong association) does not decide where the edge is.
     """
-    from .metrics import epe_samples
-
     sums = np.zeros(len(grid))
     counts = np.zeros(len(grid))
     for image, feats, truth_px in prepared:
@@ -192,22 +207,11 @@ def edge_threshold_curve(prepared: list, state, *, grid=EDGE_GRID, border_px: fl
                 rings = truth_px.get(f.feature_id)
                 if not rings or not r.ok:
                     continue
-                d = epe_samples(rings, [r.contour_px], step_nm=0.5)
-                # keep samples away from the border
-                pts = np.concatenate([_sample_points(rg) for rg in rings])
-                if len(pts) == len(d):
-                    keep = (pts[:, 0] > border_px) & (pts[:, 0] < w - border_px) & (pts[:, 1] > border_px) & (pts[:, 1] < h - border_px)
-                    d = d[keep]
+                d = np.minimum(epe_inside(rings, r.contour_px, (h, w)), cap_px)  # gross failures must not steer t
                 sums[k] += float(np.sum(d * d))
                 counts[k] += d.size
     return [{"edge_threshold": float(t), "epe_rms_px": float(np.sqrt(s / c)) if c else float("nan"), "samples": float(c)}
             for t, s, c in zip(grid, sums, counts)]
-
-
-def _sample_points(ring: np.ndarray) -> np.ndarray:
-    from .metrics import sample_ring
-
-    return sample_ring(np.asarray(ring, dtype=float), 0.5)
 
 
 def choose_edge_threshold(curve: list[dict[str, float]]) -> float:
@@ -239,7 +243,7 @@ def threshold_curve(scores: list[FeatureScore], *, grid=None, penalty_px: float 
         chosen = np.where(use_b, eb, ef)
         failed = ~np.isfinite(chosen)
         ok = ~failed
-        cost = np.where(failed, penalty_px, chosen)
+        cost = np.where(failed, penalty_px, np.minimum(chosen, penalty_px))
         rows.append({
             "threshold": float(t),
             "fallback_rate": float(np.mean(~use_b & ok)) if len(scores) else 0.0,
