@@ -85,10 +85,11 @@ def _exact_coverage(rings: list[np.ndarray], shape: tuple[int, int]) -> np.ndarr
     adds the signed area between itself and the right end of its row:
     ``dy * (c + 1 - xm)`` to pixel ``c`` and ``dy * (xm - c)`` to ``c + 1``
     (``xm`` the piece's mid x); a cumulative sum along each row then gives
-    the exact covered area of every pixel.
+    the exact covered area of every pixel. Vertical edges (most edges of a
+    Manhattan layout) are cut row by row directly; only the other edges need
+    their x and y crossings merged (one sort).
     """
     h, w = shape
-    acc = np.zeros(h * (w + 2), dtype=np.float64)
     if not rings:
         return np.zeros(shape, dtype=np.float32)
     segs = np.concatenate([np.stack([r[:-1], r[1:]], axis=1) for r in rings if len(r) > 1])  # (E, 2, 2)
@@ -99,55 +100,77 @@ def _exact_coverage(rings: list[np.ndarray], shape: tuple[int, int]) -> np.ndarr
     if len(p0) == 0:
         return np.zeros(shape, dtype=np.float32)
     d = p1 - p0
-    # Parameters t at which each edge crosses an integer x or y.
-    ts = [np.zeros(len(p0)), np.ones(len(p0))]
-    ids = [np.arange(len(p0)), np.arange(len(p0))]
-    for k in (0, 1):
-        lo = np.minimum(p0[:, k], p1[:, k])
-        hi = np.maximum(p0[:, k], p1[:, k])
-        first = np.floor(lo) + 1.0
-        n = np.maximum(np.ceil(hi) - first, 0).astype(np.int64)  # integers strictly inside (lo, hi)
-        if n.sum() == 0:
-            continue
-        eid = np.repeat(np.arange(len(p0)), n)
+    vert = d[:, 0] == 0
+    rows_l, xm_l, dy_l = [], [], []
+    if np.any(vert):
+        # one piece per pixel row, x fixed
+        x = p0[vert, 0]
+        ya, yb = p0[vert, 1], p1[vert, 1]
+        sgn = np.sign(yb - ya)
+        lo = np.minimum(ya, yb)
+        hi = np.maximum(ya, yb)
+        r0 = np.clip(np.floor(lo), 0, h).astype(np.int64)
+        r1 = np.clip(np.ceil(hi), 0, h).astype(np.int64)  # exclusive
+        n = np.maximum(r1 - r0, 0)
+        eid = np.repeat(np.arange(len(x)), n)
         start = np.repeat(np.cumsum(n) - n, n)
-        vals = first[eid] + (np.arange(n.sum()) - start)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            t = (vals - p0[eid, k]) / d[eid, k]
-        ok = (t > 0) & (t < 1)
-        ts.append(t[ok])
-        ids.append(eid[ok])
-    t = np.concatenate(ts)
-    eid = np.concatenate(ids)
-    order = np.lexsort((t, eid))
-    t = t[order]
-    eid = eid[order]
-    same = eid[1:] == eid[:-1]
-    ta, tb, e = t[:-1][same], t[1:][same], eid[:-1][same]
-    xa = p0[e, 0] + ta * d[e, 0]
-    ya = p0[e, 1] + ta * d[e, 1]
-    xb = p0[e, 0] + tb * d[e, 0]
-    yb = p0[e, 1] + tb * d[e, 1]
-    dy = yb - ya
-    xm = 0.5 * (xa + xb)
-    ym = 0.5 * (ya + yb)
-    row = np.floor(ym).astype(np.int64)
+        row = r0[eid] + (np.arange(int(n.sum())) - start)
+        rowf = row.astype(np.float64)
+        rows_l.append(row)
+        xm_l.append(x[eid])
+        dy_l.append(sgn[eid] * (np.minimum(hi[eid], rowf + 1.0) - np.maximum(lo[eid], rowf)))
+    if not np.all(vert):
+        q0, q1, dq = p0[~vert], p1[~vert], d[~vert]
+        ne = len(q0)
+        # parameters t at which each edge crosses an integer x or y
+        ts = [np.zeros(ne), np.ones(ne)]
+        ids = [np.arange(ne), np.arange(ne)]
+        for k in (0, 1):
+            lo = np.minimum(q0[:, k], q1[:, k])
+            hi = np.maximum(q0[:, k], q1[:, k])
+            first = np.floor(lo) + 1.0
+            n = np.maximum(np.ceil(hi) - first, 0).astype(np.int64)  # integers strictly inside (lo, hi)
+            if n.sum() == 0:
+                continue
+            eid = np.repeat(np.arange(ne), n)
+            start = np.repeat(np.cumsum(n) - n, n)
+            vals = first[eid] + (np.arange(int(n.sum())) - start)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                t = (vals - q0[eid, k]) / dq[eid, k]
+            ok = (t > 0) & (t < 1)
+            ts.append(t[ok])
+            ids.append(eid[ok])
+        t = np.concatenate(ts)
+        eid = np.concatenate(ids)
+        order = np.argsort(eid * 2.0 + t, kind="stable")  # by edge, then along the edge
+        t = t[order]
+        eid = eid[order]
+        same = eid[1:] == eid[:-1]
+        ta, tb, e = t[:-1][same], t[1:][same], eid[:-1][same]
+        xa = q0[e, 0] + ta * dq[e, 0]
+        ya = q0[e, 1] + ta * dq[e, 1]
+        xb = q0[e, 0] + tb * dq[e, 0]
+        yb = q0[e, 1] + tb * dq[e, 1]
+        rows_l.append(np.floor(0.5 * (ya + yb)).astype(np.int64))
+        xm_l.append(0.5 * (xa + xb))
+        dy_l.append(yb - ya)
+    row = np.concatenate(rows_l)
+    xm = np.concatenate(xm_l)
+    dy = np.concatenate(dy_l)
     col = np.floor(xm).astype(np.int64)
     ok = (dy != 0) & (row >= 0) & (row < h) & (col < w + 1)
     row, col, xm, dy = row[ok], col[ok], xm[ok], dy[ok]
     left = col < 0  # pieces left of the canvas cover the whole row strip
-    frac = np.where(left, 0.0, xm - col)
+    a_next = np.where(left, 0.0, dy * (xm - col))
     col = np.maximum(col, 0)
-    a_here = np.where(left, dy, dy * (1.0 - frac))
-    a_next = np.where(left, 0.0, dy * frac)
-    base = row * (w + 2)
-    acc += np.bincount(base + col, weights=a_here, minlength=acc.size)
-    acc += np.bincount(base + col + 1, weights=a_next, minlength=acc.size)
-    cov = np.cumsum(acc.reshape(h, w + 2), axis=1)[:, :w]
+    base = row * (w + 2) + col
+    acc = np.bincount(np.concatenate([base, base + 1]), weights=np.concatenate([dy - a_next, a_next]),
+                      minlength=h * (w + 2)).reshape(h, w + 2)
+    np.cumsum(acc, axis=1, out=acc)
     # Exteriors are counter-clockwise in (u, v) maths orientation; with v down
     # the accumulated area has the opposite sign.
-    cov = -cov
-    return np.clip(cov, 0.0, 1.0).astype(np.float32)
+    cov = (-acc[:, :w]).astype(np.float32)
+    return np.clip(cov, 0.0, 1.0, out=cov)
 
 
 def render_layout(polygons_px, shape, *, supersample: int | None = None) -> np.ndarray:
