@@ -6,6 +6,13 @@ covers ``[c, c+1) x [r, r+1)`` and its centre is ``(c + 0.5, r + 0.5)``.
 A contour is an ``(N, 2)`` float array of ``(u, v)``, closed implicitly (the
 last vertex is not a repeat of the first).
 
+The image spans ``u`` in ``[0, W]`` and ``v`` in ``[0, H]``. A shape that
+runs out of the image is closed along the image border: its contour has
+*border segments* lying exactly on ``u = 0``, ``u = W``, ``v = 0`` or
+``v = H`` (see :func:`border_mask`, :func:`snap_to_border`,
+:func:`close_along_border`). Border segments are where the image ends, not
+edges: they are never refined and never count as measured edges.
+
 Orientation: :func:`signed_area` is the shoelace sum in the ``(u, v)`` plane
 taken as ordinary math axes. A *positive* contour has positive signed area;
 on screen (``v`` down) it runs clockwise. :func:`normals` returns outward unit
@@ -35,6 +42,13 @@ __all__ = [
     "CoarseContour",
     "polygon_mask",
     "touches_border",
+    "border_mask",
+    "border_fraction",
+    "border_runs",
+    "snap_to_border",
+    "border_param",
+    "border_path",
+    "close_along_border",
     "associate",
     "Association",
     "features_covered",
@@ -230,6 +244,226 @@ def touches_border(contour: np.ndarray, shape: tuple[int, int], *, margin_px: fl
     h, w = shape
     return bool(np.any((c[:, 0] < margin_px) | (c[:, 0] > w - margin_px)
                        | (c[:, 1] < margin_px) | (c[:, 1] > h - margin_px)))
+
+
+BORDER_TOL = 1e-6  # px: a point this close to a border line lies on it
+
+
+def border_mask(contour: np.ndarray, shape: tuple[int, int], *, tol: float = BORDER_TOL) -> np.ndarray:
+    """``(N,)`` bool: the points lying on the image border (``u = 0`` or ``W``, ``v = 0`` or ``H``, within ``tol``)."""
+    c = np.asarray(contour, dtype=np.float64)
+    h, w = shape
+    u, v = c[:, 0], c[:, 1]
+    return (np.abs(u) <= tol) | (np.abs(u - w) <= tol) | (np.abs(v) <= tol) | (np.abs(v - h) <= tol)
+
+
+def _border_lines(c: np.ndarray, shape: tuple[int, int], tol: float) -> np.ndarray:
+    """``(N, 4)`` bool: the point lies on the line ``u = 0``, ``u = W``, ``v = 0``, ``v = H``."""
+    h, w = shape
+    return np.column_stack([np.abs(c[:, 0]) <= tol, np.abs(c[:, 0] - w) <= tol,
+                            np.abs(c[:, 1]) <= tol, np.abs(c[:, 1] - h) <= tol])
+
+
+def border_fraction(contour: np.ndarray, shape: tuple[int, int], *, tol: float = BORDER_TOL) -> float:
+    """Fraction of a closed contour's perimeter lying on the image border.
+
+    A segment counts when both its ends lie on the same border line (a chord
+    between two different border lines, e.g. across a corner, does not).
+    """
+    c = np.asarray(contour, dtype=np.float64)
+    if len(c) < 2:
+        return 0.0
+    on = _border_lines(c, shape, tol)
+    same = np.any(on & np.roll(on, -1, axis=0), axis=1)
+    seg = np.hypot(*(np.roll(c, -1, axis=0) - c).T)
+    total = float(seg.sum())
+    return float(seg[same].sum() / total) if total > 0 else 0.0
+
+
+def border_runs(border: np.ndarray) -> list[np.ndarray]:
+    """Index arrays (in contour order) of the maximal runs of non-border points of a closed contour.
+
+    ``border`` is the ``(N,)`` mask of :func:`border_mask`. Runs never wrap
+    across a border point; with no border point the whole contour is one run
+    (``[arange(N)]``), with only border points there is none.
+    """
+    b = np.asarray(border, dtype=bool)
+    n = len(b)
+    if not b.any():
+        return [np.arange(n)]
+    b0 = int(np.argmax(b))  # rotate so that index 0 is a border point: runs never wrap
+    idx = (np.arange(n) + b0) % n
+    d = np.diff(np.r_[0, (~b[idx]).astype(np.int8), 0])
+    return [idx[s:t] for s, t in zip(np.nonzero(d == 1)[0], np.nonzero(d == -1)[0])]
+
+
+def snap_to_border(contour: np.ndarray, shape: tuple[int, int], *, border_px: float = 2.0,
+                   hysteresis: float = 2.0) -> np.ndarray:
+    """Clamp a closed contour into the image ``[0, W] x [0, H]`` and put its parts near the border onto it.
+
+    Coordinates within ``border_px`` of a border line are set onto that line.
+    Then, in every run of remaining points between border points, the points
+    at either end of the run that lie within ``hysteresis * border_px`` of the
+    border (all of them, if the whole run does) are projected onto their
+    nearest border lines as well: a contour running along the border at about
+    ``border_px`` would otherwise flicker on and off it. Where a run leaves the
+    border steeply this only moves its last vertices onto the border, and
+    resampling puts the points between back on the edge. A contour
+    that reaches the image border (a mask or iso-line closed along it, a layout
+    polygon clipped to the field of view, points up to half a pixel outside the
+    image) then has exact border segments (:func:`border_mask`). With
+    ``border_px = 0`` the contour is only clamped.
+    """
+    c = np.array(contour, dtype=np.float64)
+    h, w = shape
+    c[:, 0] = np.clip(c[:, 0], 0.0, w)
+    c[:, 1] = np.clip(c[:, 1], 0.0, h)
+    if border_px <= 0:
+        return c
+    c[c[:, 0] <= border_px, 0] = 0.0
+    c[c[:, 0] >= w - border_px, 0] = float(w)
+    c[c[:, 1] <= border_px, 1] = 0.0
+    c[c[:, 1] >= h - border_px, 1] = float(h)
+    b = border_mask(c, shape)
+    if b.any() and not b.all() and hysteresis > 1.0:
+        dist = np.column_stack([c[:, 0], w - c[:, 0], c[:, 1], h - c[:, 1]])
+        near = dist.min(axis=1) <= hysteresis * border_px
+        for run in border_runs(b):
+            nr = near[run]
+            if nr.all():
+                sel = run
+            else:
+                head = int(np.argmin(nr))  # leading near points
+                tail = int(np.argmin(nr[::-1]))  # trailing near points
+                sel = np.concatenate([run[:head], run[len(run) - tail:]])
+            side = np.argmin(dist[sel], axis=1)
+            c[sel[side == 0], 0] = 0.0
+            c[sel[side == 1], 0] = float(w)
+            c[sel[side == 2], 1] = 0.0
+            c[sel[side == 3], 1] = float(h)
+    return c
+
+
+def border_param(points: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Position of points on the image border as arc length ``s`` in ``[0, 2W + 2H)`` (positive orientation).
+
+    The border is walked ``(0, 0) -> (W, 0) -> (W, H) -> (0, H)`` (positive
+    signed area, see :func:`signed_area`). Each point is taken onto its
+    nearest border line first.
+    """
+    p = np.atleast_2d(np.asarray(points, dtype=np.float64))
+    h, w = shape
+    u, v = np.clip(p[:, 0], 0, w), np.clip(p[:, 1], 0, h)
+    side = np.argmin(np.column_stack([v, w - u, h - v, u]), axis=1)  # nearest of v=0, u=W, v=H, u=0
+    s = np.choose(side, [u, w + v, w + h + (w - u), 2 * w + h + (h - v)])
+    return np.mod(s, 2.0 * (w + h))
+
+
+def _border_point(s: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Inverse of :func:`border_param`: ``(u, v)`` of border arc lengths ``s``."""
+    h, w = shape
+    per = 2.0 * (w + h)
+    knots = np.array([0.0, w, w + h, 2.0 * w + h, per])
+    s = np.mod(np.asarray(s, dtype=np.float64), per)
+    return np.column_stack([np.interp(s, knots, [0.0, w, w, 0.0, 0.0]), np.interp(s, knots, [0.0, 0.0, h, h, 0.0])])
+
+
+def border_path(a: np.ndarray, b: np.ndarray, shape: tuple[int, int], *, step_px: float | None = None) -> np.ndarray:
+    """Points along the image border from ``a`` to ``b`` (both included) in the positive direction.
+
+    Image corners passed on the way are included; with ``step_px`` the path is
+    also sampled every ``step_px`` (nearly) along its length. ``a == b`` gives ``[a]``.
+    ``a`` and ``b`` are taken onto their nearest border lines.
+    """
+    h, w = shape
+    per = 2.0 * (w + h)
+    sa, sb = border_param(np.vstack([a, b]), shape)
+    ends = _border_point(np.array([sa, sb]), shape)
+    length = (sb - sa) % per
+    if length <= 1e-9:
+        return ends[:1]
+    rel = (np.array([0.0, w, w + h, 2.0 * w + h]) - sa) % per
+    ss = rel[(rel > 1e-9) & (rel < length - 1e-9)]
+    if step_px is not None and step_px > 0 and length > step_px:
+        n = int(np.ceil(length / step_px))
+        ss = np.concatenate([ss, np.arange(1, n) * (length / n)])
+    ss = np.sort(ss)
+    return np.vstack([ends[:1], _border_point(sa + ss, shape), ends[1:]])
+
+
+def _snap_end(p: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """A line end taken perpendicularly onto its nearest border line."""
+    h, w = shape
+    u, v = float(p[0]), float(p[1])
+    k = int(np.argmin([u, w - u, v, h - v]))
+    return np.array([[0.0, v], [float(w), v], [u, 0.0], [u, float(h)]][k])
+
+
+def close_along_border(lines: Sequence[np.ndarray], shape: tuple[int, int], *,
+                       min_area: float = 4.0) -> list[np.ndarray]:
+    """Close open iso-lines along the image border into the regions they cut the image into.
+
+    Open iso-lines (e.g. :func:`coarse_contours` with ``closed=False``) run from
+    border to border; together with the border they split the image into
+    regions. Each region is returned as a closed contour (positive
+    orientation) made of iso-line pieces and border segments on ``u = 0``,
+    ``u = W``, ``v = 0``, ``v = H`` (line ends are taken perpendicularly onto
+    their nearest border line; the image corners are included). Both sides
+    of a line are regions, so bright and dark shapes cut by the border are
+    both among them. Closed contours lying inside a region are ignored.
+
+    Parameters
+    ----------
+    lines : open polylines ``(N, 2)`` in ``(u, v)`` px whose ends lie at (or within
+        a pixel of) the border.
+    shape : image ``(H, W)``.
+    min_area : a line cutting off less than this area (px^2) of the image
+        with the border (a noise speck touching the border) is ignored.
+    """
+    h, w = shape
+    per = 2.0 * (w + h)
+    segs: list[np.ndarray] = []
+    for ln in lines:
+        a = np.asarray(ln, dtype=np.float64)
+        if a.ndim != 2 or a.shape[1] != 2 or len(a) < 2:
+            continue
+        a = np.vstack([_snap_end(a[0], shape), a[1:-1], _snap_end(a[-1], shape)])
+        cut = abs(signed_area(np.vstack([a, border_path(a[-1], a[0], shape)[1:-1]])))
+        if min(cut, w * h - cut) < min_area:
+            continue
+        segs.append(a)
+    if not segs:
+        return []
+    n = len(segs)
+    # endpoint 2k = start of line k, 2k+1 = its end
+    ends = np.array([p for a in segs for p in (a[0], a[-1])])
+    s = border_param(ends, shape)
+    order = np.argsort(s, kind="stable")
+    rank = np.empty(2 * n, dtype=int)
+    rank[order] = np.arange(2 * n)
+    used = np.zeros(2 * n, dtype=bool)  # border arc leaving endpoint order[i] (positive direction)
+    faces: list[np.ndarray] = []
+    for start in range(2 * n):
+        if used[start]:
+            continue
+        pieces: list[np.ndarray] = []
+        i = start
+        for _ in range(2 * n + 1):
+            if used[i]:
+                break
+            used[i] = True
+            e0 = order[i]
+            e1 = order[(i + 1) % (2 * n)]
+            pieces.append(border_path(ends[e0], ends[e1], shape)[:-1] if (s[e1] - s[e0]) % per > 1e-9
+                          else np.zeros((0, 2)))
+            k, at_end = divmod(int(e1), 2)
+            line = segs[k][::-1] if at_end else segs[k]
+            pieces.append(line[:-1])
+            i = rank[2 * k + (0 if at_end else 1)]
+        poly = np.vstack(pieces)
+        if len(poly) >= 3 and abs(signed_area(poly)) >= min_area:
+            faces.append(orient(poly))
+    return faces
 
 
 @dataclass(frozen=True)
