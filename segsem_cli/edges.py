@@ -28,6 +28,16 @@ the side whose half-profiles are darker on average) or forced with
 The rim peak is the sample with the largest rise above the running minimum
 coming from the substrate side, so the rim's resist-side flank (the second
 edge a naive gradient detector reports) is never chosen.
+
+Shapes cut by the image border
+------------------------------
+A contour may run along the image border (a line crossing the field of view,
+closed along ``u = 0``, ``u = W``, ``v = 0`` or ``v = H``; the image spans
+``[0, W] x [0, H]``). :func:`refine_contours` keeps such *border points* fixed
+and refines only the runs of real edge between them; border points never count
+as found or valid edges (:attr:`RefineResult.border`). The outermost pixel ring
+is not used for edge placement (``frame_px``), and an edge counts only where
+the part of its profile the rule used lies inside the image.
 """
 from __future__ import annotations
 
@@ -37,12 +47,15 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from .contours import as_contour, normals, orient, resample_closed
+from .contours import (as_contour, border_fraction, border_mask, border_runs, normals, orient, resample_closed,
+                       signed_area)
 from .errors import SegsemError
 
 __all__ = [
     "EDGE_RULES",
     "EdgeImage",
+    "suppress_frame",
+    "border_extra",
     "RefineResult",
     "refine_contour",
     "refine_contours",
@@ -51,6 +64,7 @@ __all__ = [
     "opt_float",
     "opt_int",
     "opt_choice",
+    "opt_bool",
     "feature_result",
 ]
 
@@ -87,6 +101,28 @@ def gaussian_smooth(pixels: np.ndarray, sigma: float) -> np.ndarray:
     return cv2.GaussianBlur(a, (k, k), sigmaX=float(sigma), sigmaY=float(sigma), borderType=cv2.BORDER_REFLECT)
 
 
+def suppress_frame(pixels: np.ndarray, frame_px: int = 1) -> np.ndarray:
+    """A float32 copy of an image whose outermost ``frame_px`` rows and columns repeat their inner neighbours.
+
+    SEM images often carry scan artefacts in the first or last lines or
+    columns (a bright or dark frame); detectors and edge profiles then see no
+    edge there. ``frame_px = 0`` returns the float32 image unchanged.
+    """
+    a = np.asarray(pixels)
+    f = int(frame_px)
+    if a.ndim != 2:
+        raise SegsemError(f"suppress_frame: expected a 2-D image, got shape {a.shape}")
+    if f != frame_px or not 0 <= f < min(a.shape) // 2 - 1:
+        raise SegsemError(f"frame_px must be an integer in [0, {max(0, min(a.shape) // 2 - 2)}], got {frame_px}")
+    out = np.array(a, dtype=np.float32, copy=True) if f else np.ascontiguousarray(a, dtype=np.float32)
+    if f:
+        out[:f] = out[f]
+        out[-f:] = out[-f - 1]
+        out[:, :f] = out[:, f:f + 1]
+        out[:, -f:] = out[:, -f - 1:-f]
+    return out
+
+
 class EdgeImage:
     """An image prepared once for many refinements: the array profiles are sampled from, and its noise.
 
@@ -97,9 +133,15 @@ class EdgeImage:
         profiles are smoothed along the normal and averaged along the contour
         instead, which does not shift curved edges; see docs/edge-convention.md).
     noise : per-pixel noise sigma of ``pixels``; estimated when None.
+    frame_px : the outermost ``frame_px`` pixel rows and columns are not used for
+        edge placement (default 1): in the sampled array they repeat their inner
+        neighbours. SEM images often carry scan artefacts (a bright or dark first
+        line or column) there, which would otherwise look like an edge to profiles
+        near the border; an edge cannot be measured that close to the border anyway.
     """
 
-    def __init__(self, pixels: np.ndarray, *, image_sigma: float = 0.0, noise: float | None = None):
+    def __init__(self, pixels: np.ndarray, *, image_sigma: float = 0.0, noise: float | None = None,
+                 frame_px: int = 1):
         a = np.asarray(pixels)
         if a.ndim != 2 or min(a.shape) < 4:
             raise SegsemError(f"edge refinement: expected a 2-D image of at least 4x4 pixels, got shape {a.shape}")
@@ -111,7 +153,8 @@ class EdgeImage:
             raise SegsemError(f"edge refinement: image_sigma must be >= 0, got {image_sigma}")
         self.pixels = a
         self.image_sigma = float(image_sigma)
-        self.sampled = gaussian_smooth(a, self.image_sigma)
+        self.frame_px = int(frame_px)
+        self.sampled = gaussian_smooth(suppress_frame(a, frame_px), self.image_sigma)
         self.noise = float(estimate_noise(a) if noise is None else noise)
 
     @property
@@ -134,7 +177,14 @@ class RefineResult:
     displacement : (N,) px moved along the outward normal from the resampled input.
     snr : (N,) rim contrast ``peak - min`` over the profile noise (0 where no edge).
     substrate : "inside" or "outside", the side taken as substrate.
-    inside : (N,) bool, True where the whole search window lay inside the image.
+    inside : (N,) bool, True where the part of the profile the edge rule used (from
+        the substrate floor to the rim peak) lay inside the image (samples beyond it
+        repeat the outermost pixels); an edge is only found where it did.
+    border : (N,) bool, True for the points lying on the image border (a shape cut
+        by the field of view is closed along it; see :func:`refine_contours`).
+        They are not refined, are never ``valid``, and do not count in
+        :attr:`valid_fraction`, :attr:`quality` or the SNR and roughness terms.
+        None (results built by hand) means no border points.
     """
 
     contour_uv: np.ndarray
@@ -145,10 +195,31 @@ class RefineResult:
     substrate: str
     inside: np.ndarray
     params: dict[str, Any] = field(default_factory=dict)
+    border: np.ndarray | None = None
+
+    @property
+    def edge_points(self) -> np.ndarray:
+        """(N,) bool: the real-edge points (not on the image border)."""
+        return np.ones(len(self.valid), dtype=bool) if self.border is None else ~np.asarray(self.border, bool)
+
+    @property
+    def clipped(self) -> bool:
+        """True when part of the contour runs along the image border."""
+        return self.border is not None and bool(np.any(self.border))
+
+    @property
+    def border_fraction(self) -> float:
+        """Fraction of the contour's perimeter lying on the image border (0 when not clipped)."""
+        shape = self.params.get("image_shape")
+        if not self.clipped or shape is None:
+            return 0.0
+        return border_fraction(self.contour_uv, shape)
 
     @property
     def valid_fraction(self) -> float:
-        return float(np.mean(self.valid)) if len(self.valid) else 0.0
+        """Fraction of the real-edge points (border points excluded) with a clean, kept edge."""
+        e = self.edge_points
+        return float(np.mean(self.valid[e])) if e.any() else 0.0
 
     @property
     def median_snr(self) -> float:
@@ -251,7 +322,8 @@ def _raw_profiles(arr: np.ndarray, pts: np.ndarray, nrm: np.ndarray, *, search_p
     u = pts[:, 0:1] + offsets[None, :] * nrm[:, 0:1]
     v = pts[:, 1:2] + offsets[None, :] * nrm[:, 1:2]
     h, w = arr.shape
-    ends_u, ends_v = u[:, [0, -1]], v[:, [0, -1]]  # a straight window is inside iff its ends are
+    # A straight window is inside iff its ends are; the padding only feeds the smoothing tails.
+    ends_u, ends_v = u[:, [pad, -1 - pad]], v[:, [pad, -1 - pad]]
     inside = np.all((ends_u >= 0.5) & (ends_u <= w - 0.5) & (ends_v >= 0.5) & (ends_v <= h - 0.5), axis=1)
     prof = _sample(arr, u, v)
     if smooth_sigma > 0:
@@ -300,7 +372,8 @@ def _profile_noise_factor(image_sigma: float, smooth_sigma: float, sample_px: fl
 
 
 def _locate(q: np.ndarray, qw: np.ndarray, *, edge: str, threshold: float, centre_weight: float,
-            noise_w: float = 0.0, base_band: float = 0.05) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            noise_w: float = 0.0, base_band: float = 0.05
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Edge index position in profiles oriented substrate -> resist.
 
     ``qw`` (averaged over more contour points, so less noisy) picks the rim
@@ -310,8 +383,10 @@ def _locate(q: np.ndarray, qw: np.ndarray, *, edge: str, threshold: float, centr
     within ``max(base_band * contrast, 3 * noise_w)`` of the minimum (the
     substrate floor), not the single lowest sample.
 
-    Returns ``(x, found, contrast)``: fractional sample index of the edge,
-    whether one was found, and the rim contrast ``peak - min`` (from ``qw``).
+    Returns ``(x, found, contrast, lo, hi)``: fractional sample index of the
+    edge, whether one was found, the rim contrast ``peak - min`` (from
+    ``qw``), and the span the rule used: the last substrate-floor sample
+    before the peak (``lo``) and the rim peak (``hi``).
     """
     m_, k_ = q.shape
     idx = np.arange(k_)
@@ -369,7 +444,24 @@ def _locate(q: np.ndarray, qw: np.ndarray, *, edge: str, threshold: float, centr
         found &= inside.any(axis=1)
     else:  # pragma: no cover - validated by the caller
         raise SegsemError(f"unknown edge rule {edge!r}")
-    return x, found, contrast
+    lo = np.max(np.where(floor, idx[None, :], 0), axis=1)
+    return x, found, contrast, lo, k
+
+
+def _span_inside(pts: np.ndarray, nrm: np.ndarray, scale: np.ndarray, a: np.ndarray, b: np.ndarray,
+                 shape: tuple[int, int], frame_px: int = 0) -> np.ndarray:
+    """True where the points ``pts + scale * a * nrm`` and ``pts + scale * b * nrm`` (and so the
+    segment between them) lie between the centres of the outermost pixels used,
+    ``[m, W - m] x [m, H - m]`` with ``m = frame_px + 0.5``."""
+    h, w = shape
+    m = frame_px + 0.5
+    ok = np.ones(len(pts), dtype=bool)
+    for j in (a, b):
+        s = scale * j
+        u = pts[:, 0] + s * nrm[:, 0]
+        v = pts[:, 1] + s * nrm[:, 1]
+        ok &= (u >= m) & (u <= w - m) & (v >= m) & (v <= h - m)
+    return ok
 
 
 def _smooth_closed(c: np.ndarray, sigma: float) -> np.ndarray:
@@ -431,7 +523,7 @@ def _regularise(d: np.ndarray, found: np.ndarray, med: np.ndarray, *, outlier_k:
 # ----------------------------------------------------------------------------- public API
 
 def _decide_substrate(arr: np.ndarray, pts: np.ndarray, nrm: np.ndarray, counts: np.ndarray,
-                      reach_px: float) -> list[str]:
+                      reach_px: float, exclude: np.ndarray | None = None) -> list[str]:
     """Which side of each contour is the substrate, from the data.
 
     Profiles reaching ``reach_px`` to each side are compared per contour: the
@@ -439,9 +531,11 @@ def _decide_substrate(arr: np.ndarray, pts: np.ndarray, nrm: np.ndarray, counts:
     is the substrate, which holds even when the coarse contour sits on the
     rim's resist-side flank. When the floors are within 15 % of the profile
     range (resist top as dark as the substrate), the side with the lower mean
-    is the substrate (the bright rim lies on the resist side).
+    is the substrate (the bright rim lies on the resist side). Points in
+    ``exclude`` (on the image border) do not vote.
     """
     prof, inside = _raw_profiles(arr, pts, nrm, search_px=reach_px, sample_px=0.5, smooth_sigma=1.0)
+    voters = np.ones(len(pts), dtype=bool) if exclude is None else ~exclude
     half = prof.shape[1] // 2
     inner, outer = prof[:, :half], prof[:, half + 1:]
     kth = max(0, int(0.1 * half))
@@ -453,7 +547,9 @@ def _decide_substrate(arr: np.ndarray, pts: np.ndarray, nrm: np.ndarray, counts:
     for n in counts:
         sl = slice(start, start + n)
         start += n
-        ok = inside[sl] if inside[sl].any() else np.ones(n, bool)
+        ok = inside[sl] & voters[sl]
+        if not ok.any():
+            ok = voters[sl] if voters[sl].any() else np.ones(n, bool)
         fd = float(np.median(floor_diff[sl][ok]))
         if abs(fd) > 0.15 * float(np.median(span[sl][ok])):
             out.append("inside" if fd > 0 else "outside")
@@ -484,6 +580,296 @@ def _check_params(edge: str, threshold: float, search_px: float, step_px: float,
         raise SegsemError(f"centre_weight must be in [0, 1), got {centre_weight}")
 
 
+# ----------------------------------------------------------------------------- border handling
+
+def _masked_gauss_wrap(x: np.ndarray, w: np.ndarray, sigma: float) -> np.ndarray:
+    """Circular Gaussian smoothing of ``x`` along axis 0 over the points with ``w`` (normalised
+    convolution); points without weighted neighbours keep their value."""
+    from scipy.ndimage import gaussian_filter1d
+
+    if sigma <= 0 or len(x) < 4:
+        return x
+    sigma = min(sigma, len(x) / 6.0)
+    wf = w.astype(np.float64)
+    xw = x * (wf[:, None] if x.ndim == 2 else wf)
+    num = gaussian_filter1d(xw, sigma, axis=0, mode="wrap")
+    den = gaussian_filter1d(wf, sigma, mode="wrap")
+    ok = den > 1e-6
+    den = np.where(ok, den, 1.0)
+    out = num / (den[:, None] if x.ndim == 2 else den)
+    keep = ~(ok & w)
+    out[keep] = x[keep]
+    return out
+
+
+def _masked_along_mean(a: np.ndarray, counts: np.ndarray, window: int, w: np.ndarray) -> np.ndarray:
+    """:func:`_along_mean` over the neighbours with ``w`` only (rows without any keep their value).
+
+    Only the rows whose neighbourhood holds a point without ``w`` differ from
+    the plain mean; just those are recomputed.
+    """
+    if window <= 1 or w.all():
+        return _along_mean(a, counts, window)
+    out = _along_mean(a, counts, window)
+    den = _along_mean(w.astype(np.float32), counts, window)
+    rows = np.nonzero(den < 1.0 - 0.5 / window)[0]
+    if rows.size:
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        which = np.searchsorted(starts, rows, side="right") - 1
+        st, n = starts[which], counts[which]
+        j = np.arange(window) - window // 2
+        nb = st[:, None] + (rows - st)[:, None] + j[None, :]
+        nb = st[:, None] + (nb - st[:, None]) % n[:, None]
+        wn = w[nb].astype(np.float32)
+        cnt = wn.sum(axis=1)
+        num = np.einsum("rj,rjk->rk", wn, a[nb].astype(np.float32))
+        ok = cnt > 0
+        out[rows[ok]] = (num[ok] / cnt[ok, None]).astype(a.dtype, copy=False)
+        out[rows[~ok]] = a[rows[~ok]]
+    return out
+
+
+def _run_normals(c: np.ndarray, border: np.ndarray, smooth: float) -> np.ndarray:
+    """Outward unit normals of a contour whose border points split it into open runs.
+
+    Coordinates are smoothed over the run points only and tangents use
+    one-sided differences at the run ends, so the image border never tilts the
+    normals of the edge next to it.
+    """
+    edge = ~border
+    cs = _masked_gauss_wrap(c, edge, smooth)
+    n = len(c)
+    i = np.arange(n)
+    prv, nxt = (i - 1) % n, (i + 1) % n
+    ip = np.where(edge[prv], prv, i)
+    inx = np.where(edge[nxt], nxt, i)
+    t = np.where(edge[:, None], cs[inx] - cs[ip], c[nxt] - c[prv])
+    flat = np.hypot(t[:, 0], t[:, 1]) < 1e-12
+    t[flat] = (c[nxt] - c[prv])[flat]
+    nv = np.column_stack([t[:, 1], -t[:, 0]])
+    if signed_area(c) < 0:
+        nv = -nv
+    norm = np.hypot(nv[:, 0], nv[:, 1])
+    norm[norm == 0] = 1.0
+    return nv / norm[:, None]
+
+
+def _regularise_runs(d: np.ndarray, found: np.ndarray, med: np.ndarray, border: np.ndarray, *, outlier_k: float,
+                     contour_sigma: float, min_mad: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`_regularise` for a contour with border points: rejected points are filled within
+    their own run (held constant towards its ends), smoothing does not cross onto the border,
+    and border points keep a zero displacement."""
+    keep = found & ~border
+    if keep.sum() >= 3:
+        r = d - med
+        finite = keep & np.isfinite(r)
+        if finite.any():
+            mad = 1.4826 * np.median(np.abs(r[finite]))
+            keep = finite & (np.abs(r) <= outlier_k * max(mad, min_mad))
+    if not keep.any():
+        return np.zeros_like(d), keep, np.zeros_like(d)
+    filled = np.zeros_like(d)
+    for run in border_runs(border):
+        k = keep[run]
+        if k.any():
+            filled[run] = np.interp(np.arange(len(run)), np.nonzero(k)[0], d[run][k])
+    smooth = _masked_gauss_wrap(filled, ~border, contour_sigma)
+    smooth[border] = 0.0
+    return smooth, keep, np.where(keep, d - smooth, 0.0)
+
+
+def _ray_to_border(p: np.ndarray, d: np.ndarray, shape: tuple[int, int]) -> tuple[float, int, float]:
+    """Distance ``t`` along unit direction ``d`` from ``p`` (inside) to the image border, the axis hit and its value."""
+    h, w = shape
+    best = (np.inf, 0, 0.0)
+    for axis, lim in ((0, w), (1, h)):
+        if d[axis] < -1e-12:
+            best = min(best, (-p[axis] / d[axis], axis, 0.0))
+        elif d[axis] > 1e-12:
+            best = min(best, ((lim - p[axis]) / d[axis], axis, float(lim)))
+    return best
+
+
+def _junction(run: np.ndarray, at_start: bool, fallback: np.ndarray, shape: tuple[int, int], max_ext: float,
+              k: int = 8) -> np.ndarray:
+    """Where a run of edge points meets the image border.
+
+    The run's last ``k`` points (towards the end ``at_start`` or not) are fitted
+    with a quadratic in arc length and the curve is followed past the end
+    until it leaves the image; a straight extension along the fitted end
+    tangent when the curve does not get there, then the end's perpendicular
+    foot on the border, each only within ``max_ext`` px; else ``fallback``
+    (the coarse contour's border point).
+    """
+    h, w = shape
+    seg = run[:k][::-1] if at_start else run[-k:]  # ordered towards the end
+    p = seg[-1]
+    if len(seg) >= 2:
+        t = np.concatenate([[0.0], np.cumsum(np.hypot(*np.diff(seg, axis=0).T))])
+        t = t - t[-1]  # end at t = 0, the run behind at t < 0
+        if t[0] < -1e-9:
+            quad = len(seg) >= 5 and t[0] < -3.0
+            A = np.column_stack([np.ones_like(t), t] + ([t * t] if quad else []))
+            coef = np.linalg.lstsq(A, seg - p, rcond=None)[0]  # rows: offset, slope, (curvature)
+            # Follow the fitted curve beyond the end (0.25 px steps) until it leaves the image.
+            ts = np.arange(0.0, max_ext + 0.25, 0.25)
+            q = p + np.outer(ts, coef[1]) + (np.outer(ts * ts, coef[2]) if quad else 0.0)
+            out = (q[:, 0] < 0) | (q[:, 0] > w) | (q[:, 1] < 0) | (q[:, 1] > h)
+            if out.any():
+                j = int(np.argmax(out))
+                if j > 0:
+                    a0, d = q[j - 1], q[j] - q[j - 1]
+                    nd = float(np.hypot(*d))
+                    if nd > 1e-12:
+                        tt, axis, val = _ray_to_border(a0, d / nd, shape)
+                        r = a0 + min(tt, nd) * d / nd
+                        r[axis] = val
+                        return np.array([np.clip(r[0], 0, w), np.clip(r[1], 0, h)])
+            d = coef[1]
+            nd = float(np.hypot(*d))
+            if nd > 1e-12:
+                tt, axis, val = _ray_to_border(p, d / nd, shape)
+                if 0.0 <= tt <= max_ext:
+                    r = p + tt * d / nd
+                    r[axis] = val
+                    return np.array([np.clip(r[0], 0, w), np.clip(r[1], 0, h)])
+    dist = [p[0], w - p[0], p[1], h - p[1]]
+    i = int(np.argmin(dist))
+    if dist[i] <= max_ext:
+        return np.array([[0.0, p[1]], [float(w), p[1]], [p[0], 0.0], [p[0], float(h)]][i])
+    return np.asarray(fallback, dtype=np.float64).copy()
+
+
+def _rebuild_along_border(c_in: np.ndarray, c_new: np.ndarray, border: np.ndarray, valid: np.ndarray,
+                          cols: dict[str, np.ndarray], shape: tuple[int, int], *, step_px: float, max_ext: float,
+                          trim_max: int) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """Join the refined edge runs of a contour with new border segments.
+
+    At each run end, points without a kept edge (``valid`` False: e.g. the
+    search window left the image) are dropped, at most ``trim_max`` per end
+    and never the whole run; the run is extended onto the border
+    (:func:`_junction`) and consecutive runs are joined along the border in the
+    positive direction, through the image corners. ``cols`` are per-point
+    arrays (validity, SNR, ...): run points keep theirs, border points get
+    False / 0 / NaN. Returns ``(contour, border mask, cols)``.
+    """
+    from .contours import border_param, border_path
+
+    h, w = shape
+    n = len(c_new)
+    c = np.column_stack([np.clip(c_new[:, 0], 0, w), np.clip(c_new[:, 1], 0, h)])
+    on = border_mask(c, shape)
+    kept = []
+    for r in border_runs(border):
+        lo, hi = 0, len(r)
+        while lo < hi and lo < trim_max and not valid[r[lo]]:
+            lo += 1
+        while hi > lo and len(r) - hi < trim_max and not valid[r[hi - 1]]:
+            hi -= 1
+        rr = r[lo:hi] if hi - lo >= 2 else r
+        while len(rr) and on[rr[0]]:
+            rr = rr[1:]
+        while len(rr) and on[rr[-1]]:
+            rr = rr[:-1]
+        if len(rr) < 2:
+            continue
+        before, after = c_in[(r[0] - 1) % n], c_in[(r[-1] + 1) % n]
+        kept.append((rr, _junction(c[rr], True, before, shape, max_ext),
+                     _junction(c[rr], False, after, shape, max_ext), before, after))
+    if not kept:
+        return c_in, border, cols
+    per = 2.0 * (w + h)
+    pts: list[np.ndarray] = []
+    idx: list[np.ndarray] = []
+    for i, (rr, _ja, jb, _bef, after) in enumerate(kept):
+        nxt = kept[(i + 1) % len(kept)]
+        pts.append(c[rr])
+        idx.append(rr)
+        s = border_param(np.vstack([jb, nxt[1], after, nxt[3]]), shape)
+        if (s[1] - s[0]) % per - (s[3] - s[2]) % per > 0.5 * per:  # refinement swapped the ends: no detour
+            path = np.vstack([jb, nxt[1]])
+        else:
+            path = border_path(jb, nxt[1], shape, step_px=step_px)
+        pts.append(path)
+        idx.append(np.full(len(path), -1))
+    contour = np.vstack(pts)
+    src = np.concatenate(idx)
+    bnd = src < 0
+    out = {}
+    for key, arr in cols.items():
+        fill = np.nan if arr.dtype.kind == "f" and key == "raw" else (False if arr.dtype == bool else 0.0)
+        o = np.full(len(src), fill, dtype=arr.dtype)
+        o[~bnd] = arr[src[~bnd]]
+        out[key] = o
+    return contour, bnd, out
+
+
+def _print_reaches_border(pts: np.ndarray, nrm: np.ndarray, prof: np.ndarray, found: np.ndarray,
+                          border: np.ndarray, shape: tuple[int, int], *, search_px: float, sample_px: float,
+                          min_run: int = 3) -> np.ndarray:
+    """Points of one contour to move onto the image border: the printed shape runs out of the image there.
+
+    Candidates are runs (at least ``min_run`` long) of points without an edge
+    whose outward normal meets the border within ``search_px``. A run is taken
+    when the signal just inside the border, along those normals, is closer to
+    the shape's own interior level than to its exterior level (both measured
+    on the profiles of the points that did find an edge): the shape continues
+    to the border. An edge between the point and the border that was not
+    measured leaves the exterior level there, and the run stays.
+    Returns the ray distance to the border (``inf`` for points not moved).
+    """
+    h, w = shape
+    t = np.full(len(pts), np.inf)  # distance along the outward normal to the border
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for axis, lim in ((0, w), (1, h)):
+            n_, p_ = nrm[:, axis], pts[:, axis]
+            t = np.minimum(t, np.where(n_ < -1e-9, -p_ / n_, np.where(n_ > 1e-9, (lim - p_) / n_, np.inf)))
+    cand = ~found & ~border & (t <= search_px)
+    out = np.full(len(pts), np.inf)
+    if cand.sum() < min_run or cand.all() or found.sum() < 3:
+        return out
+    k = prof.shape[1]
+    half = k // 2
+    reach = int(round(0.75 * search_px / sample_px))
+    interior = float(np.median(prof[found, half - reach]))
+    exterior = float(np.median(prof[found, half + reach]))
+    if abs(exterior - interior) < 1e-9:
+        return out
+    # the sample about one pixel inside the border along each normal
+    jb = np.clip(half + np.floor((t - 1.0) / sample_px).astype(np.int64), half, k - 1)
+    at_border = prof[np.arange(len(pts)), np.where(cand, jb, half)]
+    inside_like = np.abs(at_border - interior) < np.abs(at_border - exterior)
+    for run in border_runs(~cand):
+        if len(run) >= min_run and inside_like[run].mean() > 0.5:
+            out[run] = t[run]
+    return out
+
+
+def _prepare(contours_uv: Sequence[np.ndarray], shape: tuple[int, int], *, step_px: float, border: bool,
+             border_px: float) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Validate, snap to the border (when ``border``), orient and resample the coarse contours."""
+    from .contours import snap_to_border
+
+    h, w = shape
+    cur, bnd = [], []
+    for i, c in enumerate(contours_uv):
+        a = as_contour(c, name=f"contour {i}")
+        if border and np.any((a[:, 0] <= border_px) | (a[:, 0] >= w - border_px)
+                             | (a[:, 1] <= border_px) | (a[:, 1] >= h - border_px)):
+            s = snap_to_border(a, shape, border_px=border_px)
+            if abs(signed_area(s)) > 1e-6:
+                r = orient(resample_closed(s, step_px))
+                b = border_mask(r, shape)
+                if b.any() and not b.all():
+                    cur.append(r)
+                    bnd.append(b)
+                    continue
+        r = orient(resample_closed(a, step_px))
+        cur.append(r)
+        bnd.append(np.zeros(len(r), dtype=bool))
+    return cur, bnd
+
+
 def refine_contours(
     image: np.ndarray | EdgeImage,
     contours_uv: Sequence[np.ndarray],
@@ -507,6 +893,9 @@ def refine_contours(
     centre_weight: float = 0.3,
     passes: int = 2,
     base_sigma: float = 3.0,
+    border: bool = True,
+    border_px: float = 2.0,
+    frame_px: int = 1,
 ) -> list[RefineResult]:
     """Refine many coarse closed contours on one image (all normals sampled in one vectorised pass).
 
@@ -539,18 +928,42 @@ def refine_contours(
     centre_weight : in [0, 1); prefers rims near the coarse contour when several are in the window.
     passes : refinement passes; later passes re-take the normals from the refined contour
         smoothed along its length with a Gaussian of ``base_sigma`` samples.
+    border : contours that run along the image border (a shape cut by the field of
+        view, closed along ``u = 0``, ``u = W``, ``v = 0`` or ``v = H``) keep that
+        part fixed (default). The contour is clamped into ``[0, W] x [0, H]`` and
+        coordinates within ``border_px`` of a border line are put onto it; these
+        *border points* are never refined, do not count in ``valid``/``quality``
+        (:attr:`RefineResult.border`), and are not averaged into their
+        neighbours' profiles. The runs of real edge between them are refined as
+        open curves; at a run's ends, points without a kept edge (e.g. their
+        profile would leave the image) are dropped and the run is extended along
+        its fitted end onto the border. A run of points without an edge whose
+        normals reach the border within ``search_px``, where the signal next to
+        the border is the shape's own interior level, goes onto the border too
+        (a print running out of the image from a coarse contour that did not).
+        ``False``: every point is refined as an edge (none is found where the
+        profile leaves the image).
+    frame_px : outermost pixel rows and columns not used for edge placement (see
+        :class:`EdgeImage`; ignored if an EdgeImage is given).
+    border_px : snapping distance for ``border`` (px, default 2). Masks and iso-lines
+        closed through a padded border lie within half a pixel of it; an edge closer
+        than 2 px to the border, or a bright or dark frame in the outermost pixels
+        (smoothed into the image by a coarse detector), cannot be measured there anyway.
 
     Returns
     -------
     list of RefineResult, one per input contour; contours have positive orientation
-    (see :mod:`segsem_cli.contours`) and ``step_px`` spacing.
+    (see :mod:`segsem_cli.contours`) and ``step_px`` spacing (border segments are
+    sampled at ``step_px`` too).
     """
-    img = image if isinstance(image, EdgeImage) else EdgeImage(image, image_sigma=image_sigma)
+    img = image if isinstance(image, EdgeImage) else EdgeImage(image, image_sigma=image_sigma, frame_px=frame_px)
     along_points, passes = int(along_points), int(passes)
     level_points = int(level_points)
     _check_params(edge, threshold, search_px, step_px, sample_px, smooth_sigma, along_points, passes, centre_weight)
     if level_points < 1 or level_points % 2 == 0:
         raise SegsemError(f"level_points must be an odd number >= 1, got {level_points}")
+    if not (np.isfinite(border_px) and border_px >= 0):
+        raise SegsemError(f"border_px must be >= 0, got {border_px}")
     subs = [substrate] * len(contours_uv) if isinstance(substrate, str) else list(substrate)
     if len(subs) != len(contours_uv):
         raise SegsemError(f"substrate: got {len(subs)} values for {len(contours_uv)} contours")
@@ -564,86 +977,156 @@ def refine_contours(
     noise_prof = max(img.noise * factor, 1e-9 * max(1.0, float(np.ptp(img.sampled))))
     noise_w = img.noise * _profile_noise_factor(img.image_sigma, float(smooth_sigma), float(sample_px),
                                                 level_points, float(step_px))
-
-    current = [orient(resample_closed(as_contour(c, name=f"contour {i}"), step_px))
-               for i, c in enumerate(contours_uv)]
-    # Work in batches of about _BATCH_POINTS points: the (points x samples) arrays then stay
-    # in cache (a 2048 px image with 200 features ran 1.5x slower per point in one batch).
-    sizes = np.array([len(c) for c in current])
-    if len(current) > 1 and sizes.sum() > _BATCH_POINTS:
+    current, bnd = _prepare(contours_uv, img.shape, step_px=float(step_px), border=bool(border),
+                            border_px=float(border_px))
+    kw = dict(edge=edge, threshold=threshold, search_px=float(search_px), step_px=float(step_px),
+              sample_px=sample_px, smooth_sigma=smooth_sigma, along_points=along_points, level_points=level_points,
+              normal_smooth=normal_smooth, min_snr=min_snr, outlier_k=outlier_k, outlier_window=int(outlier_window),
+              min_mad=min_mad, contour_sigma=contour_sigma, centre_weight=centre_weight, passes=passes,
+              base_sigma=base_sigma, noise_prof=noise_prof, noise_w=noise_w, border_mode=bool(border))
+    # Contours along the border go in their own batches: a contour's result never
+    # depends on which others it was refined with.
+    out: list[RefineResult] = [None] * len(current)  # type: ignore[list-item]
+    for along_border in (False, True):
+        members = [i for i in range(len(current)) if bool(bnd[i].any()) == along_border]
+        # Batches of about _BATCH_POINTS points keep the (points x samples) arrays in
+        # cache (a 2048 px image with 200 features ran 1.5x slower per point in one batch).
         groups: list[list[int]] = [[]]
         acc = 0
-        for i, n in enumerate(sizes):
-            if groups[-1] and acc + n > _BATCH_POINTS:
+        for i in members:
+            if groups[-1] and acc + len(current[i]) > _BATCH_POINTS:
                 groups.append([])
                 acc = 0
             groups[-1].append(i)
-            acc += int(n)
-        kw = dict(edge=edge, threshold=threshold, search_px=search_px, step_px=step_px, sample_px=sample_px,
-                  smooth_sigma=smooth_sigma, along_points=along_points, level_points=level_points,
-                  normal_smooth=normal_smooth, min_snr=min_snr, outlier_k=outlier_k,
-                  outlier_window=outlier_window, min_mad=min_mad, contour_sigma=contour_sigma,
-                  centre_weight=centre_weight, passes=passes, base_sigma=base_sigma)
-        out: list[RefineResult] = [None] * len(current)  # type: ignore[list-item]
+            acc += len(current[i])
         for g in groups:
-            for i, r in zip(g, refine_contours(img, [contours_uv[i] for i in g],
-                                               substrate=[subs[i] for i in g], **kw)):
+            if not g:
+                continue
+            res = _refine_batch(img, [current[i] for i in g], [bnd[i] for i in g], [subs[i] for i in g], **kw)
+            for i, r in zip(g, res):
                 out[i] = r
-        return out
-    decided = list(subs)
+    return out
+
+
+def _refine_batch(img: EdgeImage, current: list[np.ndarray], bnd: list[np.ndarray], decided: list[str], *,
+                  edge: str, threshold: float, search_px: float, step_px: float, sample_px: float,
+                  smooth_sigma: float, along_points: int, level_points: int, normal_smooth: float, min_snr: float,
+                  outlier_k: float, outlier_window: int, min_mad: float, contour_sigma: float,
+                  centre_weight: float, passes: int, base_sigma: float, noise_prof: float,
+                  noise_w: float, border_mode: bool) -> list[RefineResult]:
+    """:func:`refine_contours` on prepared (resampled, oriented) contours with their border masks."""
+    decided = list(decided)
     results: list[RefineResult] = []
     sp = float(search_px)
+    max_ext = 2.0 * sp
+    trim_max = int(np.ceil(2.0 * sp / step_px)) + max(along_points, level_points) // 2
     for p in range(passes):
         if p > 0:
             # Later passes start from the refined contour low-passed along its length:
             # neighbouring profiles are averaged in their own normal coordinates, so a
             # jittery base would blur the averaged profile (lower the rim, bias the level).
-            current = [orient(resample_closed(_smooth_closed(c, base_sigma), step_px)) for c in current]
+            nxt, nb = [], []
+            for c, b in zip(current, bnd):
+                if b.any():
+                    r = orient(resample_closed(_masked_gauss_wrap(c, ~b, base_sigma), step_px))
+                    nxt.append(r)
+                    nb.append(border_mask(r, img.shape))
+                else:
+                    r = orient(resample_closed(_smooth_closed(c, base_sigma), step_px))
+                    nxt.append(r)
+                    nb.append(np.zeros(len(r), dtype=bool))
+            current, bnd = nxt, nb
         pts = np.vstack(current)
-        nrm = np.vstack([normals(c, smooth=normal_smooth) for c in current])
+        border = np.concatenate(bnd)
+        any_border = bool(border.any())
+        nrm = np.vstack([_run_normals(c, b, normal_smooth) if b.any() else normals(c, smooth=normal_smooth)
+                         for c, b in zip(current, bnd)])
         counts = np.array([len(c) for c in current])
         starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-        prof1, inside1 = _raw_profiles(img.sampled, pts, nrm, search_px=sp, sample_px=sample_px,
-                                       smooth_sigma=smooth_sigma)
-        prof = _along_mean(prof1, counts, along_points)
-        profw = _along_mean(prof1, counts, level_points)
-        inside = _along_mean(inside1.astype(np.float32), counts, max(along_points, level_points)) > 0.999
+        prof1, _ = _raw_profiles(img.sampled, pts, nrm, search_px=sp, sample_px=sample_px,
+                                 smooth_sigma=smooth_sigma)
+        if any_border:  # border points' profiles are not averaged into their neighbours'
+            prof = _masked_along_mean(prof1, counts, along_points, ~border)
+            profw = _masked_along_mean(prof1, counts, level_points, ~border)
+        else:
+            prof = _along_mean(prof1, counts, along_points)
+            profw = _along_mean(prof1, counts, level_points)
         k_ = prof.shape[1]
         half = k_ // 2
 
         if p == 0 and "auto" in decided:
             auto = np.array([d == "auto" for d in decided])
-            sides = _decide_substrate(img.sampled, pts, nrm, counts, 2.0 * sp)
+            sides = _decide_substrate(img.sampled, pts, nrm, counts, 2.0 * sp,
+                                      exclude=border if any_border else None)
             decided = [sides[i] if auto[i] else decided[i] for i in range(len(decided))]
         flip = np.repeat(np.array([s == "outside" for s in decided]), counts)
         q = np.where(flip[:, None], prof[:, ::-1], prof)  # substrate -> resist
         qw = np.where(flip[:, None], profw[:, ::-1], profw)
-        x, found, contrast = _locate(q, qw, edge=edge, threshold=threshold, centre_weight=centre_weight,
-                                     noise_w=noise_w)
+        x, found, contrast, lo, hi = _locate(q, qw, edge=edge, threshold=threshold, centre_weight=centre_weight,
+                                             noise_w=noise_w)
         s_pos = (x - half) * sample_px
         s_out = np.where(flip, -s_pos, s_pos)  # displacement along the outward normal
+        # Samples beyond the image repeat its outermost pixels: an edge counts only when the
+        # part of the profile the rule used (substrate floor to rim peak) lies in the image.
+        inside = _span_inside(pts, nrm, np.where(flip, -1.0, 1.0) * sample_px, lo - half, hi - half, img.shape,
+                              img.frame_px)
         snr = contrast / noise_prof
-        found = found & inside & (snr >= min_snr) & (np.abs(s_out) <= sp - sample_px)
+        found = found & inside & (snr >= min_snr) & (np.abs(s_out) <= sp - sample_px) & ~border
+        if border_mode:
+            # Where no edge was found and the shape's interior runs on up to a nearby
+            # border, the print leaves the image: those points go onto the border.
+            h_, w_ = img.shape
+            for i in range(len(current)):
+                sl = slice(starts[i], starts[i] + counts[i])
+                t_hit = _print_reaches_border(pts[sl], nrm[sl], prof[sl], found[sl], border[sl], img.shape,
+                                              search_px=sp, sample_px=sample_px)
+                mv = np.isfinite(t_hit)
+                if not mv.any():
+                    continue
+                q = pts[sl][mv] + t_hit[mv, None] * nrm[sl][mv]
+                q[:, 0] = np.clip(q[:, 0], 0, w_)
+                q[:, 1] = np.clip(q[:, 1], 0, h_)
+                q[np.abs(q[:, 0]) < 1e-6, 0] = 0.0
+                q[np.abs(q[:, 0] - w_) < 1e-6, 0] = float(w_)
+                q[np.abs(q[:, 1]) < 1e-6, 1] = 0.0
+                q[np.abs(q[:, 1] - h_) < 1e-6, 1] = float(h_)
+                idx = np.arange(starts[i], starts[i] + counts[i])[mv]
+                pts[idx] = q
+                bm = border_mask(pts[idx], img.shape)
+                border[idx[bm]] = True
+                current[i] = pts[sl].copy()
 
         d_all = np.where(found, s_out, 0.0)
         med_all = _running_median(d_all, found, counts, int(outlier_window))
         new: list[np.ndarray] = []
+        new_b: list[np.ndarray] = []
         results = []
         for i in range(len(current)):
             sl = slice(starts[i], starts[i] + counts[i])
-            f_i = found[sl]
-            d, keep, resid = _regularise(d_all[sl], f_i, med_all[sl], outlier_k=outlier_k,
-                                         contour_sigma=contour_sigma, min_mad=min_mad)
+            f_i, b_i = found[sl], border[sl]
+            if b_i.any():
+                d, keep, resid = _regularise_runs(d_all[sl], f_i, med_all[sl], b_i, outlier_k=outlier_k,
+                                                  contour_sigma=contour_sigma, min_mad=min_mad)
+            else:
+                d, keep, resid = _regularise(d_all[sl], f_i, med_all[sl], outlier_k=outlier_k,
+                                             contour_sigma=contour_sigma, min_mad=min_mad)
             c_new = pts[sl] + d[:, None] * nrm[sl] if keep.any() else current[i]
+            cols = {"valid": keep, "found": f_i.copy(), "displacement": d, "snr": np.where(f_i, snr[sl], 0.0),
+                    "inside": inside[sl].copy(), "resid": resid, "raw": np.where(f_i, s_out[sl], np.nan)}
+            if b_i.any() and keep.any():
+                c_new, b_i, cols = _rebuild_along_border(current[i], c_new, b_i, keep, cols, img.shape,
+                                                         step_px=step_px, max_ext=max_ext, trim_max=trim_max)
             new.append(c_new)
+            new_b.append(b_i)
             results.append(RefineResult(
-                contour_uv=c_new, valid=keep, found=f_i.copy(), displacement=d,
-                snr=np.where(f_i, snr[sl], 0.0), substrate=decided[i], inside=inside[sl].copy(),
+                contour_uv=c_new, valid=cols["valid"], found=cols["found"], displacement=cols["displacement"],
+                snr=cols["snr"], substrate=decided[i], inside=cols["inside"],
                 params={"edge": edge, "threshold": threshold, "search_px": sp, "noise": img.noise,
-                        "profile_noise": noise_prof, "_residual": resid,
-                        "_raw_displacement": np.where(f_i, s_out[sl], np.nan)},
+                        "profile_noise": noise_prof, "_residual": cols["resid"], "_raw_displacement": cols["raw"],
+                        "image_shape": img.shape},
+                border=b_i.copy(),
             ))
-        current = new
+        current, bnd = new, new_b
     return results
 
 
@@ -688,6 +1171,21 @@ def opt_int(options: Mapping[str, Any], key: str, default: int, *, lo: int | Non
     return int(v)
 
 
+def opt_bool(options: Mapping[str, Any], key: str, default: bool) -> bool:
+    """A boolean option (``true/false``, ``yes/no``, ``on/off``, ``1/0``)."""
+    if key not in options or options[key] is None:
+        return bool(default)
+    v = options[key]
+    if isinstance(v, bool):
+        return v
+    t = str(v).strip().lower()
+    if t in ("1", "true", "yes", "on"):
+        return True
+    if t in ("0", "false", "no", "off"):
+        return False
+    raise _err(key, v, "must be true or false")
+
+
 def opt_choice(options: Mapping[str, Any], key: str, default: str, choices: Sequence[str]) -> str:
     """A string option restricted to ``choices``."""
     if key not in options or options[key] is None:
@@ -703,7 +1201,9 @@ def parse_refine_options(options: Mapping[str, Any]) -> dict[str, Any]:
 
     Keys: ``edge``, ``threshold``, ``search_px``, ``step_px``, ``sample_px``,
     ``smooth_sigma`` (alias ``sigma``), ``along_points``, ``level_points``, ``image_sigma``,
-    ``substrate``, ``min_snr``, ``outlier_k``, ``contour_sigma``, ``passes``.
+    ``substrate``, ``min_snr``, ``outlier_k``, ``contour_sigma``, ``passes``, ``border``
+    (``true``/``false``: keep contour parts on the image border fixed, default true),
+    ``border_px`` and ``frame_px`` (outer pixel ring ignored, default 1).
     """
     o = dict(options)
     if "sigma" in o and "smooth_sigma" not in o:
@@ -723,22 +1223,43 @@ def parse_refine_options(options: Mapping[str, Any]) -> dict[str, Any]:
         "outlier_k": opt_float(o, "outlier_k", 3.0, lo=0.5),
         "contour_sigma": opt_float(o, "contour_sigma", 1.0, lo=0.0, hi=100.0),
         "passes": opt_int(o, "passes", 2, lo=1, hi=10),
+        "border": opt_bool(o, "border", True),
+        "border_px": opt_float(o, "border_px", 2.0, lo=0.0, hi=10.0),
+        "frame_px": opt_int(o, "frame_px", 1, lo=0, hi=16),
     }
 
 
 # ----------------------------------------------------------------------------- results for plugins
 
+def border_extra(res: RefineResult) -> dict[str, Any]:
+    """``{"clipped": True, "border_fraction": f}`` for a refined contour running along the image border, else ``{}``.
+
+    For callers that build their own :class:`~segsem_cli.types.FeatureResult`
+    from :func:`refine_contours` (e.g. the hybrid judge of the SAM2 path);
+    :func:`feature_result` adds the same keys.
+    """
+    if not res.clipped:
+        return {}
+    return {"clipped": True, "border_fraction": float(res.border_fraction)}
+
+
 def feature_result(feature: Any, res: RefineResult | None, *, source: str, image_shape: tuple[int, int],
                    min_valid: float = 0.5, border_px: float = 0.5, status: str | None = None,
                    confidence_scale: float = 1.0, layout_px: np.ndarray | None = None,
-                   layout_iou: float | None = None, extra: dict[str, Any] | None = None):
+                   layout_iou: float | None = None, extra: dict[str, Any] | None = None,
+                   max_outside: float = 0.2):
     """Turn one refinement into a :class:`~segsem_cli.types.FeatureResult` (shared by fallbacks and backbones).
 
     * ``status`` given (e.g. ``"not_found"``): that status, no contour, confidence 0.
-    * a contour closer than ``border_px`` to the image border, or with more
-      than 20 % of its normals leaving the image: ``"clipped"`` (a contour
-      never runs along the border as if it were an edge).
-    * fewer than ``min_valid`` of the normals with a clean edge: ``"low_contrast"``.
+    * a contour running along the image border (a shape cut by the field of view,
+      :attr:`RefineResult.border`): judged on its real-edge points only, with
+      ``extra["clipped"] = True`` and ``extra["border_fraction"]`` (fraction of
+      the perimeter on the border);
+    * more than ``max_outside`` of the real-edge normals leaving the image (an
+      edge hugging the border, which cannot be measured), or, for a contour
+      without border points, a vertex closer than ``border_px`` to the border:
+      ``"clipped"``, no contour;
+    * fewer than ``min_valid`` of the real-edge normals with a clean edge: ``"low_contrast"``.
     * otherwise ``"ok"`` with confidence ``res.quality * confidence_scale``,
       times ``min(1, IoU / 0.5)`` with ``layout_px`` (the feature's layout
       polygon) when given, or with ``layout_iou`` if the caller computed it
@@ -758,9 +1279,14 @@ def feature_result(feature: Any, res: RefineResult | None, *, source: str, image
               roughness_px=res.roughness_px, substrate=res.substrate)
     c = res.contour_uv
     h, w = image_shape
-    near_border = bool(np.any((c[:, 0] < border_px) | (c[:, 0] > w - border_px)
-                              | (c[:, 1] < border_px) | (c[:, 1] > h - border_px)))
-    if near_border or np.mean(~res.inside) > 0.2:
+    edge = res.edge_points
+    if res.clipped:
+        ex.update(clipped=True, border_fraction=border_fraction(c, image_shape))
+        bad = not edge.any() or np.mean(~res.inside[edge]) > max_outside
+    else:
+        bad = bool(np.any((c[:, 0] < border_px) | (c[:, 0] > w - border_px)
+                          | (c[:, 1] < border_px) | (c[:, 1] > h - border_px))) or np.mean(~res.inside) > max_outside
+    if bad:
         return FeatureResult(fid, None, source, 0.0, status="clipped", extra=ex)
     if res.valid_fraction < min_valid:
         return FeatureResult(fid, None, source, 0.0, status="low_contrast", extra=ex)

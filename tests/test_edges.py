@@ -236,3 +236,174 @@ def test_large_batches_split_without_changing_results(monkeypatch):
     for a, b in zip(whole, split):
         assert a.substrate == b.substrate == "inside"
         assert np.allclose(a.contour_uv, b.contour_uv)
+
+
+# ----------------------------------------------------------------------------- contours cut by the image border
+
+from segsem_cli.contours import (  # noqa: E402
+    border_fraction,
+    border_mask,
+    border_param,
+    border_path,
+    border_runs,
+    close_along_border,
+    snap_to_border,
+)
+from segsem_cli.edges import border_extra, suppress_frame  # noqa: E402
+
+SH = (128, 128)  # (H, W)
+
+
+def test_border_param_and_path_walk_the_border_positively_through_corners():
+    # Positive orientation (positive signed area): (0,0) -> (W,0) -> (W,H) -> (0,H).
+    s = border_param(np.array([[0.0, 0.0], [128.0, 10.0], [5.0, 128.0], [0.0, 100.0]]), SH)
+    assert s == pytest.approx([0.0, 138.0, 128 + 128 + 123, 2 * 128 + 128 + 28])
+    p = border_path(np.array([120.0, 0.0]), np.array([128.0, 7.0]), SH)
+    assert p.tolist() == [[120.0, 0.0], [128.0, 0.0], [128.0, 7.0]]
+    p = border_path(np.array([128.0, 7.0]), np.array([120.0, 0.0]), SH)  # the long way round
+    assert [128.0, 128.0] in p.tolist() and [0.0, 128.0] in p.tolist() and [0.0, 0.0] in p.tolist()
+    dense = border_path(np.array([10.0, 0.0]), np.array([20.0, 0.0]), SH, step_px=1.0)
+    assert len(dense) == 11 and np.all(dense[:, 1] == 0) and np.allclose(np.diff(dense[:, 0]), 1.0)
+
+
+def test_snap_to_border_clamps_snaps_and_keeps_runs_parallel_to_the_border_on_it():
+    c = np.array([[-0.4, 10.0], [30.0, 10.0], [30.0, 50.0], [1.5, 50.0], [2.4, 40.0], [1.7, 30.0], [0.3, 20.0]])
+    s = snap_to_border(c, SH, border_px=2.0)
+    assert s[0].tolist() == [0.0, 10.0] and s[6].tolist() == [0.0, 20.0] and s[3].tolist() == [0.0, 50.0]
+    # 2.4 px from the border, between border points: within 2 x border_px, so on the border too
+    assert s[4].tolist() == [0.0, 40.0] and s[5].tolist() == [0.0, 30.0]
+    assert s[1].tolist() == [30.0, 10.0]  # the real edge stays
+    assert border_mask(s, SH).tolist() == [True, False, False, True, True, True, True]
+    assert np.array_equal(snap_to_border(c, SH, border_px=0), np.column_stack([np.clip(c[:, 0], 0, 128), c[:, 1]]))
+
+
+def test_border_runs_and_fraction():
+    sq = np.array([[0.0, 10.0], [20.0, 10.0], [20.0, 30.0], [0.0, 30.0]])  # left side on u = 0
+    b = border_mask(sq, SH)
+    assert b.tolist() == [True, False, False, True]
+    assert [r.tolist() for r in border_runs(b)] == [[1, 2]]
+    assert border_fraction(sq, SH) == pytest.approx(20.0 / 80.0)
+    corner_cut = np.array([[0.0, 5.0], [5.0, 0.0], [10.0, 10.0]])  # a chord between two border lines is no border
+    assert border_fraction(corner_cut, SH) == 0.0
+    assert [r.tolist() for r in border_runs(np.zeros(4, bool))] == [[0, 1, 2, 3]]
+
+
+def test_close_along_border_gives_every_region_cut_by_open_lines():
+    img = np.zeros(SH, dtype=np.float32)
+    img[:, 40:60] = 1.0  # a bright line crossing the image top to bottom: u in [40, 60]
+    lines = [c.points for c in coarse_contours(img, 0.5) if not c.closed]
+    assert len(lines) == 2
+    regions = close_along_border(lines, SH)
+    areas = sorted(polygon_area(r) for r in regions)
+    assert areas == pytest.approx([20 * 128, 40 * 128, 68 * 128])
+    line = min(regions, key=polygon_area)
+    assert signed_area(line) > 0
+    assert line[:, 0].min() == pytest.approx(40.0) and line[:, 0].max() == pytest.approx(60.0)
+    assert set(np.round(line[border_mask(line, SH), 1]).tolist()) == {0.0, 128.0}
+    assert border_fraction(line, SH) == pytest.approx(40.0 / (40.0 + 2 * 127.0), abs=0.01)
+    # A dark disc cut by the right border (a hole in bright resist): closed along u = W.
+    uu, vv = np.meshgrid(np.arange(128) + 0.5, np.arange(128) + 0.5)
+    hole = np.where(np.hypot(uu - 120.0, vv - 64.0) < 20.0, 0.0, 1.0).astype(np.float32)
+    regions = close_along_border([c.points for c in coarse_contours(hole, 0.5) if not c.closed], SH)
+    small = min(regions, key=polygon_area)
+    on = border_mask(small, SH)
+    assert np.all(small[on, 0] == 128.0)
+    half = np.sqrt(20.0 ** 2 - 8.0 ** 2)
+    # a binary image: iso-line ends quantised to half pixels, taken perpendicularly onto u = W
+    assert small[on, 1].min() == pytest.approx(64 - half, abs=1.0)
+    assert small[on, 1].max() == pytest.approx(64 + half, abs=1.0)
+    # A speck touching the border cuts off less than min_area: ignored.
+    speck = np.zeros(SH, dtype=np.float32)
+    speck[0, 50] = 1.0
+    assert close_along_border([c.points for c in coarse_contours(speck, 0.5) if not c.closed], SH, min_area=4.0) == []
+
+
+def sam_like_line_contour(u0, u1, h=128, out=0.4):
+    """A mask contour of a line crossing the image top to bottom, closed through a padded
+    border as SAM2 masks are: the top and bottom run up to `out` px outside the image."""
+    v = np.arange(0.5, h, 1.0)
+    left = np.column_stack([np.full(len(v), u0), v[::-1]])
+    right = np.column_stack([np.full(len(v), u1), v])
+    top = np.array([[u0 + 1.0, -out], [u1 - 1.0, -out]])
+    bottom = np.array([[u1 - 1.0, h + out], [u0 + 1.0, h + out]])
+    return np.vstack([top, right, bottom, left])
+
+
+@pytest.mark.parametrize("tone", ["line", "hole"])
+def test_refine_keeps_border_fixed_and_refines_only_real_edges(tone):
+    u0, u1 = 40.3, 71.6
+    img = render([rect(u0, -20, u1, 148)], SH, tone=tone, rim=RIM, blur=BLUR, noise=0.03, seed=2)
+    coarse = sam_like_line_contour(u0 + 2.0, u1 + 1.5)  # 2 px off the edges, ends outside the image
+    res = refine_contour(img, coarse)
+    c, b = res.contour_uv, res.border
+    assert res.clipped and b.any()
+    # Border points lie exactly on v = 0 and v = H, nowhere else; they are never valid.
+    assert np.all((c[b, 1] == 0.0) | (c[b, 1] == 128.0))
+    assert not res.valid[b].any() and not res.found[b].any() and np.all(res.displacement[b] == 0)
+    assert np.all((c[:, 0] >= 0) & (c[:, 0] <= 128) & (c[:, 1] >= 0) & (c[:, 1] <= 128))
+    # Top and bottom border segments span the line between its refined edges.
+    for vb in (0.0, 128.0):
+        seg = c[b & (c[:, 1] == vb), 0]
+        assert seg.min() == pytest.approx(u0, abs=0.15) and seg.max() == pytest.approx(u1, abs=0.15)
+    e = ~b
+    left, right = e & (c[:, 0] < 56), e & (c[:, 0] > 56)
+    assert abs(c[left, 0].mean() - u0) < 0.1 and abs(c[right, 0].mean() - u1) < 0.1
+    # All the way to the border, no point is pulled off the edge (e.g. onto the image border).
+    assert np.abs(c[left, 0] - u0).max() < 0.25 and np.abs(c[right, 0] - u1).max() < 0.25
+    assert c[left, 1].min() < 2.5 and c[left, 1].max() > 125.5  # runs end within border_px + 1 px of it
+    assert res.valid_fraction > 0.95  # over real-edge points only
+    assert res.border_fraction == pytest.approx(2 * (u1 - u0) / (2 * (u1 - u0) + 2 * 128), abs=0.01)
+    assert border_extra(res) == {"clipped": True, "border_fraction": res.border_fraction}
+    # Confidence as for the same edges away from the border.
+    inner = render([rect(u0, 20.2, u1, 107.7)], SH, tone=tone, rim=RIM, blur=BLUR, noise=0.03, seed=2)
+    ref = refine_contour(inner, np.array([[u0 + 2, 22], [u1 + 1.5, 22], [u1 + 1.5, 106], [u0 + 2, 106]]))
+    assert not ref.clipped and border_extra(ref) == {}
+    assert res.quality > ref.quality - 0.05
+
+
+def test_border_artefact_is_never_an_edge():
+    """A bright first/last row (scan artefact) where the line crosses the border: the border
+    segments stay on v = 0 / H and no refined point is pulled towards the artefact."""
+    u0, u1 = 40.3, 71.6
+    img = render([rect(u0, -20, u1, 148)], SH, rim=RIM, blur=BLUR, noise=0.02, seed=4)
+    img[0] = img[-1] = 1.5 * img.max()
+    res = refine_contour(img, sam_like_line_contour(u0 - 1.0, u1 + 1.0))
+    c, b = res.contour_uv, res.border
+    e = ~b
+    assert np.all((c[b, 1] == 0.0) | (c[b, 1] == 128.0))
+    near = e & ((c[:, 1] < 4) | (c[:, 1] > 124))
+    assert near.sum() >= 8
+    assert np.all(np.minimum(np.abs(c[near, 0] - u0), np.abs(c[near, 0] - u1)) < 0.25)
+    assert np.all(np.abs(c[e, 0] - np.where(c[e, 0] < 56, u0, u1)) < 0.25)
+    # suppress_frame: the outer ring repeats its inner neighbours.
+    f = suppress_frame(img, 1)
+    assert np.array_equal(f[0], f[1]) and np.array_equal(f[:, -1], f[:, -2])
+    assert np.array_equal(f[5:-5, 5:-5], img[5:-5, 5:-5])
+
+
+def test_border_false_refines_every_point_as_before():
+    u0, u1 = 40.3, 71.6
+    img = render([rect(u0, -20, u1, 148)], SH, rim=RIM, blur=BLUR, noise=0.02, seed=2)
+    res = refine_contour(img, sam_like_line_contour(u0 + 1, u1 + 1), border=False)
+    assert not res.clipped and not res.border.any()
+    assert res.valid_fraction < 0.95  # the top and bottom normals leave the image: no edge there
+
+
+def test_border_contour_result_does_not_depend_on_batch():
+    u0, u1 = 40.3, 71.6
+    img = render([rect(u0, -20, u1, 148), disc(100, 64, 12)], SH, rim=RIM, blur=BLUR, noise=0.03, seed=3)
+    a = refine_contours(img, [circle(100, 64, 13), sam_like_line_contour(u0 + 1, u1 + 1)])
+    b = refine_contour(img, sam_like_line_contour(u0 + 1, u1 + 1))
+    c = refine_contour(img, circle(100, 64, 13))
+    assert np.array_equal(a[1].contour_uv, b.contour_uv) and np.array_equal(a[0].contour_uv, c.contour_uv)
+    assert not a[0].clipped and a[1].clipped
+
+
+def test_refine_options_border_and_frame():
+    o = parse_refine_options({"border": "false", "border_px": "3", "frame_px": "0"})
+    assert o["border"] is False and o["border_px"] == 3.0 and o["frame_px"] == 0
+    assert parse_refine_options({})["border"] is True
+    with pytest.raises(SegsemError, match="border='maybe'"):
+        parse_refine_options({"border": "maybe"})
+    with pytest.raises(SegsemError, match="frame_px"):
+        suppress_frame(np.zeros((16, 16)), 9)
