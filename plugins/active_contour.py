@@ -14,10 +14,20 @@ Stages, per feature (in a crop around the polygon):
 3. :func:`segsem_cli.edges.refine_contours` on all snakes at once (it finds
    the substrate-side flank whichever flank the snake settled on).
 
+A layout polygon cut by the field of view (vertices on the image border) keeps
+its border part: only the runs of real edge between border points are snakes,
+open ones with their ends held on the border (``boundary_condition="fixed"``),
+so the snake cannot shrink away from the border. Points starting within
+``search_px`` of the border are held too (a print reaching the border while
+its layout polygon does not: refinement moves them onto the border). Refinement then keeps the
+border part fixed too: the result is ``ok`` with ``extra["clipped"] = True``
+and ``extra["border_fraction"]``.
+
 Statuses: ``low_contrast`` (fewer than ``min_valid`` of the normals found a
 clean edge: a snake always ends somewhere, refinement decides whether an
 edge is really there), ``not_found`` (the refined shape overlaps the layout
-polygon by IoU < ``min_iou``), ``clipped``, ``merged`` (as for ``canny``).
+polygon by IoU < ``min_iou``), ``clipped`` (an edge hugging the border, whose
+normals leave the image), ``merged`` (as for ``canny``).
 
 Options: ``snake_sigma`` (2.0), ``alpha`` (0.01), ``beta`` (0.1), ``gamma``
 (0.01), ``max_iter`` (300), ``init_step_px`` (2.0), ``margin_px`` (12),
@@ -32,9 +42,10 @@ from typing import Any, Sequence
 import numpy as np
 
 from segsem_cli import hookimpl
-from segsem_cli.contours import features_covered, polygon_ious, resample_closed, usable_polygon
+from segsem_cli.contours import (border_mask, border_runs, features_covered, orient, polygon_ious, resample_closed,
+                                 snap_to_border, usable_polygon)
 from segsem_cli.edges import (EdgeImage, feature_result, gaussian_smooth, opt_float, opt_int, parse_refine_options,
-                              refine_contours)
+                              refine_contours, suppress_frame)
 from segsem_cli.types import Feature, FeatureResult, SEMImage
 
 
@@ -50,26 +61,57 @@ def edge_map(pixels: np.ndarray, sigma: float) -> np.ndarray:
 
 def snake_from_polygon(edges: np.ndarray, polygon_uv: np.ndarray, *, margin_px: float = 12.0,
                        init_step_px: float = 2.0, alpha: float = 0.01, beta: float = 0.1, gamma: float = 0.01,
-                       max_iter: int = 300) -> np.ndarray | None:
-    """Run a periodic snake on ``edges`` from a ``(u, v)`` polygon; returns the snake in ``(u, v)`` or None."""
+                       max_iter: int = 300, border_px: float = 2.0, hold_px: float = 0.0) -> np.ndarray | None:
+    """Run a snake on ``edges`` from a ``(u, v)`` polygon; returns the snake in ``(u, v)`` or None.
+
+    The polygon is clamped into the image and vertices within ``border_px`` of
+    the border are put onto it (:func:`segsem_cli.contours.snap_to_border`).
+    Points within ``hold_px`` of the border (at least the border points) are
+    held where they are: without an edge to pull them, a snake shrinks away
+    from the border where the printed shape runs out of the image. Without
+    held points the snake is periodic; otherwise each run of points between
+    held ones is an open snake whose two ends (the neighbouring held points)
+    are fixed.
+    """
     from skimage.segmentation import active_contour
 
     if not usable_polygon(polygon_uv):
         return None
     h, w = edges.shape
-    poly = np.asarray(polygon_uv, dtype=np.float64)
+    poly = snap_to_border(np.asarray(polygon_uv, dtype=np.float64), (h, w), border_px=border_px)
+    if not usable_polygon(poly):
+        return None
     u0, v0 = np.floor(poly.min(axis=0) - margin_px).astype(int)
     u1, v1 = np.ceil(poly.max(axis=0) + margin_px).astype(int)
     c0, r0, c1, r1 = max(0, u0), max(0, v0), min(w, u1), min(h, v1)
     if c1 - c0 < 4 or r1 - r0 < 4:
         return None
-    init = resample_closed(poly, init_step_px, min_points=12)
-    rc = np.column_stack([init[:, 1] - 0.5 - r0, init[:, 0] - 0.5 - c0])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        snake = active_contour(edges[r0:r1, c0:c1], rc, alpha=alpha, beta=beta, gamma=gamma, w_line=0.0,
-                               w_edge=1.0, max_num_iter=int(max_iter), boundary_condition="periodic")
-    return np.column_stack([snake[:, 1] + 0.5 + c0, snake[:, 0] + 0.5 + r0])
+    init = orient(resample_closed(poly, init_step_px, min_points=12))
+    crop = edges[r0:r1, c0:c1]
+    kw = dict(alpha=alpha, beta=beta, gamma=gamma, w_line=0.0, w_edge=1.0, max_num_iter=int(max_iter))
+
+    def run(pts: np.ndarray, bc: str) -> np.ndarray:
+        rc = np.column_stack([pts[:, 1] - 0.5 - r0, pts[:, 0] - 0.5 - c0])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            snake = active_contour(crop, rc, boundary_condition=bc, **kw)
+        return np.column_stack([snake[:, 1] + 0.5 + c0, snake[:, 0] + 0.5 + r0])
+
+    b = border_mask(init, (h, w))
+    if hold_px > 0:
+        b |= np.minimum(np.minimum(init[:, 0], w - init[:, 0]), np.minimum(init[:, 1], h - init[:, 1])) <= hold_px
+    if b.all():
+        return init
+    if not b.any():
+        return run(init, "periodic")
+    out = init.copy()
+    n = len(init)
+    for r in border_runs(b):
+        if len(r) < 2:
+            continue
+        ends = [(r[0] - 1) % n, (r[-1] + 1) % n]
+        out[r] = run(init[np.r_[ends[0], r, ends[1]]], "fixed")[1:-1]
+    return out
 
 
 class ActiveContourFallback:
@@ -87,10 +129,14 @@ class ActiveContourFallback:
         min_valid = opt_float(options, "min_valid", 0.5, lo=0.0, hi=1.0)
         if len(features) == 0:
             return []
-        eimg = EdgeImage(image.pixels, image_sigma=ropt.pop("image_sigma"))
-        edges = edge_map(image.pixels, sigma)
+        frame_px = ropt.pop("frame_px")
+        eimg = EdgeImage(image.pixels, image_sigma=ropt.pop("image_sigma"), frame_px=frame_px)
+        edges = edge_map(suppress_frame(image.pixels, frame_px), sigma)
 
-        snakes = [snake_from_polygon(edges, np.asarray(f.pixels, float), **kw) for f in features]
+        # Points starting within the search window of the border are held: refinement then finds
+        # the edge there, or moves them onto the border where the print runs out of the image.
+        hold = ropt["search_px"] if ropt["border"] else 0.0
+        snakes = [snake_from_polygon(edges, np.asarray(f.pixels, float), hold_px=hold, **kw) for f in features]
         todo = [i for i, s in enumerate(snakes) if s is not None]
         refined = dict(zip(todo, refine_contours(eimg, [snakes[i] for i in todo], **ropt)))
         cover = dict(zip(todo, features_covered([refined[i].contour_uv for i in todo],

@@ -17,13 +17,21 @@ Stages:
    polygon instead (``extra["coarse"] == "layout"``); refinement then decides
    whether an edge is there (``low_contrast`` if not).
 
-Statuses as for ``threshold``: ``not_found``, ``clipped`` (the region runs
-into the image border), ``merged`` (the region covers half of another layout
-feature too; ``extra["merged_with"]``),
-``low_contrast``.
+A region that reaches the image border (a shape cut by the field of view)
+is a candidate like any other: its contour is closed along the border
+(pixel-edge coordinates ``u = 0``, ``u = W``, ``v = 0``, ``v = H``), and
+refinement keeps that part fixed; the result is ``ok`` with
+``extra["clipped"] = True`` and ``extra["border_fraction"]``. Region contours
+within ``border_px`` (3) of the border are put onto it
+(:func:`segsem_cli.contours.snap_to_border`): a region also stops one dilated
+edge short of a bright or dark frame in the outermost pixels.
+
+Statuses as for ``threshold``: ``not_found``, ``clipped`` (an edge hugging the
+border, whose normals leave the image), ``merged`` (the region covers half of
+another layout feature too; ``extra["merged_with"]``), ``low_contrast``.
 
 Options: ``canny_sigma`` (1.5), ``high_k`` (4.0), ``high_frac`` (0.2),
-``min_iou`` (0.2), ``layout_start_iou`` (0.5),
+``min_iou`` (0.2), ``layout_start_iou`` (0.5), ``border_px`` (3.0),
 ``min_valid`` (0.5), and the refinement options of
 :func:`segsem_cli.edges.parse_refine_options`.
 """
@@ -34,8 +42,9 @@ from typing import Any, Sequence
 import numpy as np
 
 from segsem_cli import hookimpl
-from segsem_cli.contours import coarse_contours, polygon_ious, polygon_mask, touches_border, usable_polygon
-from segsem_cli.edges import EdgeImage, feature_result, gaussian_smooth, opt_float, parse_refine_options, refine_contours
+from segsem_cli.contours import coarse_contours, polygon_ious, polygon_mask, snap_to_border, usable_polygon
+from segsem_cli.edges import (EdgeImage, feature_result, gaussian_smooth, opt_float, parse_refine_options,
+                              refine_contours, suppress_frame)
 from segsem_cli.types import Feature, FeatureResult, SEMImage
 
 
@@ -59,7 +68,8 @@ class EdgeRegions:
     """Regions enclosed by a Canny edge map (edges dilated by one pixel to close small gaps).
 
     ``labels`` labels the non-edge pixels (4-connectivity); ``slices`` are
-    their bounding boxes; ``on_border`` flags regions that reach the image border.
+    their bounding boxes; ``areas`` their pixel counts; ``on_border`` flags regions
+    that reach the image border.
     """
 
     def __init__(self, edges: np.ndarray):
@@ -69,6 +79,7 @@ class EdgeRegions:
         self.labels, self.n = ndi.label(~ndi.binary_dilation(edges))
         self.slices = ndi.find_objects(self.labels)
         lab = self.labels
+        self.areas = np.bincount(lab.ravel(), minlength=self.n + 1)
         self.on_border = np.zeros(self.n + 1, dtype=bool)
         self.on_border[np.unique(np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]]))] = True
         self._filled: dict[int, tuple[tuple[slice, slice], np.ndarray]] = {}
@@ -115,55 +126,51 @@ def region_for_feature(regions: EdgeRegions, polygons: Sequence[np.ndarray], ind
     """The edge-enclosed region that best matches layout polygon ``index``.
 
     Returns ``(coarse contour or None, iou, status, merged_with)``: status is
-    ``"ok"``, ``"not_found"`` or ``"clipped"`` (the best region reaches the
-    image border); ``merged_with`` lists the other polygons covered by half or
-    more by a filled region that also holds this feature (a bridge). With a
-    bright rim the regions are nested (feature up to the rim's inner flank,
-    the rim band filled up to its outer flank); the best IoU picks one, the
-    outer one reveals bridges.
+    ``"ok"`` or ``"not_found"``; ``merged_with`` lists the other polygons
+    covered by half or more by a filled region that also holds this feature (a
+    bridge). With a bright rim the regions are nested (feature up to the rim's
+    inner flank, the rim band filled up to its outer flank); the best IoU picks
+    one, the outer one reveals bridges. A region reaching the image border
+    gives a contour closed along the border (exactly on ``u = 0``, ``W``,
+    ``v = 0``, ``H``). Regions too large to reach ``min_iou`` (the background, or
+    a leak through a gap in the edges) are skipped before any filling.
     """
     if not usable_polygon(polygons[index]):
         return None, 0.0, "not_found", []
-    labels, mask, sl = regions.candidates(np.asarray(polygons[index], float))
-    # A region reaching the image border means "clipped" only for a feature near the border;
-    # elsewhere it is a leak through a gap in the edges (or an empty edge map).
-    near_border = touches_border(np.asarray(polygons[index], float), regions.shape, margin_px=3.0)
-    best, best_iou, status = None, 0.0, "not_found"
+    poly = np.asarray(polygons[index], float)
+    labels, mask, sl = regions.candidates(poly)
+    # IoU <= (polygon mask pixels) / (region pixels): larger regions cannot reach min_iou.
+    max_area = int(mask.sum()) / max(min_iou, 1e-3)
+    best, best_iou = None, 0.0
     filled_cands = []
     for lbl in labels:
-        if regions.on_border[lbl]:
-            if not near_border:
-                continue
-            fs = regions.slices[lbl - 1]
-            inter, na, nb = _overlap(sl, mask, fs, regions.labels[fs] == lbl)
-            iou = inter / max(1, na + nb - inter)
-            if iou > best_iou:
-                best, best_iou, status = None, iou, "clipped"
+        if regions.areas[lbl] > max_area:
             continue
         fs, fm = regions.filled(lbl)
         inter, na, nb = _overlap(sl, mask, fs, fm)
         iou = inter / max(1, na + nb - inter)
         filled_cands.append((lbl, fs, fm))
         if iou > best_iou:
-            best, best_iou, status = lbl, iou, "ok"
-    if status != "ok" or best_iou < min_iou:
-        return None, best_iou, ("clipped" if status == "clipped" else "not_found"), []
+            best, best_iou = lbl, iou
+    if best is None or best_iou < min_iou:
+        return None, best_iou, "not_found", []
     bsl, bm = regions.filled(best)
     merged: set[int] = set()
     for lbl, fs, fm in filled_cands:
         inter, na, nb = _overlap(bsl, bm, fs, fm)
         if inter < 0.9 * na:  # this region does not hold the chosen one
             continue
-        for j, poly in enumerate(polygons):
+        for j, pj in enumerate(polygons):
             if j == index:
                 continue
-            pj = np.asarray(poly, float)
+            pj = np.asarray(pj, float)
             if not usable_polygon(pj) or (pj.max(axis=0)[0] < fs[1].start or pj.min(axis=0)[0] > fs[1].stop
                     or pj.max(axis=0)[1] < fs[0].start or pj.min(axis=0)[1] > fs[0].stop):
                 continue
             _, pmask, psl = regions.candidates(pj)
             if pmask.size and _overlap(psl, pmask, fs, fm)[0] >= 0.5 * max(1, int(pmask.sum())):
                 merged.add(j)
+    # Padded by one pixel so that a region reaching the image border is closed along it.
     cs = [c for c in coarse_contours(np.pad(bm, 1).astype(np.float32), 0.5, min_area=4.0) if c.closed]
     if not cs:
         return None, best_iou, "not_found", []
@@ -183,23 +190,27 @@ class CannyFallback:
         min_iou = opt_float(options, "min_iou", 0.2, lo=0.0, hi=1.0)
         min_valid = opt_float(options, "min_valid", 0.5, lo=0.0, hi=1.0)
         layout_start_iou = opt_float(options, "layout_start_iou", 0.5, lo=0.0, hi=1.0)
+        border_px = opt_float(options, "border_px", 3.0, lo=0.0, hi=20.0)
         if len(features) == 0:
             return []
-        eimg = EdgeImage(image.pixels, image_sigma=ropt.pop("image_sigma"))
-        edges = canny_edges(image.pixels, sigma=sigma, high_k=high_k, high_frac=high_frac)
+        frame_px = ropt.pop("frame_px")
+        eimg = EdgeImage(image.pixels, image_sigma=ropt.pop("image_sigma"), frame_px=frame_px)
+        edges = canny_edges(suppress_frame(image.pixels, frame_px), sigma=sigma, high_k=high_k, high_frac=high_frac)
 
         regions = EdgeRegions(edges)
         polys = [np.asarray(f.pixels, float) for f in features]
         found = [region_for_feature(regions, polys, i, min_iou=min_iou) for i in range(len(features))]
         # Where the edges enclose no good region (gaps, noise), start from the layout polygon.
         start: dict[int, np.ndarray] = {}
+        coarse: dict[int, str] = {}
         for i, (c, iou, st, mw) in enumerate(found):
-            if mw or st == "clipped":
+            if mw:
                 continue
             if c is not None and iou >= layout_start_iou:
-                start[i] = c
+                snapped = snap_to_border(c, image.shape, border_px=border_px) if ropt["border"] else c
+                start[i], coarse[i] = (snapped if usable_polygon(snapped) else c), "edges"
             elif usable_polygon(polys[i]):
-                start[i] = polys[i]
+                start[i], coarse[i] = polys[i], "layout"
         todo = sorted(start)
         refined = dict(zip(todo, refine_contours(eimg, [start[i] for i in todo], **ropt)))
 
@@ -213,7 +224,7 @@ class CannyFallback:
                 out.append(feature_result(f, None, source=self.name, image_shape=image.shape,
                                           status="merged", extra=extra))
             elif i in refined:
-                extra["coarse"] = "edges" if start[i] is c else "layout"
+                extra["coarse"] = coarse[i]
                 out.append(feature_result(f, refined[i], source=self.name, image_shape=image.shape,
                                           min_valid=min_valid, layout_iou=ious[i], extra=extra))
             else:

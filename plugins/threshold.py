@@ -5,15 +5,22 @@ Stages (all vectorised; one pass over the image, one batched refinement):
 1. smooth (Gaussian ``coarse_sigma``) and pick a two-class level (Otsu by
    default, or ``level=<grey>``);
 2. iso-contours at that level (marching squares); they lie somewhere on the
-   rise to the rim, possibly on the rim's far flank, which refinement fixes;
+   rise to the rim, possibly on the rim's far flank, which refinement fixes.
+   Iso-lines that run out of the image are closed along the image border
+   (:func:`segsem_cli.contours.close_along_border`): every region they cut the
+   image into, bright or dark, becomes a candidate whose border part lies
+   exactly on ``u = 0``, ``u = W``, ``v = 0`` or ``v = H``;
 3. associate each layout feature with the contour that overlaps its polygon
    best (IoU of filled shapes, at least ``min_iou``);
 4. :func:`segsem_cli.edges.refine_contours` moves every associated contour
-   onto the physical edge (``edge``/``threshold`` rule, see docs/edge-convention.md).
+   onto the physical edge (``edge``/``threshold`` rule, see docs/edge-convention.md);
+   border segments stay fixed and do not count in the confidence.
 
-Statuses: ``not_found`` (no closed contour overlaps the feature), ``clipped``
-(a feature within 3 px of the border whose best-matching iso-line is open, i.e.
-runs out of the image), ``merged`` (one printed
+A shape cut by the image border (a line crossing the field of view) is
+returned ``ok`` with its part inside the image, ``extra["clipped"] = True``
+and ``extra["border_fraction"]``. Statuses otherwise: ``not_found`` (no
+contour overlaps the feature), ``clipped`` (an edge hugging the border, whose
+normals leave the image), ``merged`` (one printed
 shape covers several layout features, e.g. a bridge; the refined shape is in
 ``extra["merged_contour_px"]`` and the other ids in ``extra["merged_with"]``),
 ``low_contrast`` (fewer than ``min_valid`` of the normals found a clean edge).
@@ -31,8 +38,10 @@ from typing import Any, Sequence
 import numpy as np
 
 from segsem_cli import hookimpl
-from segsem_cli.contours import associate, coarse_contours, polygon_ious, touches_border, usable_polygon
-from segsem_cli.edges import EdgeImage, feature_result, gaussian_smooth, opt_float, parse_refine_options, refine_contours
+from segsem_cli.contours import (associate, close_along_border, coarse_contours, polygon_area, polygon_ious,
+                                 usable_polygon)
+from segsem_cli.edges import (EdgeImage, feature_result, gaussian_smooth, opt_float, parse_refine_options,
+                              refine_contours, suppress_frame)
 from segsem_cli.types import Feature, FeatureResult, SEMImage
 
 
@@ -62,8 +71,9 @@ class ThresholdFallback:
         min_valid = opt_float(options, "min_valid", 0.5, lo=0.0, hi=1.0)
         min_area = opt_float(options, "min_area", 4.0, lo=0.0)
 
-        eimg = EdgeImage(image.pixels, image_sigma=ropt.pop("image_sigma"))
-        coarse = gaussian_smooth(image.pixels, coarse_sigma)
+        frame_px = ropt.pop("frame_px")
+        eimg = EdgeImage(image.pixels, image_sigma=ropt.pop("image_sigma"), frame_px=frame_px)
+        coarse = gaussian_smooth(suppress_frame(image.pixels, frame_px), coarse_sigma)
         level = opt_float(options, "level", float("nan"))
         if not np.isfinite(level):
             level = otsu_level(coarse)
@@ -72,43 +82,37 @@ class ThresholdFallback:
         found = coarse_contours(coarse, level, min_area=min_area)
         t2 = time.perf_counter()
 
-        closed = [c for c in found if c.closed]
-        assoc = associate([f.pixels for f in features], [c.points for c in closed], min_iou=min_iou)
-        # Open iso-lines end on the image border: a feature near the border whose best
-        # match is open is clipped. (Elsewhere an open iso-line is noise or background.)
-        near = [i for i, f in enumerate(features) if usable_polygon(f.pixels)
-                and touches_border(np.asarray(f.pixels, float), image.shape, margin_px=3.0)]
-        open_ = [c for c in found if not c.closed]
-        clipped: set[int] = set()
-        if near and open_:
-            for i, a in zip(near, associate([features[i].pixels for i in near], [c.points for c in open_],
-                                            min_iou=min_iou)):
-                if a.index >= 0 and a.iou > assoc[i].iou:
-                    clipped.add(i)
+        cands = [c.points for c in found if c.closed]
+        open_ = [c.points for c in found if not c.closed]
+        polys = [f.pixels for f in features]
+        if open_:
+            # Iso-lines running out of the image: close the regions they cut it into along
+            # the border. A region can only reach IoU >= min_iou with a feature of at least
+            # min_iou times its area, so larger ones (the background) are not candidates.
+            areas = [polygon_area(np.asarray(p, float)) for p in polys if usable_polygon(p)]
+            amax = max(areas) if areas else 0.0
+            cands += [r for r in close_along_border(open_, image.shape, min_area=min_area)
+                      if polygon_area(r) * max(min_iou, 1e-3) <= amax]
+        assoc = associate(polys, cands, min_iou=min_iou)
         t3 = time.perf_counter()
 
-        # Refine every closed contour that is some feature's best match.
-        todo = sorted({a.index for i, a in enumerate(assoc) if a.index >= 0 and i not in clipped})
-        refined = dict(zip(todo, refine_contours(eimg, [closed[i].points for i in todo], **ropt)))
+        # Refine every contour that is some feature's best match.
+        todo = sorted({a.index for a in assoc if a.index >= 0})
+        refined = dict(zip(todo, refine_contours(eimg, [cands[i] for i in todo], **ropt)))
         t4 = time.perf_counter()
 
         ious = polygon_ious([refined[a.index].contour_uv if a.index in refined else f.pixels
-                             for f, a in zip(features, assoc)], [f.pixels for f in features])
+                             for f, a in zip(features, assoc)], polys)
         out: list[FeatureResult] = []
         for i, (f, a) in enumerate(zip(features, assoc)):
             extra: dict[str, Any] = {"coarse_iou": a.iou, "level": level}
-            if i in clipped:
-                out.append(feature_result(f, None, source=self.name, image_shape=image.shape,
-                                          status="clipped", extra=extra))
-                continue
             if a.index < 0:
                 out.append(feature_result(f, None, source=self.name, image_shape=image.shape,
                                           status="not_found", extra=extra))
                 continue
             res = refined[a.index]
-            others = [o for o in a.shared_with if o not in clipped]
-            if others:
-                extra["merged_with"] = [features[o].feature_id for o in others]
+            if a.shared_with:
+                extra["merged_with"] = [features[o].feature_id for o in a.shared_with]
                 extra["merged_contour_px"] = res.contour_uv
                 out.append(feature_result(f, None, source=self.name, image_shape=image.shape,
                                           status="merged", extra=extra))

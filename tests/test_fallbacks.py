@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from segsem_cli.contours import border_mask, snap_to_border
 from segsem_cli.errors import SegsemError
 from segsem_cli.plugins import get_registry
 from segsem_cli.transform import PixelTransform
@@ -120,18 +121,6 @@ def test_threshold_confidence_lower_when_noisy():
     for c, n in zip(clean, noisy):
         assert c.ok and c.confidence > 0.85
         assert n.confidence < c.confidence - 0.1
-
-
-def test_threshold_clipped_feature_is_not_closed_along_border():
-    # A disc cut by the left border: its printed shape is not closed inside the image.
-    shapes = [disc(5.0, 64.0, 20.0), disc(80.0, 64.0, 15.0)]
-    img = make_image(render(shapes, SHAPE, rim=RIM, blur=BLUR, noise=0.02))
-    poly0 = shapes[0].polygon()
-    poly0 = np.column_stack([np.clip(poly0[:, 0], 0, None), poly0[:, 1]])  # clipped to the FOV
-    feats = make_features(img, [poly0, shapes[1].polygon()], clipped=[True, False])
-    r = fallback("threshold").extract(img, feats)
-    assert r[0].status == "clipped" and r[0].contour_px is None
-    assert r[1].ok and abs(radii(r[1].contour_px, 80, 64).mean() - 15) < 0.1
 
 
 def test_threshold_clipped_feature_closed_inside_image_is_kept():
@@ -257,3 +246,134 @@ def test_canny_starts_from_layout_when_edges_leak():
     r = CannyFallback().extract(img, feats, high_frac="1.0", high_k="1000")  # thresholds so high no edge survives
     assert all(x.extra.get("coarse") == "layout" for x in r)
     check_scene(r, feats, tol_mean=0.3, tol_rms=0.3, tol_edge=0.3)
+
+
+# ----------------------------------------------------------------------------- shapes cut by the image border
+
+H, W = SHAPE
+LINES = [(14.3, 30.6), (54.2, 72.7), (94.6, 112.1)]  # (u0, u1) of lines crossing the image top to bottom
+
+
+def line_space(tone, noise=0.02, seed=1, frame=False):
+    shapes = [rect(u0, -20, u1, H + 20) for u0, u1 in LINES]
+    px = render(shapes, SHAPE, tone=tone, rim=RIM, blur=BLUR, noise=noise, seed=seed)
+    if frame:  # scan artefact: bright first and last rows
+        px[0] = px[-1] = px.max()
+    img = make_image(px)
+    # Layout: the lines clipped to the field of view, with a small residual misalignment.
+    polys = [np.array([[u0 + 0.5, 0], [u1 - 0.4, 0], [u1 - 0.4, H], [u0 + 0.5, H]], float) for u0, u1 in LINES]
+    return img, make_features(img, polys, clipped=[True] * len(polys))
+
+
+def unclipped_confidence(name, tone):
+    """Confidence of the same line, shorter, fully inside the image (same noise)."""
+    shape = rect(54.2, 20.3, 72.7, 100.6)
+    img = make_image(render([shape], SHAPE, tone=tone, rim=RIM, blur=BLUR, noise=0.02, seed=1))
+    r = fallback(name).extract(img, make_features(img, [shape.polygon() + [0.5, -0.3]]))[0]
+    assert r.ok and "clipped" not in r.extra
+    return r.confidence
+
+
+def check_lines(results, tone, name, tol_max=0.25):
+    ref = unclipped_confidence(name, tone)
+    for (u0, u1), r in zip(LINES, results):
+        assert r.ok, (r.status, r.extra)
+        assert r.extra["clipped"] is True
+        c = r.contour_px
+        b = border_mask(c, SHAPE)
+        # The only border points are the top and bottom segments, exactly on v = 0 and v = H.
+        assert b.any() and np.all((c[b, 1] == 0.0) | (c[b, 1] == H))
+        for vb in (0.0, float(H)):
+            seg = c[b & (c[:, 1] == vb), 0]
+            assert seg.min() == pytest.approx(u0, abs=0.3) and seg.max() == pytest.approx(u1, abs=0.3)
+        e = ~b
+        mid = (u0 + u1) / 2
+        left, right = e & (c[:, 0] < mid), e & (c[:, 0] > mid)
+        assert abs(c[left, 0].mean() - u0) < 0.1 and abs(c[right, 0].mean() - u1) < 0.1
+        assert np.abs(c[left, 0] - u0).max() < tol_max and np.abs(c[right, 0] - u1).max() < tol_max
+        assert c[e, 1].min() < 3.0 and c[e, 1].max() > H - 3.0  # the edges run up to the border
+        width = u1 - u0
+        assert r.extra["border_fraction"] == pytest.approx(2 * width / (2 * width + 2 * H), abs=0.02)
+        assert r.extra["valid_fraction"] > 0.95
+        assert r.confidence > ref - 0.05 and r.confidence > 0.85
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("tone", ["line", "hole"])
+def test_line_space_lines_crossing_the_image_are_extracted(name, tone):
+    """The main OPC calibration structure: lines (or trenches) longer than the field of view."""
+    img, feats = line_space(tone)
+    results = fallback(name).extract(img, feats)
+    assert [r.feature_id for r in results] == [f.feature_id for f in feats]
+    check_lines(results, tone, name)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_scan_artefact_rows_at_the_border_are_never_edges(name):
+    img, feats = line_space("line", frame=True)
+    check_lines(fallback(name).extract(img, feats), "line", name)
+
+
+DISC = (118.4, 60.3, 22.2)  # cut by the right border u = W
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("tone", ["line", "hole"])
+@pytest.mark.parametrize("frame", [False, True])
+def test_disc_and_hole_cut_by_the_right_border(name, tone, frame):
+    cu, cv, rad = DISC
+    shapes = [disc(cu, cv, rad), disc(40.2, 70.6, 15.3)]
+    px = render(shapes, SHAPE, tone=tone, rim=RIM, blur=BLUR, noise=0.03, seed=2)
+    if frame:  # scan artefact: bright first and last columns, where the disc is cut
+        px[:, 0] = px[:, -1] = px.max()
+    img = make_image(px)
+    lay = [snap_to_border(disc(cu + 0.6, cv - 0.4, rad - 0.5).polygon(), SHAPE, border_px=0),
+           disc(40.9, 70.1, 15.0).polygon()]
+    r = fallback(name).extract(img, make_features(img, lay, clipped=[True, False]))
+    assert r[0].ok and r[0].extra["clipped"] is True, (r[0].status, r[0].extra)
+    c = r[0].contour_px
+    b = border_mask(c, SHAPE)
+    assert np.all(c[b, 0] == W)  # closed along u = W only
+    rr = radii(c[~b], cu, cv)
+    assert abs(rr.mean() - rad) < 0.1 and np.abs(rr - rad).max() < 0.3
+    half = np.sqrt(rad ** 2 - (W - cu) ** 2)  # where the printed edge meets the border
+    assert c[b, 1].min() == pytest.approx(cv - half, abs=0.6) and c[b, 1].max() == pytest.approx(cv + half, abs=0.6)
+    arc = rad * (2 * np.pi - 2 * np.arccos((W - cu) / rad))  # the part of the circle inside the image
+    assert r[0].extra["border_fraction"] == pytest.approx(2 * half / (2 * half + arc), abs=0.03)
+    assert r[0].confidence > 0.9
+    assert r[1].ok and "clipped" not in r[1].extra and abs(radii(r[1].contour_px, 40.2, 70.6).mean() - 15.3) < 0.1
+
+
+def test_feature_inside_layout_whose_print_reaches_the_border():
+    """The reverse case: the layout polygon lies inside the field of view, the printed line (bias) runs out of it."""
+    px = render([rect(20.4, -6.0, 40.3, 100.2)], SHAPE, rim=RIM, blur=BLUR, noise=0.02, seed=5)
+    img = make_image(px)
+    lay = np.array([[22.0, 4.0], [39.0, 4.0], [39.0, 98.0], [22.0, 98.0]])  # 4 px inside the top border
+    for name in NAMES:
+        r = fallback(name).extract(img, make_features(img, [lay]))[0]
+        assert r.ok and r.extra["clipped"] is True, (name, r.status, r.extra)
+        c = r.contour_px
+        b = border_mask(c, SHAPE)
+        assert np.all(c[b, 1] == 0.0)
+        e = ~b
+        assert abs(c[e & (c[:, 0] < 30) & (c[:, 1] < 90), 0].mean() - 20.4) < 0.1
+        assert abs(c[e & (c[:, 1] > 60) & (c[:, 0] > 24) & (c[:, 0] < 36), 1].mean() - 100.2) < 0.1
+        assert c[e, 1].min() < 3.0  # the side edges run up to the border
+
+
+def test_clipped_line_hugging_the_border_is_not_an_edge():
+    """A line whose edge runs along the border, too close to measure: no contour pretends it was."""
+    px = render([rect(-20, 1.2, 60.2, 30.4)], SHAPE, rim=RIM, blur=BLUR, noise=0.02, seed=6)
+    img = make_image(px)
+    lay = np.array([[0.0, 1.0], [60.0, 1.0], [60.0, 30.0], [0.0, 30.0]])
+    for name in NAMES:
+        r = fallback(name).extract(img, make_features(img, [lay], clipped=[True]))[0]
+        assert r.ok, (name, r.status, r.extra)
+        c = r.contour_px
+        b = border_mask(c, SHAPE)
+        # The top edge, 1.2 px from the border, cannot be measured: it becomes border (v = 0),
+        # the bottom and right edges are real.
+        assert np.all((c[b, 0] == 0.0) | (c[b, 1] == 0.0))
+        e = ~b
+        assert abs(c[e & (c[:, 1] > 20) & (c[:, 0] < 50), 1].mean() - 30.4) < 0.1
+        assert abs(c[e & (c[:, 0] > 50) & (c[:, 1] > 8) & (c[:, 1] < 24), 0].mean() - 60.2) < 0.1
