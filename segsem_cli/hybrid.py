@@ -97,16 +97,22 @@ def candidates(
     model=None,
     refine: bool = True,
     edge_options: dict[str, Any] | None = None,
+    run_fallback: bool = True,
 ) -> tuple[list[Candidate], dict[str, float]]:
     """Run the fallback (and the backbone, refined and judged) on every feature.
 
     The backbone results carry the judged confidence (see the module
     docstring) and, in ``extra``, its parts. Returns the candidates and the
     time per stage (``fallback``, ``segment``, ``refine``, ``judge``) in s.
+    With ``run_fallback=False`` (backbone-only mode, needs a model) the
+    fallback is skipped: its results are ``skipped`` and the agreement term is neutral.
     """
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    fb = fallback.extract(image, list(features), **(fallback_options or {}))
+    if run_fallback or model is None:
+        fb = fallback.extract(image, list(features), **(fallback_options or {}))
+    else:
+        fb = [FeatureResult(f.feature_id, None, fallback.name, 0.0, "skipped") for f in features]
     timings["fallback"] = time.perf_counter() - t0
     if len(fb) != len(features):
         raise RuntimeError(f"fallback '{fallback.name}' returned {len(fb)} results for {len(features)} features")
@@ -156,13 +162,19 @@ def candidates(
     return out, timings
 
 
-def select(cands: Sequence[Candidate], threshold: float) -> list[FeatureResult]:
-    """Per feature: the backbone where its confidence reaches ``threshold``, else the fallback, else failed."""
+def select(cands: Sequence[Candidate], threshold: float, *, mode: str = "hybrid") -> list[FeatureResult]:
+    """Per feature: the backbone where its confidence reaches ``threshold``, else the fallback, else failed.
+
+    ``mode="backbone"`` keeps every backbone contour and never falls back
+    (for comparison); ``mode="fallback"`` keeps the fallback's.
+    """
     out: list[FeatureResult] = []
     for cand in cands:
         b, c = cand.backbone, cand.fallback
-        if b is None:
+        if b is None or mode == "fallback":
             out.append(c)
+        elif mode == "backbone":
+            out.append(b if b.ok else FeatureResult(cand.feature_id, None, b.source, float(b.confidence), "failed", (), dict(b.extra)))
         elif b.ok and b.confidence >= threshold:
             out.append(b)
         elif c.ok:
@@ -185,8 +197,9 @@ def combine(
     threshold: float = 0.5,
     refine: bool = True,
     edge_options: dict[str, Any] | None = None,
+    mode: str = "hybrid",
 ) -> tuple[list[FeatureResult], dict[str, float]]:
     """One result per feature: the fallback alone, or the backbone judged against it (see :func:`select`)."""
     cands, timings = candidates(image, features, fallback=fallback, fallback_options=fallback_options, model=model,
-                                refine=refine, edge_options=edge_options)
-    return select(cands, threshold), timings
+                                refine=refine, edge_options=edge_options, run_fallback=mode != "backbone")
+    return select(cands, threshold, mode=mode), timings

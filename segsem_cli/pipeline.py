@@ -52,6 +52,7 @@ class ExtractConfig:
     model: Path | None = None
     backbone_options: dict[str, str] = field(default_factory=dict)
     threshold: float | None = None
+    mode: str = "hybrid"
     device: str = "cpu"
     gauges: Path | None = None
     search_px: float = 40.0
@@ -75,6 +76,7 @@ class ExtractConfig:
             model=_file_digest(self.model) if self.model else None,
             backbone_options=self.backbone_options,
             threshold=self.threshold,
+            mode=self.mode,
             search_px=self.search_px,
             polarity=self.polarity,
             align=self.align,
@@ -200,6 +202,7 @@ def process_image(row: ManifestRow, state: _State) -> dict:
         threshold=state.threshold,
         refine=cfg.refine,
         edge_options=cfg.edge_options,
+        mode=cfg.mode,
     )
     timings.update(stage_times)
 

@@ -38,6 +38,7 @@ def register(app: typer.Typer) -> None:
         backbone: str = typer.Option("sam2", "--backbone", help="Backbone plugin used with --model."),
         backbone_opt: Optional[list[str]] = typer.Option(None, "--backbone-opt", help="Backbone option key=value (repeatable)."),
         threshold: Optional[float] = typer.Option(None, "--threshold", "-t", min=0.0, max=1.0, help="Confidence threshold (default: the model's calibrated one, else 0.5)."),
+        mode: str = typer.Option("hybrid", "--mode", help="With --model: hybrid (per-feature fallback), backbone (never fall back) or fallback (ignore the model); for comparisons."),
         device: str = typer.Option("cpu", "--device", help="Torch device for the backbone: cpu, cuda, cuda:1."),
         edge_opt: Optional[list[str]] = typer.Option(None, "--edge-opt", help="Edge refinement option key=value, e.g. threshold=0.5, edge=peak."),
         no_refine: bool = typer.Option(False, "--no-refine", help="Keep the backbone's raw mask contours (no sub-pixel refinement)."),
@@ -86,6 +87,7 @@ def register(app: typer.Typer) -> None:
             model=model,
             backbone_options=parse_kv(backbone_opt, "--backbone-opt"),
             threshold=threshold,
+            mode=_choice(mode, "--mode", ("hybrid", "backbone", "fallback")),
             device=device,
             gauges=gauges,
             search_px=search_px, polarity=_polarity(polarity),
@@ -98,6 +100,8 @@ def register(app: typer.Typer) -> None:
         )
         if model is None:
             console.print(f"[yellow]note:[/] no --model given: running the '{fallback}' fallback alone.")
+            if mode == "backbone":
+                raise SegsemError("--mode backbone needs --model")
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console, transient=False) as prog:
             task = prog.add_task("extract", total=None)
 
@@ -149,9 +153,11 @@ def _print_summary(summary) -> None:
         c.print(f"{k}: {v}")
 
 
-def _polarity(value: str) -> str:
-    from ..errors import SegsemError
-
-    if value not in ("auto", "bright", "dark"):
-        raise SegsemError(f"--polarity: '{value}' is not one of auto, bright, dark")
+def _choice(value: str, option: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise SegsemError(f"{option}: '{value}' is not one of {', '.join(choices)}")
     return value
+
+
+def _polarity(value: str) -> str:
+    return _choice(value, "--polarity", ("auto", "bright", "dark"))
