@@ -155,6 +155,9 @@ def candidates(
         extra.update({f"c_{k}": round(v, 4) for k, v in parts.items() if k != "confidence"})
         extra["model_confidence"] = round(float(b.confidence), 4)
         if i in refined:
+            from .edges import border_extra
+
+            extra.update(border_extra(refined[i]))
             extra["refine_shift_px"] = round(mean_contour_distance(raw, contour), 4)
             extra["_raw_contour"] = raw
         out.append(Candidate(f.feature_id, FeatureResult(f.feature_id, contour, b.source, parts["confidence"], "ok", b.holes_px, extra), c))

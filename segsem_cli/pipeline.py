@@ -214,7 +214,7 @@ def process_image(row: ManifestRow, state: _State) -> dict:
             source=r.source,
             confidence=round(float(r.confidence), 4),
             status=r.status,
-            clipped=bool(f.clipped),
+            clipped=bool(f.clipped or r.extra.get("clipped")),
         )
         for k, v in r.extra.items():
             if isinstance(v, (int, float, str, bool)) and k not in item:
@@ -445,14 +445,16 @@ def write_outputs(cfg: ExtractConfig, images: list[dict], exporter, gauges) -> d
 
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["image", "feature_id", "source", "confidence", "status", "clipped", "area_nm2"])
+    w.writerow(["image", "feature_id", "source", "confidence", "status", "clipped", "border_fraction", "area_nm2"])
     for rec in images:
         for f in rec.get("features", []):
             area = ""
             if "exterior_nm" in f:
                 xy = np.asarray(f["exterior_nm"])
                 area = f"{0.5 * abs(np.dot(xy[:, 0], np.roll(xy[:, 1], -1)) - np.dot(xy[:, 1], np.roll(xy[:, 0], -1))):.2f}"
-            w.writerow([rec["image"], f["feature_id"], f["source"], f"{f['confidence']:.4f}", f["status"], int(bool(f.get("clipped"))), area])
+            bf = f.get("border_fraction")
+            w.writerow([rec["image"], f["feature_id"], f["source"], f"{f['confidence']:.4f}", f["status"], int(bool(f.get("clipped"))),
+                        "" if bf is None else f"{float(bf):.4f}", area])
     write_text(cfg.out / "features.csv", buf.getvalue())
     outputs["features"] = str(cfg.out / "features.csv")
 
@@ -460,7 +462,9 @@ def write_outputs(cfg: ExtractConfig, images: list[dict], exporter, gauges) -> d
         from .gauges import gauge_rows, write_gauge_csv
 
         usable = [r for r in images if r.get("status") in DONE_STATUSES and "shape" in r]
-        fovs = {r["image"]: fov_polygon(r) for r in usable}
+        # a cutline must lie 2 px inside the image: contours cut by the border are closed along it,
+        # and those border segments are not edges
+        fovs = {r["image"]: fov_polygon(r).buffer(-2.0 * float(r["pixel_nm"]), join_style=2) for r in usable}
         rows = gauge_rows(gauges, {k: per_image.get(k, []) for k in fovs}, fovs)
         write_gauge_csv(cfg.out / "gauges.csv", rows)
         outputs["gauges"] = str(cfg.out / "gauges.csv")

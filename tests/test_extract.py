@@ -63,8 +63,12 @@ def test_alignment_recovers_stage_error(extracted):
     truth = json.loads((m.parent / "truth.json").read_text())["images"]
     for name in ("img_0000", "img_0003"):
         rec = json.loads((out / "images" / f"{name}.json").read_text())
-        err = np.subtract(rec["offset_nm"], truth[name]["offset_nm"]) / rec["pixel_nm"]
-        assert np.hypot(*err) < 0.5, (name, rec["offset_nm"], truth[name]["offset_nm"])
+        err = np.abs(np.subtract(rec["offset_nm"], truth[name]["offset_nm"])) / rec["pixel_nm"]
+        if rec["align_status"] == "ok":
+            assert np.hypot(*err) < 0.5, (name, rec["offset_nm"], truth[name]["offset_nm"])
+        else:  # e.g. lines crossing the whole image leave one axis undetermined: flagged, the other axis found
+            assert rec["align_status"] == "ambiguous" and rec["status"] == "ambiguous"
+            assert err.min() < 0.5, (name, rec["offset_nm"], truth[name]["offset_nm"])
 
 
 def test_gds_readable_by_klayout_with_feature_count(extracted):
