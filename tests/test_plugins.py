@@ -159,3 +159,28 @@ def test_unknown_plugin_name_error():
 
     with pytest.raises(SegsemError, match=r"unknown fallback 'nope' \(available: "):
         get_registry().get("fallback", "nope")
+
+
+def test_third_party_fallback_runs_in_extract(plugin_site, tmp_path):
+    """The custom fallback is used by the real `segsem extract`, and its contours reach the export."""
+    import csv
+    import shutil
+
+    root = Path(__file__).resolve().parents[1]
+    data = root / "examples" / "data"
+    shutil.copy(data / "img_0003.tif", tmp_path / "img_0003.tif")
+    row = next(r for r in csv.DictReader((data / "manifest.csv").open()) if r["image"] == "img_0003.tif")
+    (tmp_path / "m.csv").write_text(f"image,x_nm,y_nm,pixel_nm\nimg_0003.tif,{row['x_nm']},{row['y_nm']},1\n")
+    out = tmp_path / "out"
+    r = run_cli(["extract", str(tmp_path / "m.csv"), "--layout", str(root / "examples" / "opc_test.gds"),
+                 "--fallback", "ring", "--fallback-opt", "points=16", "--export", "csv", "--out", str(out), "--no-overlays"],
+                plugin_site)
+    assert r.returncode == 0, r.stderr
+    feats = list(csv.DictReader((out / "features.csv").open()))
+    assert feats and all(f["source"] == "ring" and f["status"] == "ok" and float(f["confidence"]) == 0.5 for f in feats)
+    rows = list(csv.DictReader((out / "contours.csv").open()))
+    per_feature = {}
+    for x in rows:
+        per_feature.setdefault(x["feature_id"], []).append(x)
+    assert set(per_feature) == {f["feature_id"] for f in feats}
+    assert all(len(v) == 16 for v in per_feature.values())  # the plugin's option reached it
