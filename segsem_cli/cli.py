@@ -63,9 +63,18 @@ def _register_commands() -> None:
     get_manager().hook.register_commands(app=app)
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None):
+    """Warnings as one line on stderr (no source excerpt): ``warning: <message>``."""
+    print(f"warning: {message}", file=sys.stderr if file is None else file)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point."""
+    import warnings
+
     verbose = "--verbose" in (argv or sys.argv[1:]) or "-v" in (argv or sys.argv[1:])
+    if not verbose:
+        warnings.showwarning = _one_line_warning
     try:
         _register_commands()
         app(args=argv, prog_name="segsem", standalone_mode=False)
