@@ -50,10 +50,11 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
 
 def write_json(path: str | os.PathLike, obj) -> Path:
     """Atomically write ``obj`` as indented JSON."""
-    return write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
+    return write_text(path, json.dumps(obj, indent=2, default=json_default) + "\n")
 
 
-def _json_default(o):
+def json_default(o):
+    """``json.dumps`` default for numpy scalars and arrays and paths."""
     import numpy as np
 
     if isinstance(o, np.generic):

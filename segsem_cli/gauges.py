@@ -26,6 +26,7 @@ import numpy as np
 
 from .atomic import atomic_path
 from .errors import SegsemError, where
+from .manifest import parse_number
 from .metrics import feature_rings
 from .types import ContourRecord
 
@@ -88,18 +89,6 @@ class CdResult:
 # --------------------------------------------------------------------------- reading
 
 
-def _parse_float(text: str | None, path, row: int, name: str) -> float:
-    if text is None or str(text).strip() == "":
-        raise SegsemError(f"{where(path, row, name)}: empty, a number of nm is needed")
-    try:
-        value = float(text)
-    except ValueError:
-        raise SegsemError(f"{where(path, row, name)}: {text!r} is not a number") from None
-    if not math.isfinite(value):
-        raise SegsemError(f"{where(path, row, name)}: {text!r} is not a finite number")
-    return value
-
-
 def read_gauges(path: str | Path) -> list[Gauge]:
     """Read a gauge (cutline) CSV with header ``name,x1,y1,x2,y2`` in layout nm.
 
@@ -149,7 +138,7 @@ def read_gauges(path: str | Path) -> list[Gauge]:
             if name in seen:
                 raise SegsemError(f"{where(path, row, 'name')}: duplicate gauge name {name!r} (first at row {seen[name]})")
             seen[name] = row
-            x1, y1, x2, y2 = (_parse_float(values[k], path, row, k) for k in ("x1", "y1", "x2", "y2"))
+            x1, y1, x2, y2 = (parse_number(values[k], path, row, k) for k in ("x1", "y1", "x2", "y2"))
             if x1 == x2 and y1 == y2:
                 raise SegsemError(f"{where(path, row, 'x2')}: zero-length cutline (p1 == p2)")
             extra = {k: v for k, v in values.items() if k not in GAUGE_FIELDS}

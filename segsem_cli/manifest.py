@@ -35,7 +35,8 @@ class ManifestRow:
         return self.image.stem
 
 
-def _number(text: str, path, row: int, fld: str, *, optional: bool = False) -> float | None:
+def parse_number(text: str | None, path, row: int, fld: str, *, optional: bool = False) -> float | None:
+    """A finite float from a CSV cell, or a SegsemError naming file, row and field (None for an optional empty cell)."""
     s = (text or "").strip()
     if not s:
         if optional:
@@ -75,9 +76,9 @@ def read_manifest(path: str | Path, *, require_label: bool = False) -> list[Mani
             img = rec.get("image", "")
             if not img:
                 raise SegsemError(f"{where(path, i, 'image')}: empty value (an image path is required)")
-            x = _number(rec.get("x_nm", ""), path, i, "x_nm")
-            y = _number(rec.get("y_nm", ""), path, i, "y_nm")
-            p = _number(rec.get("pixel_nm", ""), path, i, "pixel_nm", optional=True)
+            x = parse_number(rec.get("x_nm", ""), path, i, "x_nm")
+            y = parse_number(rec.get("y_nm", ""), path, i, "y_nm")
+            p = parse_number(rec.get("pixel_nm", ""), path, i, "pixel_nm", optional=True)
             if p is not None and p <= 0:
                 raise SegsemError(f"{where(path, i, 'pixel_nm')}: pixel size must be positive, got {p}")
             label = None

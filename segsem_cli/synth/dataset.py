@@ -51,7 +51,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 from shapely.geometry import Polygon, box
 
-from ..atomic import atomic_path, write_text
+from ..atomic import atomic_path, json_default, write_text
 from ..errors import SegsemError, where
 from ..transform import PixelTransform
 from .litho import LithoParams, print_features
@@ -630,24 +630,14 @@ def truth_json_text(truth: Mapping[str, Any]) -> str:
         if isinstance(o, (list, tuple)):
             if o and (all(is_num(v) for v in o) or all(isinstance(v, (list, tuple)) and all(is_num(w) for w in v)
                                                          for v in o)):
-                store.append(json.dumps(o, separators=(",", ":"), default=_json_default))
+                store.append(json.dumps(o, separators=(",", ":"), default=json_default))
                 return f"\x00{len(store) - 1}\x00"
             return [compact(v) for v in o]
         return o
 
-    text = json.dumps(compact(truth), indent=1, default=_json_default)
+    text = json.dumps(compact(truth), indent=1, default=json_default)
     text = re.sub(r'"\\u0000(\d+)\\u0000"', lambda m: store[int(m.group(1))], text)
     return text + "\n"
-
-
-def _json_default(o):
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
 def _write_gauges_truth(path: Path, gauges, fovs: Mapping[str, tuple[Polygon, tuple[float, float]]],
