@@ -30,6 +30,7 @@ Method (details and measurements in ``docs/alignment.md``)
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
@@ -89,38 +90,64 @@ def _exact_coverage(rings: list[np.ndarray], shape: tuple[int, int]) -> np.ndarr
     Manhattan layout) are cut row by row directly; only the other edges need
     their x and y crossings merged (one sort).
     """
-    h, w = shape
+    rings = [r for r in rings if len(r) > 1]
     if not rings:
         return np.zeros(shape, dtype=np.float32)
-    segs = np.concatenate([np.stack([r[:-1], r[1:]], axis=1) for r in rings if len(r) > 1])  # (E, 2, 2)
-    p0 = segs[:, 0]
-    p1 = segs[:, 1]
+    segs = np.concatenate([np.stack([r[:-1], r[1:]], axis=1) for r in rings])  # (E, 2, 2)
+    return _segment_coverage(segs[:, 0], segs[:, 1], None, shape)
+
+
+def _segment_coverage(p0: np.ndarray, p1: np.ndarray, sign, shape: tuple[int, int]) -> np.ndarray:
+    """Exact coverage (see :func:`_exact_coverage`) from edge segments ``p0 -> p1``
+    (exteriors counter-clockwise in (u, v) maths orientation, holes clockwise);
+    ``sign`` (per segment, or None) flips segments of rings given the other way.
+
+    The per-row signed areas are written as 2-D differences (a piece in row
+    ``r`` as ``+a`` at ``r`` and ``-a`` at ``r + 1``; a vertical edge's run of
+    whole rows as four values in all) and summed with one 2-D prefix sum
+    (``cv2.integral``).
+    """
+    h, w = shape
     keep = p0[:, 1] != p1[:, 1]  # horizontal edges add nothing
     p0, p1 = p0[keep], p1[keep]
     if len(p0) == 0:
         return np.zeros(shape, dtype=np.float32)
+    sgn_e = np.ones(len(p0)) if sign is None else np.asarray(sign, dtype=np.float64)[keep]
     d = p1 - p0
     vert = d[:, 0] == 0
-    rows_l, xm_l, dy_l = [], [], []
+    rows_l, xm_l, dy_l = [], [], []  # single-row pieces
+    run_r0, run_r1, run_x, run_s = [], [], [], []  # runs of whole rows (vertical edges)
     if np.any(vert):
-        # one piece per pixel row, x fixed
         x = p0[vert, 0]
         ya, yb = p0[vert, 1], p1[vert, 1]
-        sgn = np.sign(yb - ya)
-        lo = np.minimum(ya, yb)
-        hi = np.maximum(ya, yb)
-        r0 = np.clip(np.floor(lo), 0, h).astype(np.int64)
-        r1 = np.clip(np.ceil(hi), 0, h).astype(np.int64)  # exclusive
-        n = np.maximum(r1 - r0, 0)
-        eid = np.repeat(np.arange(len(x)), n)
-        start = np.repeat(np.cumsum(n) - n, n)
-        row = r0[eid] + (np.arange(int(n.sum())) - start)
-        rowf = row.astype(np.float64)
-        rows_l.append(row)
-        xm_l.append(x[eid])
-        dy_l.append(sgn[eid] * (np.minimum(hi[eid], rowf + 1.0) - np.maximum(lo[eid], rowf)))
+        sg = -np.sign(yb - ya) * sgn_e[vert]  # minus: with v down the accumulated area has the opposite sign
+        lo = np.clip(np.minimum(ya, yb), 0.0, float(h))
+        hi = np.clip(np.maximum(ya, yb), 0.0, float(h))
+        f0 = np.ceil(lo)  # first whole row
+        f1 = np.floor(hi)  # end of the whole rows
+        one = f1 < f0  # the edge lies within one row
+        r = np.floor(lo[one])
+        rows_l.append(r)
+        xm_l.append(x[one])
+        dy_l.append(sg[one] * (hi[one] - lo[one]))
+        many = ~one
+        x, lo, hi, f0, f1, sg = x[many], lo[many], hi[many], f0[many], f1[many], sg[many]
+        top = lo < f0  # partial first row
+        rows_l.append(np.floor(lo[top]))
+        xm_l.append(x[top])
+        dy_l.append(sg[top] * (f0[top] - lo[top]))
+        bot = hi > f1  # partial last row
+        rows_l.append(f1[bot])
+        xm_l.append(x[bot])
+        dy_l.append(sg[bot] * (hi[bot] - f1[bot]))
+        run = f1 > f0
+        run_r0.append(f0[run])
+        run_r1.append(f1[run])
+        run_x.append(x[run])
+        run_s.append(sg[run])
     if not np.all(vert):
         q0, q1, dq = p0[~vert], p1[~vert], d[~vert]
+        qs = -sgn_e[~vert]
         ne = len(q0)
         # parameters t at which each edge crosses an integer x or y
         ts = [np.zeros(ne), np.ones(ne)]
@@ -151,25 +178,26 @@ def _exact_coverage(rings: list[np.ndarray], shape: tuple[int, int]) -> np.ndarr
         ya = q0[e, 1] + ta * dq[e, 1]
         xb = q0[e, 0] + tb * dq[e, 0]
         yb = q0[e, 1] + tb * dq[e, 1]
-        rows_l.append(np.floor(0.5 * (ya + yb)).astype(np.int64))
+        rows_l.append(np.floor(0.5 * (ya + yb)))
         xm_l.append(0.5 * (xa + xb))
-        dy_l.append(yb - ya)
-    row = np.concatenate(rows_l)
-    xm = np.concatenate(xm_l)
-    dy = np.concatenate(dy_l)
+        dy_l.append((yb - ya) * qs[e])
+    # every contribution as (row start, row end, x, signed height per row)
+    r0 = np.concatenate(rows_l + run_r0)
+    r1 = np.concatenate([r + 1.0 for r in rows_l] + run_r1)
+    xm = np.concatenate(xm_l + run_x)
+    dy = np.concatenate(dy_l + run_s)
+    ok = (dy != 0) & (r0 >= 0) & (r0 < h) & (xm < w + 1)
+    r0, r1, xm, dy = r0[ok].astype(np.int64), np.minimum(r1[ok], h).astype(np.int64), xm[ok], dy[ok]
     col = np.floor(xm).astype(np.int64)
-    ok = (dy != 0) & (row >= 0) & (row < h) & (col < w + 1)
-    row, col, xm, dy = row[ok], col[ok], xm[ok], dy[ok]
     left = col < 0  # pieces left of the canvas cover the whole row strip
     a_next = np.where(left, 0.0, dy * (xm - col))
     col = np.maximum(col, 0)
-    base = row * (w + 2) + col
-    acc = np.bincount(np.concatenate([base, base + 1]), weights=np.concatenate([dy - a_next, a_next]),
-                      minlength=h * (w + 2)).reshape(h, w + 2)
-    np.cumsum(acc, axis=1, out=acc)
-    # Exteriors are counter-clockwise in (u, v) maths orientation; with v down
-    # the accumulated area has the opposite sign.
-    cov = (-acc[:, :w]).astype(np.float32)
+    a_here = dy - a_next
+    wd = w + 2
+    idx = np.concatenate([r0 * wd + col, r0 * wd + col + 1, r1 * wd + col, r1 * wd + col + 1])
+    val = np.concatenate([a_here, a_next, -a_here, -a_next])
+    delta = np.bincount(idx, weights=val, minlength=(h + 1) * wd).reshape(h + 1, wd)
+    cov = cv2.integral(delta, sdepth=cv2.CV_64F)[1 : h + 1, 1 : w + 1].astype(np.float32)
     return np.clip(cov, 0.0, 1.0, out=cov)
 
 
@@ -233,26 +261,41 @@ def render_layout(polygons_px, shape, *, supersample: int | None = None) -> np.n
 # --------------------------------------------------------------------------
 
 
-def _detrend(img: np.ndarray, degree: int = 2) -> np.ndarray:
-    """Subtract a least-squares polynomial surface (charging gradients)."""
-    h, w = img.shape
-    step = max(1, int(math.sqrt(h * w / 65536.0)))
-    coef = np.linalg.lstsq(_poly_basis((h, w), degree, step), img[::step, ::step].astype(np.float64).ravel(),
-                           rcond=None)[0]
-    return (img - (_poly_basis((h, w), degree) @ coef).reshape(h, w)).astype(np.float32)
-
-
 def _poly_basis(shape, degree: int = 2, step: int = 1) -> np.ndarray:
     """Columns ``1, u, v, u^2, uv, v^2, ...`` (normalised coordinates) on a grid."""
     h, w = shape
     vv, uu = np.mgrid[0:h:step, 0:w:step].astype(np.float64)
-    u = (uu.ravel() - w / 2.0) / w
-    v = (vv.ravel() - h / 2.0) / h
-    cols = [np.ones_like(u)]
+    return _poly_cols(uu.ravel(), vv.ravel(), shape, degree)
+
+
+def _poly_cols(cols: np.ndarray, rows: np.ndarray, shape, degree: int = 2) -> np.ndarray:
+    """Columns ``1, u, v, u^2, uv, v^2, ...`` at pixel indices ``(rows, cols)``,
+    with ``u = (col - W/2) / W`` and ``v = (row - H/2) / H``."""
+    h, w = shape
+    u = (np.asarray(cols, dtype=np.float64) - w / 2.0) / w
+    v = (np.asarray(rows, dtype=np.float64) - h / 2.0) / h
+    out = [np.ones_like(u)]
     for d in range(1, degree + 1):
         for k in range(d + 1):
-            cols.append(u ** (d - k) * v ** k)
-    return np.stack(cols, axis=1)
+            out.append(u ** (d - k) * v ** k)
+    return np.stack(out, axis=1)
+
+
+def _detrend(img: np.ndarray, degree: int = 2) -> np.ndarray:
+    """Subtract a least-squares polynomial surface (charging gradients)."""
+    h, w = img.shape
+    step = max(1, int(math.sqrt(h * w / 16384.0)))
+    coef = np.linalg.lstsq(_poly_basis((h, w), degree, step), img[::step, ::step].astype(np.float64).ravel(),
+                           rcond=None)[0]
+    u = ((np.arange(w) - w / 2.0) / w)[None, :]
+    v = ((np.arange(h) - h / 2.0) / h)[:, None]
+    surf = np.full((h, w), coef[0])
+    k = 1
+    for d in range(1, degree + 1):
+        for j in range(d + 1):
+            surf += coef[k] * (u ** (d - j) * v ** j)
+            k += 1
+    return (img - surf).astype(np.float32)
 
 
 def sem_channels(coverage: np.ndarray, sigma_px: float) -> tuple[np.ndarray, np.ndarray]:
@@ -355,13 +398,14 @@ def _fail(transform: PixelTransform, message: str, score: float = 0.0) -> AlignR
     )
 
 
-def _polys_to_px(polys_nm: Sequence[Polygon], transform: PixelTransform, origin: tuple[float, float]):
-    """Map layout polygons to pixel space with ``transform``, then shift by ``-origin``."""
+def _polys_to_px(polys_nm: Sequence[Polygon], transform: PixelTransform, origin: tuple[float, float],
+                 scale: float = 1.0):
+    """Map layout polygons to pixel space with ``transform``, shift by ``-origin``, then scale."""
     out = []
-    ou, ov = origin
+    o = np.asarray(origin, dtype=np.float64)
     for p in polys_nm:
-        ext = transform.to_pixel(np.asarray(p.exterior.coords)[:, :2]) - (ou, ov)
-        holes = [transform.to_pixel(np.asarray(r.coords)[:, :2]) - (ou, ov) for r in p.interiors]
+        ext = (transform.to_pixel(np.asarray(p.exterior.coords)[:, :2]) - o) * scale
+        holes = [(transform.to_pixel(np.asarray(r.coords)[:, :2]) - o) * scale for r in p.interiors]
         out.append(Polygon(ext, holes))
     return out
 
@@ -383,24 +427,43 @@ def _content_shift(t0: PixelTransform, t1: PixelTransform) -> np.ndarray:
     return t1.to_pixel(t0.to_layout(c)) - c
 
 
-def _peak_candidates(score: np.ndarray, m: int, search_px: float, tol: float, min_sep: float):
-    """Candidate integer shifts from a coarse score map (index (m, m) = zero shift).
+@dataclass
+class _Cand:
+    """A coarse candidate: whole-pixel shift ``(su, sv)`` (image pixel ``(u, v)``
+    shows the layout content of nominal pixel ``(u + su, v + sv)``), its score,
+    squared distance used for "nearest nominal", and sub-pixel peak offsets."""
 
-    Returns ``((su, sv), best, candidates, ridge)``: the chosen shift (the
-    candidate nearest zero), the best score, all candidates ``(su, sv, score)``
-    scoring at least ``best - tol * best`` (best first), and whether one of
-    them is an elongated plateau (pattern invariant along a direction).
+    su: float
+    sv: float
+    score: float
+    r2: float
+    fu: float = 0.0
+    fv: float = 0.0
+    low: tuple[int, int] | None = None  # originating low-resolution (su, sv), pyramid levels only
+
+
+def _plateaus(score: np.ndarray, m: int, search: float, tol: float, min_sep: float):
+    """Connected regions of a coarse score map (index ``(m, m)`` = zero shift)
+    scoring at least ``best - tol * best`` within the search range.
+
+    Returns ``(best, cands, ridge, labels, region_r2)``: one :class:`_Cand`
+    per region (at its maximum; an elongated plateau, i.e. a pattern nearly
+    invariant along a direction, is ranked by its point nearest zero shift),
+    best first; whether any region is such a plateau; the label map and, per
+    label, the squared distance of an elongated region's point nearest zero
+    (None for compact regions).
     """
     from scipy import ndimage
 
     n0, n1 = score.shape
     sv, su = np.mgrid[0:n0, 0:n1] - m
-    inside = (np.abs(su) <= search_px) & (np.abs(sv) <= search_px)
+    inside = (np.abs(su) <= search) & (np.abs(sv) <= search)
     s = np.where(inside, score, -np.inf)
     best = float(s.max())
     high = s >= best - tol * max(abs(best), 1e-6)
     lab, nlab = ndimage.label(high)
     cands = []
+    region_r2: dict[int, float | None] = {}
     ridge = False
     for k in range(1, nlab + 1):
         sel = lab == k
@@ -408,15 +471,35 @@ def _peak_candidates(score: np.ndarray, m: int, search_px: float, tol: float, mi
         i = np.unravel_index(np.argmax(vals), vals.shape)
         pu, pv = su[i], sv[i]
         r2 = float(pu * pu + pv * pv)
+        region_r2[k] = None
         if np.hypot(su[sel] - pu, sv[sel] - pv).max() >= min_sep:
-            # an elongated plateau (pattern nearly invariant along a direction):
-            # located at its maximum, ranked by its point nearest zero shift
             ridge = True
             r2 = float(np.min(su[sel] ** 2 + sv[sel] ** 2))
-        cands.append((float(pu), float(pv), float(vals[i]), r2))
-    cands.sort(key=lambda c: -c[2])
-    chosen = min(cands, key=lambda c: (c[3], -c[2]))
-    return (chosen[0], chosen[1]), best, [c[:3] for c in cands], ridge
+            region_r2[k] = r2
+        cands.append(_Cand(float(pu), float(pv), float(vals[i]), r2))
+    cands.sort(key=lambda c: -c.score)
+    return best, cands, ridge, lab, region_r2
+
+
+def _local_maxima(score: np.ndarray, m: int, search: float, thr: float, limit: int) -> list[tuple[int, int, float]]:
+    """Whole-pixel local maxima ``(su, sv, value)`` (3 x 3 neighbourhood) of a score
+    map within the search range scoring at least ``thr``, best first, at most ``limit``."""
+    n0, n1 = score.shape
+    s = score.astype(np.float32)
+    dil = cv2.dilate(s, np.ones((3, 3), np.uint8), borderType=cv2.BORDER_REPLICATE)
+    ii, jj = np.nonzero((s >= dil) & (s >= thr))
+    out = []
+    for i, j in zip(ii.tolist(), jj.tolist()):
+        su, sv = j - m, i - m
+        if abs(su) <= search and abs(sv) <= search:
+            out.append((su, sv, float(score[i, j])))
+    out.sort(key=lambda c: -c[2])
+    # a flat top gives several equal neighbours: keep one per 3 x 3 neighbourhood
+    kept: list[tuple[int, int, float]] = []
+    for c in out:
+        if all(max(abs(c[0] - k[0]), abs(c[1] - k[1])) > 1 for k in kept):
+            kept.append(c)
+    return kept[:limit]
 
 
 def _subpixel_parabola(score: np.ndarray, i: int, j: int) -> tuple[float, float]:
@@ -429,9 +512,11 @@ def _subpixel_parabola(score: np.ndarray, i: int, j: int) -> tuple[float, float]
     return 0.0, 0.0
 
 
-def _coarse_scores(r1: np.ndarray, r2: np.ndarray, r12: float, tone: float) -> np.ndarray:
+def _coarse_scores(r1, r2, r12: float, tone: float):
     """Multiple correlation of the image with (region, rim) per shift, with the
     sign of the region coefficient fixed by ``tone`` and the rim one >= 0."""
+    r1 = np.asarray(r1, dtype=np.float64)
+    r2 = np.asarray(r2, dtype=np.float64)
     det = max(1.0 - r12 * r12, 1e-6)
     b1 = (r1 - r12 * r2) / det
     b2 = (r2 - r12 * r1) / det
@@ -442,14 +527,96 @@ def _coarse_scores(r1: np.ndarray, r2: np.ndarray, r12: float, tone: float) -> n
     return np.sqrt(np.where(valid, both, np.maximum(alt1, alt2)))
 
 
-def _model_channels(polys, t: PixelTransform, edge_bias: float, sigma_px: float, pad: int):
-    """(region, rim) channels of the layout mapped with ``t``, grown by ``edge_bias`` px."""
-    h, w = t.shape
-    lp = _polys_to_px(polys, t, (-pad, -pad))
-    if edge_bias != 0.0:
-        lp = [p.buffer(edge_bias, join_style="mitre", mitre_limit=4.0) for p in lp]
-    region, rim = sem_channels(render_layout(lp, (h + 2 * pad, w + 2 * pad)), sigma_px)
-    return region[pad : pad + h, pad : pad + w], rim[pad : pad + h, pad : pad + w]
+def _pyramid_factor(h: int, w: int) -> int:
+    """Downsampling factor of the coarse search: 1 below ~400 px, up to 4 from ~800 px."""
+    f = 1
+    while f < 4 and min(h, w) / (2 * f) >= 200:
+        f *= 2
+    return f
+
+
+class _LevelScorer:
+    """Whole-pixel coarse scores, one shift at a time, on a regular subgrid of an image.
+
+    Normalised correlations of the (smoothed, detrended) image with the
+    region and rim channels of the nominal rendering: an estimate of the
+    whole-image correlations a coarse score map holds, used to tell apart
+    the peaks a coarser pyramid level cannot.
+    """
+
+    def __init__(self, img_s: np.ndarray, reg: np.ndarray, rim: np.ndarray, pad: int, border: int,
+                 max_points: int = 40000):
+        h, w = img_s.shape
+        self.k = k = max(1, int(math.ceil(math.sqrt((h - 2 * border) * (w - 2 * border) / max_points))))
+        self.nr = len(range(border, h - border, k))
+        self.nc = len(range(border, w - border, k))
+        self.r0 = self.c0 = border
+        self.pad = pad
+        self.reg, self.rim = reg, rim
+        sub = img_s[border : h - border : k, border : w - border : k].astype(np.float64)
+        rows = np.arange(self.nr) * k + border
+        cols = np.arange(self.nc) * k + border
+        rr, cc = np.meshgrid(rows, cols, indexing="ij")
+        basis = _poly_cols(cc.ravel(), rr.ravel(), (h, w))
+        y = sub.ravel()
+        coef = np.linalg.lstsq(basis, y, rcond=None)[0]
+        img0 = y - basis @ coef
+        img0 -= img0.mean()
+        self.img = img0.reshape(self.nr, self.nc)
+        self.inorm = math.sqrt(float(np.sum(img0 * img0)))
+        self.n = img0.size
+        self.cache: dict[tuple[int, int], tuple[float, float]] = {}
+        self.r12 = self._r12()
+
+    def _view(self, ch, su: int, sv: int) -> np.ndarray:
+        k = self.k
+        r = self.pad + sv + self.r0
+        c = self.pad + su + self.c0
+        return ch[r : r + self.nr * k : k, c : c + self.nc * k : k]
+
+    def _r12(self) -> float:
+        a = self._view(self.reg, 0, 0).astype(np.float64).ravel()
+        b = self._view(self.rim, 0, 0).astype(np.float64).ravel()
+        if not (a.std() > 0 and b.std() > 0):
+            return 0.0
+        return float(np.corrcoef(a, b)[0, 1])
+
+    def corr(self, su: int, sv: int) -> tuple[float, float]:
+        key = (su, sv)
+        if key not in self.cache:
+            out = []
+            for ch in (self.reg, self.rim):
+                v = self._view(ch, su, sv)
+                if v.shape != self.img.shape:
+                    out.append(0.0)
+                    continue
+                v = v.astype(np.float64)
+                s1 = float(v.sum())
+                var = float(np.einsum("ij,ij->", v, v)) - s1 * s1 / self.n
+                num = float(np.einsum("ij,ij->", self.img, v))
+                out.append(num / math.sqrt(var * self.inorm ** 2) if var > 0 and self.inorm > 0 else 0.0)
+            self.cache[key] = (out[0], out[1])
+        return self.cache[key]
+
+    def score(self, su: int, sv: int, tone: float) -> float:
+        r1, r2 = self.corr(su, sv)
+        return float(_coarse_scores(r1, r2, self.r12, tone))
+
+    def climb(self, su: int, sv: int, tone: float, limit: float, max_moves: int = 4) -> _Cand:
+        """Hill-climb the full-resolution score from ``(su, sv)`` (3 x 3 steps, within
+        ``+/-limit``); returns the local maximum with its parabola sub-pixel offsets."""
+        for move in range(max_moves + 1):
+            grid = np.full((3, 3), -np.inf)
+            for dv in (-1, 0, 1):
+                for du in (-1, 0, 1):
+                    if abs(su + du) <= limit and abs(sv + dv) <= limit:
+                        grid[dv + 1, du + 1] = self.score(su + du, sv + dv, tone)
+            i, j = np.unravel_index(int(np.argmax(grid)), grid.shape)
+            if (i, j) == (1, 1) or move == max_moves:
+                break
+            su, sv = su + int(j) - 1, sv + int(i) - 1
+        fu, fv = _subpixel_parabola(grid, 1, 1)
+        return _Cand(float(su), float(sv), float(grid[1, 1]), float(su * su + sv * sv), fu, fv)
 
 
 def _corner_weights(polys, t: PixelTransform, radius_px: float, weight: float, min_turn_deg: float = 30.0):
@@ -477,157 +644,486 @@ def _corner_weights(polys, t: PixelTransform, radius_px: float, weight: float, m
     return out
 
 
-def _refine(img_s, t_nom: PixelTransform, t: PixelTransform, polys, *, sigma_px: float, smooth_px: float,
-            border: int, rotation: bool, max_iter: int, robust: bool = True,
-            corner_px: float = 10.0, corner_weight: float = 0.1, weak_px: float = 1.0):
-    """Gauss-Newton fit of ``img_s ~ a * region + c * rim + quadratic background``.
+def _level_image(img: np.ndarray, f: int) -> np.ndarray:
+    """Block means over ``f x f`` pixels (the image cropped to a multiple of ``f``)."""
+    if f == 1:
+        return img
+    h, w = img.shape
+    hf, wf = h - h % f, w - w % f
+    return cv2.resize(img[:hf, :wf], (wf // f, hf // f), interpolation=cv2.INTER_AREA)
 
-    Non-linear unknowns: content shift ``(du, dv)``, edge bias (px) and,
-    optionally, rotation; the linear ones are re-solved at every step. With
-    ``robust``, pixels the model cannot explain (line-end pullback, missing
-    or bridged features, particles) are down-weighted (Huber weights on the
-    residual, iteratively re-weighted). Returns a dict with the refined
-    transform, edge bias, 1-sigma shift uncertainty, weak-direction flag,
-    coefficients and score, or None when the fit breaks down.
+
+class _Layout:
+    """The design polygons of one alignment, merged and clipped once (layout nm), with
+    their ring coordinates per edge bias: renderings then need no shapely calls."""
+
+    def __init__(self, polys_nm: Sequence[Polygon], clip_nm: tuple[float, float, float, float]):
+        geoms = [p if p.is_valid else p.buffer(0) for p in polys_nm]
+        g = shapely.union_all(geoms).intersection(box(*clip_nm)) if geoms else Polygon()
+        parts = shapely.get_parts(g)
+        parts = parts[shapely.get_type_id(parts) == 3] if len(parts) else parts  # polygons only
+        self.geom = MultiPolygon(list(parts)) if len(parts) else Polygon()
+        self._cache: dict[float, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+
+    def segments(self, bias_nm: float):
+        """``(xy, nxt, ring_of, is_exterior)``: ring vertices (layout nm, closed rings),
+        the index of each vertex's successor (-1 at a ring's end), the ring of each
+        vertex and whether each ring is an exterior, for the layout grown by ``bias_nm``."""
+        key = round(float(bias_nm), 9)
+        if key not in self._cache:
+            g = self.geom
+            if key != 0.0 and not g.is_empty:
+                g = shapely.buffer(g, key, join_style="mitre", mitre_limit=4.0)
+            parts = shapely.get_parts(g)
+            parts = parts[shapely.get_type_id(parts) == 3] if len(parts) else parts
+            if len(parts) == 0:
+                out = (np.zeros((0, 2)), np.zeros(0, dtype=np.int64), np.zeros(0, dtype=bool))
+            else:
+                n_int = shapely.get_num_interior_rings(parts)
+                is_ext = np.zeros(int(len(parts) + n_int.sum()), dtype=bool)
+                is_ext[np.cumsum(np.concatenate([[0], n_int[:-1] + 1]))] = True
+                xy, ring = shapely.get_coordinates(shapely.get_rings(parts), return_index=True)
+                out = (xy, ring, is_ext)
+            if len(self._cache) > 8:
+                self._cache.clear()
+            self._cache[key] = out
+        return self._cache[key]
+
+    def coverage(self, t: PixelTransform, bias_px: float, shape: tuple[int, int], origin: float,
+                 scale: float = 1.0) -> np.ndarray:
+        """Exact coverage on a canvas of ``shape`` whose pixel ``(0, 0)`` starts at image
+        pixel ``(origin, origin)`` (under ``t``), ``scale`` canvas pixels per image pixel."""
+        xy, ring, is_ext = self.segments(bias_px * t.pixel_nm)
+        if len(xy) < 2:
+            return np.zeros(shape, dtype=np.float32)
+        uv = (t.to_pixel(xy) - origin) * scale
+        same = ring[1:] == ring[:-1]
+        p0, p1 = uv[:-1][same], uv[1:][same]
+        # orientation: exteriors counter-clockwise, holes clockwise in (u, v) maths orientation
+        cross = uv[:-1, 0] * uv[1:, 1] - uv[1:, 0] * uv[:-1, 1]
+        area = np.bincount(ring[:-1][same], weights=cross[same], minlength=len(is_ext))
+        flip = np.where((area > 0) == is_ext, 1.0, -1.0)
+        return _segment_coverage(p0, p1, flip[ring[:-1][same]], shape)
+
+
+@dataclass
+class _Render:
+    """Layout channels rendered exactly with transform ``t`` and edge bias ``eb``
+    (full-resolution pixels) at ``1/f`` of the image resolution, on a canvas grown
+    by ``pad`` (level) pixels on every side: level pixel ``(r, c)`` of the image is
+    canvas pixel ``(r + pad, c + pad)`` when the image is where ``t`` puts it."""
+
+    reg: np.ndarray
+    rim: np.ndarray
+    t: PixelTransform
+    eb: float
+    pad: int
+    f: int = 1
+    cov: np.ndarray | None = None
+
+
+def _render(lay: _Layout, t: PixelTransform, edge_bias: float, sigma_px: float, pad: int, f: int = 1,
+            keep_cov: bool = False) -> _Render:
+    """Render the layout with ``t`` at level ``f`` (``sigma_px`` in level pixels), polygons
+    grown by ``edge_bias`` full-resolution pixels."""
+    h, w = t.shape
+    cov = lay.coverage(t, edge_bias, (h // f + 2 * pad, w // f + 2 * pad), -pad * f, 1.0 / f)
+    reg, rim = sem_channels(cov, sigma_px)
+    return _Render(reg, rim, t, float(edge_bias), int(pad), int(f), cov if keep_cov else None)
+
+
+def _cubic(s: np.ndarray, second: bool = False):
+    """Catmull-Rom interpolation kernel and its derivative (and second derivative) at offsets ``s``."""
+    a = np.abs(s)
+    k = np.where(a <= 1.0, (1.5 * a - 2.5) * a * a + 1.0, np.where(a < 2.0, ((-0.5 * a + 2.5) * a - 4.0) * a + 2.0, 0.0))
+    dk = np.where(a <= 1.0, (4.5 * a - 5.0) * a, np.where(a < 2.0, (-1.5 * a + 5.0) * a - 4.0, 0.0)) * np.sign(s)
+    if not second:
+        return k, dk
+    d2k = np.where(a <= 1.0, 9.0 * a - 5.0, np.where(a < 2.0, -3.0 * a + 5.0, 0.0))
+    return k, dk, d2k
+
+
+_TAPS = np.arange(5)
+_DEBUG = False
+_MAX_POINTS = 12000
+_NEWTON_MODE = 1
+
+
+def _render_shift(rend: _Render, t: PixelTransform) -> np.ndarray:
+    """Canvas index of level pixel ``(0, 0)`` of the image under ``t`` (``(u, v)``), when
+    ``t`` and the rendering differ by a translation only."""
+    h, w = t.shape
+    c = np.array([w / 2.0, h / 2.0])
+    return (rend.t.to_pixel(t.to_layout(c)) - c) / rend.f + rend.pad
+
+
+class _Sampler:
+    """The rendered channels at the fit's pixels, for any nearby transform.
+
+    Each fit pixel keeps a 5 x 5 patch of both channels around where the
+    rendering's transform put it; the channels at a (sub-pixel) shifted or
+    slightly rotated position are interpolated (Catmull-Rom, with exact
+    derivatives) from the patch, so no re-rendering is needed while the
+    shift changes by up to half a pixel (a new patch is taken beyond). The
+    channels are blurred by at least one pixel, smooth enough for cubic
+    interpolation. At whole-pixel positions (the rendering's own transform)
+    the values and central differences are read directly.
     """
-    h, w = img_s.shape
-    pad = border + 2
-    sl = (slice(border, h - border), slice(border, w - border))
+
+    def __init__(self, rend: _Render, rows: np.ndarray, cols: np.ndarray, translation_only: bool):
+        self.rend = rend
+        self.rows, self.cols = rows, cols
+        self.translation = translation_only
+        self.wc = rend.reg.shape[1]
+        self.flat_reg = rend.reg.ravel()
+        self.flat_rim = rend.rim.ravel()
+        self.base = None
+        self.hess = None
+
+    def _positions(self, t: PixelTransform):
+        r = self.rend
+        if self.translation:
+            return _render_shift(r, t)  # level pixel (row, col) -> canvas index (col + du, row + dv)
+        p = np.stack([self.cols + 0.5, self.rows + 0.5], axis=1) * r.f
+        return r.t.to_pixel(t.to_layout(p)) / r.f + (r.pad - 0.5)
+
+    def _flat(self, b) -> np.ndarray:
+        if self.translation:
+            return (self.rows + int(b[1])) * self.wc + (self.cols + int(b[0]))
+        return b[:, 1] * self.wc + b[:, 0]
+
+    def _gather(self, pos):
+        self.base = b = np.rint(pos).astype(np.int64) - 2
+        offs = (_TAPS[:, None] * self.wc + _TAPS[None, :]).ravel()
+        idx = self._flat(b)[:, None] + offs[None, :]
+        self.p_reg = np.take(self.flat_reg, idx, mode="clip")
+        self.p_rim = np.take(self.flat_rim, idx, mode="clip")
+
+    def sample(self, t: PixelTransform):
+        """``(reg, reg_u, reg_v, rim, rim_u, rim_v)`` at the fit pixels under ``t``
+        (derivatives per level pixel along u and v)."""
+        pos = self._positions(t)
+        if self.translation and np.all(np.abs(pos - np.rint(pos)) < 1e-7):
+            # whole-pixel position: values and central differences
+            i = self._flat(np.rint(pos).astype(np.int64))
+            out, hess = [], []
+            wc = self.wc
+            for ch in (self.flat_reg, self.flat_rim):
+                tk = lambda o: np.take(ch, i + o, mode="clip").astype(np.float64)  # noqa: E731
+                c0, cl, cr, cu, cd = tk(0), tk(-1), tk(1), tk(-wc), tk(wc)
+                out += [c0, 0.5 * (cr - cl), 0.5 * (cd - cu)]
+                huv = 0.25 * (tk(wc + 1) - tk(wc - 1) - tk(1 - wc) + tk(-1 - wc))
+                hess.append(np.stack([cr - 2.0 * c0 + cl, huv, cd - 2.0 * c0 + cu], axis=1))
+            self.hess = tuple(hess)
+            return tuple(out)
+        if self.base is None or np.any(np.abs(pos - self.base - 2) > 0.5 + 1e-9):
+            self._gather(pos)
+        frac = pos - self.base
+        if self.translation:
+            ku, dku, d2ku = _cubic(frac[0] - _TAPS, True)
+            kv, dkv, d2kv = _cubic(frac[1] - _TAPS, True)
+            wmat = np.stack([np.outer(kv, ku), np.outer(kv, dku), np.outer(dkv, ku),
+                             np.outer(kv, d2ku), np.outer(dkv, dku), np.outer(d2kv, ku)]).reshape(6, 25).T
+            wmat = wmat.astype(np.float32)
+            a = (self.p_reg @ wmat).astype(np.float64)
+            b = (self.p_rim @ wmat).astype(np.float64)
+            self.hess = (a[:, 3:], b[:, 3:])
+            return a[:, 0], a[:, 1], a[:, 2], b[:, 0], b[:, 1], b[:, 2]
+        ku, dku = _cubic(frac[:, 0:1] - _TAPS[None, :])
+        kv, dkv = _cubic(frac[:, 1:2] - _TAPS[None, :])
+        out = []
+        for p in (self.p_reg, self.p_rim):
+            p3 = p.reshape(-1, 5, 5).astype(np.float64)
+            tu = np.einsum("nij,nj->ni", p3, ku)
+            tdu = np.einsum("nij,nj->ni", p3, dku)
+            out += [np.einsum("ni,ni->n", tu, kv), np.einsum("ni,ni->n", tdu, kv), np.einsum("ni,ni->n", tu, dkv)]
+        return tuple(out)
+
+
+@functools.lru_cache(maxsize=4)
+def _rank_map(h: int, w: int) -> np.ndarray:
+    """Weyl sequence (golden-ratio hash of the pixel index) in [0, 1): thresholding it
+    keeps pixels evenly spread along rows and columns, with no fixed phase relative
+    to periodic edges."""
+    return ((np.arange(h * w, dtype=np.float64) * 0.6180339887498949) % 1.0).astype(np.float32).reshape(h, w)
+
+
+def _select_pixels(rend: _Render, t: PixelTransform, shape: tuple[int, int], border: int, max_points: int):
+    """Fit pixels of a level image of ``shape``: a deterministic, evenly spread
+    subset (at most ``max_points``) of the pixels near a layout edge (where the
+    shift is measured), plus a regular grid elsewhere (background and grey
+    levels). Returns rows, cols, the number of pixels each one stands for
+    (fit weight) and the weight that makes the score comparable across
+    image sizes (band pixels 1, others 1/16 per pixel)."""
+    h, w = shape
+    d = _render_shift(rend, t)
+    hc, wc = rend.rim.shape
+    iu = int(np.clip(round(float(d[0])), -border, wc - w + border))
+    iv = int(np.clip(round(float(d[1])), -border, hc - h + border))
+    hi, wi = h - 2 * border, w - 2 * border
+    view = rend.rim[iv + border : iv + border + hi, iu + border : iu + border + wi]
+    near = np.zeros((hi, wi), dtype=np.uint8)
+    near[: view.shape[0], : view.shape[1]] = view > 0.01
+    near = cv2.dilate(near, np.ones((5, 5), np.uint8))
+    n_band = cv2.countNonZero(near)
+    if n_band > max_points:
+        band = np.flatnonzero(((near > 0) & (_rank_map(hi, wi) < max_points / n_band)).ravel())
+    else:
+        band = np.flatnonzero(near.ravel())
+    band_w = n_band / max(band.size, 1)
+    g = 4  # away from the edges: a grid of at most about max_points / 8 pixels
+    while (hi // g) * (wi // g) > max_points / 8:
+        g *= 2
+    grid = np.zeros((hi, wi), dtype=bool)
+    grid[g // 2 :: g, g // 2 :: g] = True
+    away = np.flatnonzero((grid & (near == 0)).ravel())
+    idx = np.concatenate([band, away])
+    samp_w = np.concatenate([np.full(band.size, band_w), np.full(away.size, float(g * g))])
+    score_w = np.concatenate([np.full(band.size, band_w), np.full(away.size, g * g / 16.0)])
+    return idx // wi + border, idx % wi + border, samp_w, score_w
+
+
+def _gauss_newton(img_l: np.ndarray, f: int, t_nom: PixelTransform, t: PixelTransform, eb: float, lay: _Layout, *,
+                  sigma_px: float, smooth_px: float, border: int, rotation: bool, max_iter: int, robust: bool,
+                  cw_full: np.ndarray | None, weak_px: float, max_points: int, trust_eb: float, trust_px: float,
+                  tol_px: float, tol_eb: float, final: bool):
+    """Gauss-Newton fit of ``img_l ~ a * region + c * rim + quadratic background`` at
+    pyramid level ``f`` (``img_l`` holds ``f x f`` block means; lengths in
+    full-resolution pixels unless said otherwise).
+
+    Non-linear unknowns: content shift ``(du, dv)``, edge bias and, optionally,
+    rotation; the linear ones are re-solved at every step. With ``robust``,
+    pixels the model cannot explain (line-end pullback, missing or bridged
+    features, particles) are down-weighted (Huber weights on the residual,
+    iteratively re-weighted).
+
+    The model is sampled from an exact rendering by cubic interpolation; the
+    edge bias's change since that rendering enters to first order. The layout
+    is rendered again whenever the bias has moved on by more than
+    ``trust_eb`` or the content by more than ``trust_px`` since the last
+    rendering, and once more at the end when they have moved at all
+    noticeably (0.2 px bias, 0.5 px shift). Returns a dict (``t``,
+    ``edge_bias``, ``weak``, ``strong``, coefficients and, with ``final``, the
+    score and the 1-sigma shift uncertainty) or None when the fit breaks down.
+    """
+    h, w = t.shape
+    hl, wl = img_l.shape
     theta = t.rotation_rad
-    eb = 0.0
     weak = False
     strong = None
-    # Pixels used: all those near a layout edge (where the shift is measured), and
-    # every 4th row/column elsewhere with weight 16 (background and grey levels).
-    reg, rim = _model_channels(polys, t, eb, sigma_px, pad)
-    near = cv2.dilate((rim > 1e-3).astype(np.uint8), np.ones((7, 7), np.uint8))[sl]
-    sparse = np.zeros_like(near)
-    sparse[::4, ::4] = 1
-    keep = (near > 0) | (sparse > 0)
-    idx = np.flatnonzero(keep.ravel())
-    samp_w = np.where(near.ravel()[idx] > 0, 1.0, 16.0)
-    if corner_weight < 1.0 and corner_px > 0:
-        samp_w = samp_w * _corner_weights(polys, t, corner_px, corner_weight)[sl].ravel()[idx]
-
-    def take(a2d):
-        return a2d[sl].ravel()[idx]
-
-    y = take(img_s).astype(np.float64)
-    n = y.size
     n_lin = 8
     n_geo = 4 if rotation else 3
-    A = np.empty((n, n_lin + n_geo), dtype=np.float64)
-    A[:, 2:n_lin] = _poly_basis((h, w), 2).reshape(h, w, 6)[sl].reshape(-1, 6)[idx]
+    pad = border + 6
+    sig_l = sigma_px / f
+    corr_area = max(1.0, 4.0 * math.pi * (smooth_px / f) ** 2)
+    img_flat = img_l.ravel()
+    t = t.with_offset(t.offset_nm, theta)
+    rend = _render(lay, t, eb, sig_l, pad, f)
+    rows, cols, samp_w, score_w = _select_pixels(rend, t, (hl, wl), border, max_points)
+    if cw_full is not None:
+        samp_w = samp_w * cw_full[np.minimum(rows * f + f // 2, h - 1), np.minimum(cols * f + f // 2, w - 1)]
+    y = img_flat[rows * wl + cols].astype(np.float64)
+    A = np.empty((y.size, n_lin + n_geo), dtype=np.float64)
+    A[:, 2:n_lin] = _poly_cols(cols, rows, (hl, wl))
+    samp = _Sampler(rend, rows, cols, not rotation)
     wts = samp_w.copy()
-    vv, uu = np.mgrid[0:h, 0:w].astype(np.float32) + 0.5
-    # smoothing the image correlates the residuals over about 4 pi smooth^2 pixels
-    corr_area = max(1.0, 4.0 * math.pi * smooth_px ** 2)
+    n_render = 1
+    pu, pv = (cols + 0.5) * f, (rows + 0.5) * f  # full-resolution pixel centres
 
     def solve_lin():
         L = A[:, :n_lin]
         Lw = L * wts[:, None]
         return np.linalg.solve(Lw.T @ L + 1e-12 * np.eye(n_lin), Lw.T @ y)
 
-    for it in range(max_iter):
-        t = t.with_offset(t.offset_nm, theta)
-        if it > 0:
-            reg, rim = _model_channels(polys, t, eb, sigma_px, pad)
-        A[:, 0] = take(reg)
-        A[:, 1] = take(rim)
-        try:
-            coef = solve_lin()
-        except np.linalg.LinAlgError:
-            return None
+    def model_cols(t_cur: PixelTransform, eb_cur: float):
+        """Region and rim (bias applied to first order) and their derivatives at the fit pixels."""
+        reg, reg_u, reg_v, rim, rim_u, rim_v = samp.sample(t_cur)
+        mag = np.maximum(np.hypot(reg_u, reg_v), 1e-6)
+        rim_n = (rim_u * reg_u + rim_v * reg_v) / mag  # derivative of rim along the inward normal
+        db = (eb_cur - samp.rend.eb) / f
+        return reg + db * mag, rim + db * rim_n, reg_u, reg_v, rim_u, rim_v, mag, rim_n
+
+    def stale(t_cur, eb_cur, eb_lim, px_lim):
+        r = samp.rend
+        return (abs(eb_cur - r.eb) > eb_lim or float(np.hypot(*_content_shift(r.t, t_cur))) > px_lim
+                or abs(t_cur.rotation_rad - r.t.rotation_rad) * max(h, w) > px_lim)
+
+    ata = None
+    coef = None
+    it = 0
+    finishing = False
+    update_w = True
+    prev_deb = None
+    while it < max_iter:
+        if it > 0 and (finishing or stale(t, eb, trust_eb, trust_px)):
+            samp = _Sampler(_render(lay, t, eb, sig_l, pad, f), rows, cols, not rotation)
+            n_render += 1
+        reg, rim, reg_u, reg_v, rim_u, rim_v, mag, rim_n = model_cols(t, eb)
+        A[:, 0] = reg
+        A[:, 1] = rim
+        if coef is None or update_w:
+            try:
+                coef = solve_lin()
+                if robust:
+                    # Huber weights, scale from the median absolute residual; re-weighting
+                    # converges slowly, so the weights are kept once the fit has settled
+                    ar = np.abs(y - A[:, :n_lin] @ coef)
+                    k = 2.0 * (1.4826 * float(np.median(ar)) + 1e-12)
+                    wts = samp_w * np.where(ar <= k, 1.0, k / np.maximum(ar, 1e-30))
+                    coef = solve_lin()
+            except np.linalg.LinAlgError:
+                return None
         r_lin = y - A[:, :n_lin] @ coef
-        if robust:
-            # Huber weights, scale from the median absolute residual
-            scale = 1.4826 * float(np.median(np.abs(r_lin))) + 1e-12
-            k = 2.0 * scale
-            ar = np.abs(r_lin)
-            wts = samp_w * np.where(ar <= k, 1.0, k / np.maximum(ar, 1e-30))
-            coef = solve_lin()
-            r_lin = y - A[:, :n_lin] @ coef
         a, c = float(coef[0]), float(coef[1])
-        model = a * reg + c * rim
-        gu, gv = _gradients(model)
-        A[:, n_lin] = -take(gu)
-        A[:, n_lin + 1] = -take(gv)
+        gu = a * reg_u + c * rim_u
+        gv = a * reg_v + c * rim_v
+        A[:, n_lin] = -gu
+        A[:, n_lin + 1] = -gv
         # growing the polygons by db moves every edge outwards along n = -grad(region)/|grad(region)|
-        ru, rv = _gradients(reg)
-        mag = np.maximum(cv2.magnitude(ru, rv), 1e-6)
-        A[:, n_lin + 2] = take((gu * ru + gv * rv) / mag)
+        A[:, n_lin + 2] = a * mag + c * rim_n
         if rotation:
-            # content displacement per radian, obtained through the transform itself
+            # content displacement per radian (level pixels), obtained through the transform itself
             eps = 1e-4
             t2 = t.with_offset(t.offset_nm, theta + eps)
-            pts = np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]]) + (w / 2.0, h / 2.0)
-            disp = (t2.to_pixel(t.to_layout(pts)) - pts) / eps
-            du_ = disp[0, 0] + (disp[1, 0] - disp[0, 0]) * (uu - pts[0, 0]) + (disp[2, 0] - disp[0, 0]) * (vv - pts[0, 1])
-            dv_ = disp[0, 1] + (disp[1, 1] - disp[0, 1]) * (uu - pts[0, 0]) + (disp[2, 1] - disp[0, 1]) * (vv - pts[0, 1])
-            A[:, n_lin + 3] = take(-(gu * du_ + gv * dv_))
+            q = np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]]) + (w / 2.0, h / 2.0)
+            disp = (t2.to_pixel(t.to_layout(q)) - q) / eps / f
+            du_ = disp[0, 0] + (disp[1, 0] - disp[0, 0]) * (pu - q[0, 0]) + (disp[2, 0] - disp[0, 0]) * (pv - q[0, 1])
+            dv_ = disp[0, 1] + (disp[1, 1] - disp[0, 1]) * (pu - q[0, 0]) + (disp[2, 1] - disp[0, 1]) * (pv - q[0, 1])
+            A[:, n_lin + 3] = -(gu * du_ + gv * dv_)
         Aw = A * wts[:, None]
         ata = Aw.T @ A
-        atb = Aw.T @ y
         wsum = float(wts.sum())
         s2_lin = float((wts * r_lin) @ r_lin) / max(wsum - n_lin, 1.0) * corr_area
         # a direction along which the pattern is (nearly) invariant (long lines) is left
         # alone: its 1-sigma uncertainty from the shift block alone exceeds weak_px
+        atr = Aw.T @ r_lin
         hs = ata[n_lin : n_lin + 2, n_lin : n_lin + 2]
         evals, evecs = np.linalg.eigh(hs)
-        weak = bool(evals[0] <= 1e-9 * max(evals[1], 1e-30) or s2_lin / max(evals[0], 1e-300) > weak_px ** 2)
-        if weak:
-            strong = evecs[:, 1]
-            P = np.delete(np.eye(A.shape[1]), n_lin + 1, axis=1)
-            P[n_lin : n_lin + 2, n_lin] = strong
-            try:
-                sol = P @ np.linalg.solve(P.T @ ata @ P, P.T @ atb)
-            except np.linalg.LinAlgError:
-                return None
-        else:
-            try:
-                sol = np.linalg.solve(ata, atb)
-            except np.linalg.LinAlgError:
-                return None
-        step = np.clip(sol[n_lin : n_lin + 2], -2.0, 2.0)
-        deb = float(np.clip(sol[n_lin + 2], -1.0, 1.0))
+        weak = bool(evals[0] <= 1e-9 * max(evals[1], 1e-30) or s2_lin / max(evals[0], 1e-300) > (weak_px / f) ** 2)
+        hmat = ata
+        if samp.hess is not None:
+            # Newton: add the residual curvature to the (shift, edge bias) block. With a
+            # model that cannot fit the image exactly (asymmetric physical rims), Gauss-Newton
+            # alone converges only linearly; the fixed point is the same.
+            hm = a * samp.hess[0] + c * samp.hess[1]  # (uu, uv, vv) of the model
+            nu, nv = reg_u / mag, reg_v / mag
+            hn_u = hm[:, 0] * nu + hm[:, 1] * nv
+            hn_v = hm[:, 1] * nu + hm[:, 2] * nv
+            wr = wts * r_lin
+            cu, cv, cb = wr @ hn_u, wr @ hn_v, wr @ (nu * hn_u + nv * hn_v)
+            cur = np.array([[wr @ hm[:, 0], wr @ hm[:, 1], -cu], [wr @ hm[:, 1], wr @ hm[:, 2], -cv], [-cu, -cv, cb]])
+            if _NEWTON_MODE == 1:
+                cur = cur[:2, :2]
+            elif _NEWTON_MODE == 2:
+                cur[2, 2] = 0.0
+            g = slice(n_lin, n_lin + len(cur))
+            h3 = ata[g, g] - cur
+            if not weak and np.linalg.eigvalsh(h3)[0] > 0.2 * np.linalg.eigvalsh(ata[g, g])[0]:
+                hmat = ata.copy()
+                hmat[g, g] = h3
+        try:
+            if weak:
+                strong = evecs[:, 1]
+                P = np.delete(np.eye(A.shape[1]), n_lin + 1, axis=1)
+                P[n_lin : n_lin + 2, n_lin] = strong
+                sol = P @ np.linalg.solve(P.T @ hmat @ P, P.T @ atr)
+            else:
+                sol = np.linalg.solve(hmat, atr)
+        except np.linalg.LinAlgError:
+            return None
+        if not np.all(np.isfinite(sol)):
+            return None
+        coef = coef + sol[:n_lin]  # the linear coefficients at the new geometry (first order)
+        step = np.clip(sol[n_lin : n_lin + 2] * f, -2.0, 2.0)
+        lim = max(trust_eb, 0.5) if trust_eb > 0 else 2.0
+        deb = float(np.clip(sol[n_lin + 2] * f, -lim, lim))
         dth = float(np.clip(sol[n_lin + 3], -0.01, 0.01)) if rotation else 0.0
         t = t.with_offset(_content_shift_to_offset(t, step))
         eb += deb
+        if trust_eb == 0.0 and prev_deb is not None and 0.0 < deb / prev_deb < 0.85 and abs(deb) > tol_eb:
+            # the bias converges linearly here (misfit curvature): jump to the limit of the
+            # geometric series of its steps (Aitken)
+            q = deb / prev_deb
+            eb += deb * q / (1.0 - q)
+            deb = deb / (1.0 - q)
+        prev_deb = deb
         theta += dth
-        if math.hypot(*step) < 2e-3 and abs(deb) < 1e-2 and abs(dth) * max(h, w) < 2e-3:
-            break
-    t = t.with_offset(t.offset_nm, theta)
+        t = t.with_offset(t.offset_nm, theta)
+        it += 1
+        if _DEBUG:
+            print(f"f={f} it {it} renders {n_render} step {step} deb {deb:.4f} eb {eb:.4f} a {a:.3f} c {c:.3f} weak {weak}")
+        update_w = robust and (math.hypot(*step) > 0.05 or abs(deb) > 0.05 or abs(dth) * max(h, w) > 0.05)
+        if math.hypot(*step) < tol_px and abs(deb) < tol_eb and abs(dth) * max(h, w) < tol_px:
+            if finishing or not final or not stale(t, eb, min(trust_eb, 0.2), min(trust_px, 0.5)):
+                break
+            finishing = True  # render exactly where the fit has settled, then one more step
     if weak:
         # keep the nominal position along the invariant direction
         d = _content_shift(t_nom, t)
         t_rot = t_nom.with_offset(t_nom.offset_nm, theta)
         t = t_rot.with_offset(_content_shift_to_offset(t_rot, strong * float(strong @ d)), theta)
+    out = {"t": t, "edge_bias": eb, "weak": weak, "strong": strong, "iterations": it, "renders": n_render}
+    if not final:
+        return out
+    if coef is None or ata is None:
+        return None
     # final model, residual noise and score
-    reg, rim = _model_channels(polys, t, eb, sigma_px, pad)
-    A[:, 0] = take(reg)
-    A[:, 1] = take(rim)
+    reg, rim = model_cols(t, eb)[:2]
+    A[:, 0] = reg
+    A[:, 1] = rim
     coef = solve_lin()
     fg = A[:, :2] @ coef[:2]
     sig = y - A[:, 2:n_lin] @ coef[2:]
     resid = sig - fg
-    fg_c, sig_c = fg - fg.mean(), sig - sig.mean()
-    den = math.sqrt(float(fg_c @ fg_c) * float(sig_c @ sig_c))
-    score = float(np.clip((fg_c @ sig_c) / den, 0.0, 1.0)) if den > 0 else 0.0
+    sw = score_w / score_w.sum()
+    fg_c, sig_c = fg - sw @ fg, sig - sw @ sig
+    den = math.sqrt(float((sw * fg_c) @ fg_c) * float((sw * sig_c) @ sig_c))
+    score = float(np.clip((sw * fg_c) @ sig_c / den, 0.0, 1.0)) if den > 0 else 0.0
     s2 = float((wts * resid) @ resid) / max(float(wts.sum()) - A.shape[1], 1.0)
     cinv = np.linalg.pinv(ata)
-    var = cinv[n_lin : n_lin + 2, n_lin : n_lin + 2] * s2 * corr_area
+    var = cinv[n_lin : n_lin + 2, n_lin : n_lin + 2] * s2 * corr_area * f * f
     if weak:
         var = np.outer(strong, strong) * float(strong @ var @ strong)
     sigma_formal = math.sqrt(max(float(np.trace(var)), 0.0))
-    sigma_jack = _jackknife_sigma(A, wts, resid, idx, (h - 2 * border, w - 2 * border), n_lin,
-                                  strong if weak else None)
-    return {
-        "t": t, "edge_bias": eb, "sigma": float(max(sigma_formal, sigma_jack)), "weak": weak,
-        "a": float(coef[0]), "c": float(coef[1]), "score": score,
-    }
+    sigma_jack = f * _jackknife_sigma(A, wts, resid, rows - border, cols - border,
+                                      (hl - 2 * border, wl - 2 * border), n_lin, strong if weak else None)
+    out.update(sigma=float(max(sigma_formal, sigma_jack)), a=float(coef[0]), c=float(coef[1]), score=score)
+    return out
 
 
-def _jackknife_sigma(A, wts, resid, idx, shape, n_lin: int, strong, k: int = 4) -> float:
+def _refine(img_s, t_nom: PixelTransform, t: PixelTransform, lay: _Layout, *, sigma_px: float, smooth_px: float,
+            border: int, rotation: bool, max_iter: int, robust: bool = True, corner_px: float = 10.0,
+            corner_weight: float = 0.1, weak_px: float = 1.0, max_points: int | None = None):
+    """Sub-pixel fit of shift, edge bias (and rotation), coarse to fine.
+
+    Large images are first fitted at half resolution with the layout
+    rendered exactly at every step (shift and edge bias settle to about a
+    tenth of a pixel at a quarter of the cost); the full-resolution fit then
+    starts from there with one exact rendering, sampled at up to
+    ``max_points`` pixels near the edges (see :func:`_gauss_newton`).
+    """
+    h, w = img_s.shape
+    max_points = _MAX_POINTS if max_points is None else max_points
+    cw_full = None
+    if corner_weight < 1.0 and corner_px > 0:
+        cw_full = _corner_weights(list(_iter_polygons(lay.geom)), t, corner_px, corner_weight)
+    eb = 0.0
+    common = dict(smooth_px=smooth_px, rotation=rotation, robust=robust, cw_full=cw_full, weak_px=weak_px)
+    if min(h, w) >= 400:
+        f = 2
+        bl = int(math.ceil(3.0 * sigma_px / f)) + 1
+        fit = _gauss_newton(_level_image(img_s, f), f, t_nom, t, eb, lay, sigma_px=sigma_px, border=bl,
+                            max_iter=6, max_points=max_points // 2, trust_eb=0.0, trust_px=0.0,
+                            tol_px=0.1, tol_eb=0.1, final=False, **common)
+        if fit is None:
+            return None
+        t, eb = fit["t"], fit["edge_bias"]
+    return _gauss_newton(img_s, 1, t_nom, t, eb, lay, sigma_px=sigma_px, border=border, max_iter=max_iter,
+                         max_points=max_points, trust_eb=0.3, trust_px=1.0, tol_px=2e-3, tol_eb=1e-2, final=True,
+                         **common)
+
+
+def _jackknife_sigma(A, wts, resid, rows, cols, shape, n_lin: int, strong, k: int = 4) -> float:
     """Delete-one-block jackknife of the shift over a ``k x k`` grid of image blocks.
 
     Captures spatially correlated misfit (edge roughness, local print
@@ -635,8 +1131,12 @@ def _jackknife_sigma(A, wts, resid, idx, shape, n_lin: int, strong, k: int = 4) 
     1-sigma uncertainty of the shift (pixels, both axes together).
     """
     hh, ww = shape
-    block = (idx // ww) * k // hh * k + (idx % ww) * k // ww
-    Aw = A * wts[:, None]
+    block = (rows * k // hh) * k + cols * k // ww
+    order = np.argsort(block, kind="stable")
+    bounds = np.searchsorted(block[order], np.arange(k * k + 1))
+    A = A[order]
+    Aw = A * wts[order, None]
+    resid = resid[order]
     ata = Aw.T @ A
     atr = Aw.T @ resid
     P = np.eye(A.shape[1])
@@ -645,11 +1145,11 @@ def _jackknife_sigma(A, wts, resid, idx, shape, n_lin: int, strong, k: int = 4) 
         P[n_lin : n_lin + 2, n_lin] = strong
     est = []
     for b in range(k * k):
-        sel = block == b
-        if not np.any(sel):
+        sl = slice(bounds[b], bounds[b + 1])
+        if bounds[b + 1] == bounds[b]:
             continue
-        m_b = ata - Aw[sel].T @ A[sel]
-        g_b = atr - Aw[sel].T @ resid[sel]
+        m_b = ata - Aw[sl].T @ A[sl]
+        g_b = atr - Aw[sl].T @ resid[sl]
         try:
             sol = P @ np.linalg.solve(P.T @ m_b @ P, P.T @ g_b)
         except np.linalg.LinAlgError:
@@ -780,76 +1280,129 @@ def align_image(
     bd = int(math.ceil(3.0 * sigma_px)) + 1
     if min(h, w) < 4 * bd + 8:
         raise SegsemError(f"align_image: image too small ({h}x{w}) for sigma_px={sigma_px}")
-    img = img.astype(np.float32)
-    if not np.all(np.isfinite(img)):
+    img = np.ascontiguousarray(img, dtype=np.float32)
+    if not math.isfinite(float(img.sum(dtype=np.float64))):
         return _fail(transform, "image has NaN/inf pixels")
     polys = list(_iter_polygons(polygons_nm)) if polygons_nm is not None else []
-    if not float(np.percentile(img, 99.5) - np.percentile(img, 0.5)) > 0:
+    step = max(1, int(math.sqrt(h * w / 65536.0)))
+    lo_hi = np.percentile(img[::step, ::step], [0.5, 99.5])
+    if not float(lo_hi[1] - lo_hi[0]) > 0:
         return _fail(transform, "image is blank (no grey-level contrast)")
-    img_s = _detrend(img)
-    if smooth_px > 0:
-        img_s = cv2.GaussianBlur(img_s, (0, 0), float(smooth_px), borderType=cv2.BORDER_REFLECT)
+    img_s = cv2.GaussianBlur(img, (0, 0), float(smooth_px), borderType=cv2.BORDER_REFLECT) if smooth_px > 0 else img
 
-    # ---- coarse: correlation of the whole image with the layout channels, every whole-pixel shift
-    m = int(math.ceil(search_px)) + 1
-    pad = m + bd + 2
-    canvas = (h + 2 * pad, w + 2 * pad)
-    cov_big = render_layout(_polys_to_px(polys, transform, (-pad, -pad)), canvas)
-    core = (slice(pad - m + bd, pad + h + m - bd), slice(pad - m + bd, pad + w + m - bd))
-    reg_big, rim_big = sem_channels(cov_big, sigma_px)
-    reg_l, rim_l = np.ascontiguousarray(reg_big[core]), np.ascontiguousarray(rim_big[core])
+    # ---- coarse: correlation of the whole image with the layout channels for every whole-pixel
+    # shift, on a pyramid level (1/fc of the resolution) for large images
+    fc = _pyramid_factor(h, w)
+    if fc <= 2:
+        sig_c, s_c = sigma_px / fc, smooth_px / fc
+    else:  # extra smoothing where the rims are narrower than a pixel
+        sig_c, s_c = math.sqrt((sigma_px / fc) ** 2 + 1.0), math.sqrt((smooth_px / fc) ** 2 + 1.0)
+    bl = int(math.ceil(3.0 * sig_c)) + 1
+    ml = int(math.ceil(search_px / fc)) + 1
+    pad_c = ml + bl + 2
+    lay = _Layout(polys, transform.field_of_view_nm(margin_px=max(pad_c * fc, search_px + bd + 8) + 32))
+    rend_c = _render(lay, transform, 0.0, sig_c, pad_c, fc)
+    low = _detrend(_level_image(img_s, fc))
+    if fc > 2:
+        low = cv2.GaussianBlur(low, (0, 0), 1.0, borderType=cv2.BORDER_REFLECT)
+    hl, wl = low.shape
+    core = (slice(pad_c - ml + bl, pad_c + hl + ml - bl), slice(pad_c - ml + bl, pad_c + wl + ml - bl))
+    reg_l, rim_l = np.ascontiguousarray(rend_c.reg[core]), np.ascontiguousarray(rend_c.rim[core])
     if not polys or float(rim_l.max()) <= 1e-3:
         return _fail(transform, "no layout edges within the field of view (+ search range)")
-    inner = (slice(bd, h - bd), slice(bd, w - bd))
-    tmpl = np.ascontiguousarray(img_s[inner])
+    tmpl = np.ascontiguousarray(low[bl : hl - bl, bl : wl - bl])
     if not float(tmpl.std()) > 0:
         return _fail(transform, "image is blank (no contrast)")
-    # matchTemplate index (i, j) = (m + sv, m + su): image pixel (u, v) shows the layout
-    # content of nominal pixel (u + su, v + sv): the content appears moved by (-su, -sv).
+    # matchTemplate index (i, j) = (ml + sv, ml + su): image pixel (u, v) shows the layout
+    # content of nominal pixel (u + su, v + sv) (level pixels): the content appears moved by (-su, -sv).
     r1 = np.nan_to_num(cv2.matchTemplate(reg_l, tmpl, cv2.TM_CCOEFF_NORMED), nan=0.0)
     r2 = np.nan_to_num(cv2.matchTemplate(rim_l, tmpl, cv2.TM_CCOEFF_NORMED), nan=0.0)
-    a0 = reg_l[m : m + tmpl.shape[0], m : m + tmpl.shape[1]].ravel()
-    b0 = rim_l[m : m + tmpl.shape[0], m : m + tmpl.shape[1]].ravel()
+    a0 = reg_l[ml : ml + tmpl.shape[0], ml : ml + tmpl.shape[1]].ravel()
+    b0 = rim_l[ml : ml + tmpl.shape[0], ml : ml + tmpl.shape[1]].ravel()
     r12 = float(np.corrcoef(a0, b0)[0, 1]) if a0.std() > 0 and b0.std() > 0 else 0.0
     min_sep = max(3.0, 2.0 * sigma_px)
     tones = []
     for tone in {"bright": (1.0,), "dark": (-1.0,), "auto": (1.0, -1.0)}[polarity]:
         sc = _coarse_scores(r1, r2, r12, tone)
-        tones.append((tone, sc) + _peak_candidates(sc, m, search_px, ambiguity_tol, min_sep))
-    tones.sort(key=lambda x: -x[3])
-    tone, score_map, (su, sv), best, cands, ridge = tones[0]
+        best, cands, ridge, lab, region_r2 = _plateaus(sc, ml, search_px / fc, ambiguity_tol, min_sep / fc)
+        tones.append(dict(tone=tone, map=sc, best=best, cands=cands, ridge=ridge, lab=lab, region_r2=region_r2))
+    # Candidates in full-resolution pixels. The coarsest level (1/4) cannot tell near-equal
+    # peaks apart reliably: when it has several, they are scored again at half resolution.
+    tones.sort(key=lambda x: -x["best"])
+    loose = max(0.1, 3.0 * ambiguity_tol)
+    peaks = {}
+    if fc > 2:
+        for rank, tn in enumerate(tones):
+            thr = (1.0 - loose) * tn["best"]
+            if rank > 0:  # the other tone only matters when it may rival the best
+                thr = max(thr, (1.0 - tone_tol - loose) * tones[0]["best"])
+            peaks[rank] = _local_maxima(tn["map"], ml, search_px / fc, thr, limit=12)
+    if sum(len(p) for p in peaks.values()) > 1:
+        fv = 2
+        sig_v = sigma_px / fv
+        bv = int(math.ceil(3.0 * sig_v)) + 1
+        pad_v = int(math.ceil(search_px / fv)) + bv + 3
+        rend_v = _render(lay, transform, 0.0, sig_v, pad_v, fv)
+        scorer = _LevelScorer(_level_image(img_s, fv), rend_v.reg, rend_v.rim, pad_v, bv)
+        for rank, tn in enumerate(tones):
+            found: list[_Cand] = []
+            for lu, lv, _ in peaks[rank]:
+                pu, pv = _subpixel_parabola(tn["map"], lv + ml, lu + ml)
+                c = scorer.climb(int(round((lu + pu) * fc / fv)), int(round((lv + pv) * fc / fv)), tn["tone"],
+                                 search_px / fv)
+                c = _Cand(c.su * fv, c.sv * fv, c.score, c.r2 * fv * fv, c.fu * fv, c.fv * fv)
+                k = int(tn["lab"][lv + ml, lu + ml])
+                if k > 0 and tn["region_r2"].get(k) is not None:
+                    c.r2 = tn["region_r2"][k] * fc * fc  # an elongated plateau: ranked by its point nearest zero
+                found.append(c)
+            found.sort(key=lambda c: -c.score)
+            kept: list[_Cand] = []
+            for c in found:
+                if all(math.hypot(c.su - k.su, c.sv - k.sv) >= min_sep for k in kept):
+                    kept.append(c)
+            tn["best"] = kept[0].score if kept else -np.inf
+            tn["cands"] = [c for c in kept if c.score >= tn["best"] - ambiguity_tol * max(abs(tn["best"]), 1e-6)]
+        tones = [tn for tn in tones if tn["cands"]]
+        n_eff = scorer.n * scorer.k ** 2 / max(1.0, 4.0 * math.pi * (smooth_px / fv) ** 2)
+    else:
+        for tn in tones:
+            for c in tn["cands"]:
+                c.fu, c.fv = _subpixel_parabola(tn["map"], int(c.sv) + ml, int(c.su) + ml)
+                c.su, c.sv, c.fu, c.fv, c.r2 = c.su * fc, c.sv * fc, c.fu * fc, c.fv * fc, c.r2 * fc * fc
+        n_eff = tmpl.size / max(1.0, 4.0 * math.pi * s_c ** 2)
+    tones.sort(key=lambda x: -x["best"])
+    top = tones[0]
+    tone, best, cands, ridge = top["tone"], top["best"], top["cands"], top["ridge"]
+    chosen = min(cands, key=lambda c: (c.r2, -c.score))
     tone_ambiguous = False
     if len(tones) > 1:
         # the other tone (lines <-> spaces) nearly as good at another position?
-        rivals = [c for c in tones[1][4] if c[2] >= (1.0 - tone_tol) * best
-                  and math.hypot(c[0] - su, c[1] - sv) >= min_sep]
+        rivals = [c for c in tones[1]["cands"] if c.score >= (1.0 - tone_tol) * best
+                  and math.hypot(c.su - chosen.su, c.sv - chosen.sv) >= min_sep]
         tone_ambiguous = bool(rivals)
     if tone_ambiguous:
         # pool the candidates of both tones
-        pool = [(c, tn) for tn in tones for c in tn[4]]
-        c_sel, tn = min(pool, key=lambda ct: (ct[0][0] ** 2 + ct[0][1] ** 2, -ct[0][2]))
-        tone, score_map, ridge = tn[0], tn[1], ridge or tn[5]
-        su, sv = c_sel[0], c_sel[1]
-        cands = sorted([c for c, _ in pool], key=lambda c: -c[2])
+        pool = [(c, tn) for tn in tones for c in tn["cands"]]
+        chosen, tn = min(pool, key=lambda ct: (ct[0].su ** 2 + ct[0].sv ** 2, -ct[0].score))
+        tone, ridge = tn["tone"], ridge or tn["ridge"]
+        cands = sorted([c for c, _ in pool], key=lambda c: -c.score)
     # a plateau (ridge) is judged by the refinement's uncertainty when refining
     ambiguous = len(cands) > 1 or tone_ambiguous or (ridge and not refine)
-    i, j = int(sv + m), int(su + m)
-    peak = float(score_map[i, j])
+    peak = chosen.score
     # noise significance: correlation of (smoothed) white noise with the smooth layout channels
-    n_eff = tmpl.size / max(1.0, 4.0 * math.pi * smooth_px ** 2)
     significance = peak * math.sqrt(n_eff)
     if peak < min_score or significance < min_significance:
         return _fail(transform, f"no significant match (coarse correlation {peak:.3f}, "
                      f"{significance:.1f} sigma of noise)", score=peak)
-    fu, fv = _subpixel_parabola(score_map, i, j)
-    d0 = np.array([-(su + fu), -(sv + fv)])  # content displacement, pixels
+    su, sv = chosen.su, chosen.sv
+    d0 = np.array([-(su + chosen.fu), -(sv + chosen.fv)])  # content displacement, pixels
     t = transform.with_offset(_content_shift_to_offset(transform, d0))
     score, res_px, edge_bias, weak = peak, 0.5, 0.0, False
     pol = "bright" if tone > 0 else "dark"
 
-    # ---- fine: Gauss-Newton on the exactly re-rendered layout model
+    # ---- fine: Gauss-Newton on the layout model, half then full resolution
     if refine:
-        fit = _refine(img_s, transform, t, polys, sigma_px=sigma_px, smooth_px=smooth_px, border=bd,
+        fit = _refine(img_s, transform, t, lay, sigma_px=sigma_px, smooth_px=smooth_px, border=bd,
                       rotation=rotation, max_iter=max_iter, robust=robust,
                       corner_px=3.0 * sigma_px + 4.0 if corner_px is None else corner_px,
                       corner_weight=corner_weight)
@@ -867,7 +1420,7 @@ def align_image(
         return _fail(transform, f"weak match after refinement (score {score:.3f} < {min_score})", score=score)
 
     offset_nm = (t.offset_nm[0] - transform.offset_nm[0], t.offset_nm[1] - transform.offset_nm[1])
-    cand_px = tuple((-c[0], -c[1]) for c in cands) if ambiguous else ()
+    cand_px = tuple((-c.su, -c.sv) for c in cands) if ambiguous else ()
     if ambiguous:
         if tone_ambiguous:
             what = ("lines and spaces (the polygon tone) cannot be told apart; kept the candidate nearest "
