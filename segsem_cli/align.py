@@ -30,8 +30,10 @@ Method (details and measurements in ``docs/alignment.md``)
 """
 from __future__ import annotations
 
+import collections
 import functools
 import math
+import threading
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
@@ -45,6 +47,32 @@ from .errors import SegsemError
 from .transform import PixelTransform
 
 __all__ = ["AlignResult", "render_layout", "sem_channels", "align_image"]
+
+_SCRATCH = threading.local()
+
+
+def _scratch(tag: str | None, name: str, shape, dtype=np.float32) -> np.ndarray:
+    """A reusable per-thread work array (contents undefined), or a fresh one when ``tag`` is None.
+
+    Renderings allocate tens of megabytes; fresh arrays of that size come from the
+    operating system zero-filled page by page, which costs more than the
+    arithmetic. A tagged array stays valid until the next request with the same
+    tag, name and shape (callers use a rendering before making the next one).
+    """
+    if tag is None:
+        return np.empty(shape, dtype=dtype)
+    pool = getattr(_SCRATCH, "pool", None)
+    if pool is None:
+        pool = _SCRATCH.pool = collections.OrderedDict()
+    key = (tag, name, tuple(int(x) for x in shape), np.dtype(dtype).str)
+    a = pool.get(key)
+    if a is None:
+        a = pool[key] = np.empty(shape, dtype=dtype)
+        while len(pool) > 40:
+            pool.popitem(last=False)
+    else:
+        pool.move_to_end(key)
+    return a
 
 
 # --------------------------------------------------------------------------
@@ -97,7 +125,7 @@ def _exact_coverage(rings: list[np.ndarray], shape: tuple[int, int]) -> np.ndarr
     return _segment_coverage(segs[:, 0], segs[:, 1], None, shape)
 
 
-def _segment_coverage(p0: np.ndarray, p1: np.ndarray, sign, shape: tuple[int, int]) -> np.ndarray:
+def _segment_coverage(p0: np.ndarray, p1: np.ndarray, sign, shape: tuple[int, int], tag: str | None = None) -> np.ndarray:
     """Exact coverage (see :func:`_exact_coverage`) from edge segments ``p0 -> p1``
     (exteriors counter-clockwise in (u, v) maths orientation, holes clockwise);
     ``sign`` (per segment, or None) flips segments of rings given the other way.
@@ -111,7 +139,9 @@ def _segment_coverage(p0: np.ndarray, p1: np.ndarray, sign, shape: tuple[int, in
     keep = p0[:, 1] != p1[:, 1]  # horizontal edges add nothing
     p0, p1 = p0[keep], p1[keep]
     if len(p0) == 0:
-        return np.zeros(shape, dtype=np.float32)
+        cov = _scratch(tag, "cov", (h, w))
+        cov.fill(0.0)
+        return cov
     sgn_e = np.ones(len(p0)) if sign is None else np.asarray(sign, dtype=np.float64)[keep]
     d = p1 - p0
     vert = d[:, 0] == 0
@@ -196,8 +226,15 @@ def _segment_coverage(p0: np.ndarray, p1: np.ndarray, sign, shape: tuple[int, in
     wd = w + 2
     idx = np.concatenate([r0 * wd + col, r0 * wd + col + 1, r1 * wd + col, r1 * wd + col + 1])
     val = np.concatenate([a_here, a_next, -a_here, -a_next])
-    delta = np.bincount(idx, weights=val, minlength=(h + 1) * wd).reshape(h + 1, wd)
-    cov = cv2.integral(delta, sdepth=cv2.CV_64F)[1 : h + 1, 1 : w + 1].astype(np.float32)
+    # float64 for render_layout; the fit's own renderings (tag) in float32: the running sums are
+    # coverage values and row differences, so the rounding stays below 1e-4
+    dt, depth = (np.float64, cv2.CV_64F) if tag is None else (np.float32, cv2.CV_32F)
+    delta = _scratch(tag, "delta", (h + 1, wd), dt)
+    delta.fill(0.0)
+    np.add.at(delta.reshape(-1), idx, val.astype(dt))
+    total = cv2.integral(delta, _scratch(tag, "sum", (h + 2, wd + 1), dt), depth)
+    cov = _scratch(tag, "cov", (h, w))
+    np.copyto(cov, total[1 : h + 1, 1 : w + 1], casting="unsafe")
     return np.clip(cov, 0.0, 1.0, out=cov)
 
 
@@ -324,10 +361,22 @@ def sem_channels(coverage: np.ndarray, sigma_px: float) -> tuple[np.ndarray, np.
         raise SegsemError(f"sem_channels: expected a 2-D coverage array, got shape {cov.shape}")
     if not sigma_px > 0:
         raise SegsemError(f"sem_channels: sigma_px must be > 0, got {sigma_px!r}")
-    region = cv2.GaussianBlur(cov, (0, 0), float(sigma_px), borderType=cv2.BORDER_REFLECT)
-    gu, gv = _gradients(region)
-    rim = cv2.magnitude(gu, gv) * np.float32(sigma_px * math.sqrt(2.0 * math.pi))
-    return region, rim
+    return _channels(cov, float(sigma_px))[:2]
+
+
+def _channels(cov: np.ndarray, sigma_px: float, tag: str | None = None):
+    """``(region, rim, rim_u, rim_v)`` of a coverage array (see :func:`sem_channels`): the
+    last two are the derivatives of ``region`` along u and v in rim units (``rim`` is
+    their magnitude)."""
+    shp = cov.shape
+    k = 0.5 * sigma_px * math.sqrt(2.0 * math.pi)  # central differences, scaled so a straight edge's rim peaks at 1
+    region = cv2.GaussianBlur(cov, (0, 0), sigma_px, dst=_scratch(tag, "reg", shp), borderType=cv2.BORDER_REFLECT)
+    gu = cv2.Sobel(region, cv2.CV_32F, 1, 0, dst=_scratch(tag, "gu", shp), ksize=1, scale=k,
+                   borderType=cv2.BORDER_REFLECT)
+    gv = cv2.Sobel(region, cv2.CV_32F, 0, 1, dst=_scratch(tag, "gv", shp), ksize=1, scale=k,
+                   borderType=cv2.BORDER_REFLECT)
+    rim = cv2.magnitude(gu, gv, magnitude=_scratch(tag, "rim", shp))
+    return region, rim, gu, gv
 
 
 def _gradients(img: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -690,12 +739,14 @@ class _Layout:
         return self._cache[key]
 
     def coverage(self, t: PixelTransform, bias_px: float, shape: tuple[int, int], origin: float,
-                 scale: float = 1.0) -> np.ndarray:
+                 scale: float = 1.0, tag: str | None = None) -> np.ndarray:
         """Exact coverage on a canvas of ``shape`` whose pixel ``(0, 0)`` starts at image
         pixel ``(origin, origin)`` (under ``t``), ``scale`` canvas pixels per image pixel."""
         xy, ring, is_ext = self.segments(bias_px * t.pixel_nm)
         if len(xy) < 2:
-            return np.zeros(shape, dtype=np.float32)
+            cov = _scratch(tag, "cov", shape)
+            cov.fill(0.0)
+            return cov
         uv = (t.to_pixel(xy) - origin) * scale
         same = ring[1:] == ring[:-1]
         p0, p1 = uv[:-1][same], uv[1:][same]
@@ -703,7 +754,7 @@ class _Layout:
         cross = uv[:-1, 0] * uv[1:, 1] - uv[1:, 0] * uv[:-1, 1]
         area = np.bincount(ring[:-1][same], weights=cross[same], minlength=len(is_ext))
         flip = np.where((area > 0) == is_ext, 1.0, -1.0)
-        return _segment_coverage(p0, p1, flip[ring[:-1][same]], shape)
+        return _segment_coverage(p0, p1, flip[ring[:-1][same]], shape, tag)
 
 
 @dataclass
@@ -720,16 +771,20 @@ class _Render:
     pad: int
     f: int = 1
     cov: np.ndarray | None = None
+    grad_u: np.ndarray | None = None  # d reg / du, dv in rim units (rim = |grad|)
+    grad_v: np.ndarray | None = None
 
 
 def _render(lay: _Layout, t: PixelTransform, edge_bias: float, sigma_px: float, pad: int, f: int = 1,
-            keep_cov: bool = False) -> _Render:
+            keep_cov: bool = False, tag: str = "fit") -> _Render:
     """Render the layout with ``t`` at level ``f`` (``sigma_px`` in level pixels), polygons
-    grown by ``edge_bias`` full-resolution pixels."""
+    grown by ``edge_bias`` full-resolution pixels. The arrays are per-thread scratch
+    space (:func:`_scratch`): valid until the next rendering with the same ``tag``
+    and canvas shape."""
     h, w = t.shape
-    cov = lay.coverage(t, edge_bias, (h // f + 2 * pad, w // f + 2 * pad), -pad * f, 1.0 / f)
-    reg, rim = sem_channels(cov, sigma_px)
-    return _Render(reg, rim, t, float(edge_bias), int(pad), int(f), cov if keep_cov else None)
+    cov = lay.coverage(t, edge_bias, (h // f + 2 * pad, w // f + 2 * pad), -pad * f, 1.0 / f, tag)
+    reg, rim, gu, gv = _channels(cov, float(sigma_px), tag)
+    return _Render(reg, rim, t, float(edge_bias), int(pad), int(f), cov if keep_cov else None, gu, gv)
 
 
 def _cubic(s: np.ndarray, second: bool = False):
@@ -840,6 +895,15 @@ class _Sampler:
         return tuple(out)
 
 
+def _nonzero(mask: np.ndarray) -> np.ndarray:
+    """Flat indices of the non-zero pixels of a uint8 mask (row-major order)."""
+    p = cv2.findNonZero(mask)
+    if p is None:
+        return np.zeros(0, dtype=np.int64)
+    p = p.reshape(-1, 2)
+    return p[:, 1].astype(np.int64) * mask.shape[1] + p[:, 0]
+
+
 @functools.lru_cache(maxsize=4)
 def _rank_map(h: int, w: int) -> np.ndarray:
     """Weyl sequence (golden-ratio hash of the pixel index) in [0, 1): thresholding it
@@ -849,37 +913,73 @@ def _rank_map(h: int, w: int) -> np.ndarray:
 
 
 def _select_pixels(rend: _Render, t: PixelTransform, shape: tuple[int, int], border: int, max_points: int):
-    """Fit pixels of a level image of ``shape``: a deterministic, evenly spread
-    subset (at most ``max_points``) of the pixels near a layout edge (where the
-    shift is measured), plus a regular grid elsewhere (background and grey
-    levels). Returns rows, cols, the number of pixels each one stands for
-    (fit weight) and the weight that makes the score comparable across
-    image sizes (band pixels 1, others 1/16 per pixel)."""
+    """Fit pixels of a level image of ``shape``: pixels near a layout edge (where
+    the shift is measured), thinned to about ``max_points`` by a deterministic,
+    evenly spread subset, plus a regular grid elsewhere (background and grey
+    levels).
+
+    When the edges mostly run one way (a line/space array), the few pixels
+    whose gradient points along the other direction (line ends, the odd
+    perpendicular edge) carry all the information about it: they are all kept.
+    Returns rows, cols, the number of pixels each one stands for (fit weight)
+    and the weight that makes the score comparable across image sizes (band
+    pixels about 1, others 1/16 per pixel).
+    """
     h, w = shape
     d = _render_shift(rend, t)
     hc, wc = rend.rim.shape
     iu = int(np.clip(round(float(d[0])), -border, wc - w + border))
     iv = int(np.clip(round(float(d[1])), -border, hc - h + border))
     hi, wi = h - 2 * border, w - 2 * border
-    view = rend.rim[iv + border : iv + border + hi, iu + border : iu + border + wi]
+    win = (slice(iv + border, iv + border + hi), slice(iu + border, iu + border + wi))
+    view = rend.rim[win]
     near = np.zeros((hi, wi), dtype=np.uint8)
     near[: view.shape[0], : view.shape[1]] = view > 0.01
-    near = cv2.dilate(near, np.ones((5, 5), np.uint8))
+    near = cv2.dilate(near, np.ones((5, 5), np.uint8)) * np.uint8(255)
     n_band = cv2.countNonZero(near)
     if n_band > max_points:
-        band = np.flatnonzero(((near > 0) & (_rank_map(hi, wi) < max_points / n_band)).ravel())
+        rank = _rank_map(hi, wi)
+        extra = None
+        if rend.grad_u is not None and view.shape == (hi, wi):
+            # structure tensor of the edges (on a coarse grid): is there a weak direction?
+            gu, gv = rend.grad_u[win], rend.grad_v[win]
+            m = near[::4, ::4] > 0
+            a, b = gu[::4, ::4][m].astype(np.float64), gv[::4, ::4][m].astype(np.float64)
+            ev, evec = np.linalg.eigh(np.array([[a @ a, a @ b], [a @ b, b @ b]]))
+            if ev[0] < 0.25 * ev[1]:
+                # pixels whose gradient is within 60 degrees of the weak direction (and on an edge)
+                along = cv2.absdiff(cv2.addWeighted(gu, float(evec[0, 0]), gv, float(evec[1, 0]), 0.0), 0.0)
+                extra = cv2.compare(along, view * np.float32(0.5), cv2.CMP_GT)
+                extra = cv2.bitwise_and(extra, cv2.compare(view, 0.02, cv2.CMP_GT))
+                extra = cv2.bitwise_and(extra, near)
+                n_extra = cv2.countNonZero(extra)
+                if n_extra == 0:
+                    extra = None
+        if extra is None:
+            keep = cv2.bitwise_and(near, cv2.compare(rank, max_points / n_band, cv2.CMP_LT))
+            band = _nonzero(keep)
+            band_w = np.ones(band.size)
+        else:
+            n_rest = n_band - n_extra
+            p_extra = min(1.0, 0.5 * max_points / n_extra)
+            p_rest = min(1.0, max(max_points - p_extra * n_extra, 0.25 * max_points) / max(n_rest, 1))
+            keep = cv2.bitwise_or(
+                cv2.bitwise_and(extra, cv2.compare(rank, p_extra, cv2.CMP_LT)),
+                cv2.bitwise_and(cv2.bitwise_and(near, cv2.bitwise_not(extra)), cv2.compare(rank, p_rest, cv2.CMP_LT)))
+            band = _nonzero(keep)
+            band_w = np.where(extra.ravel()[band] > 0, 1.0 / p_extra, 1.0 / p_rest)
     else:
-        band = np.flatnonzero(near.ravel())
-    band_w = n_band / max(band.size, 1)
+        band = _nonzero(near)
+        band_w = np.ones(band.size)
+    band_w *= n_band / max(float(band_w.sum()), 1e-9)  # exact total (the rank threshold is not)
     g = 4  # away from the edges: a grid of at most about max_points / 8 pixels
     while (hi // g) * (wi // g) > max_points / 8:
         g *= 2
-    grid = np.zeros((hi, wi), dtype=bool)
-    grid[g // 2 :: g, g // 2 :: g] = True
-    away = np.flatnonzero((grid & (near == 0)).ravel())
+    gr, gc = np.nonzero(near[g // 2 :: g, g // 2 :: g] == 0)
+    away = (gr * g + g // 2) * wi + gc * g + g // 2
     idx = np.concatenate([band, away])
-    samp_w = np.concatenate([np.full(band.size, band_w), np.full(away.size, float(g * g))])
-    score_w = np.concatenate([np.full(band.size, band_w), np.full(away.size, g * g / 16.0)])
+    samp_w = np.concatenate([band_w, np.full(away.size, float(g * g))])
+    score_w = np.concatenate([band_w, np.full(away.size, g * g / 16.0)])
     return idx // wi + border, idx % wi + border, samp_w, score_w
 
 
@@ -1057,7 +1157,7 @@ def _gauss_newton(img_l: np.ndarray, f: int, t_nom: PixelTransform, t: PixelTran
             if finishing or not final or not stale(t, eb, min(trust_eb, 0.2), min(trust_px, 0.5)):
                 break
             finishing = True  # render exactly where the fit has settled, then one more step
-    if weak:
+    if weak and final:
         # keep the nominal position along the invariant direction
         d = _content_shift(t_nom, t)
         t_rot = t_nom.with_offset(t_nom.offset_nm, theta)
@@ -1301,7 +1401,7 @@ def align_image(
     ml = int(math.ceil(search_px / fc)) + 1
     pad_c = ml + bl + 2
     lay = _Layout(polys, transform.field_of_view_nm(margin_px=max(pad_c * fc, search_px + bd + 8) + 32))
-    rend_c = _render(lay, transform, 0.0, sig_c, pad_c, fc)
+    rend_c = _render(lay, transform, 0.0, sig_c, pad_c, fc, tag="coarse")
     low = _detrend(_level_image(img_s, fc))
     if fc > 2:
         low = cv2.GaussianBlur(low, (0, 0), 1.0, borderType=cv2.BORDER_REFLECT)
@@ -1342,7 +1442,7 @@ def align_image(
         sig_v = sigma_px / fv
         bv = int(math.ceil(3.0 * sig_v)) + 1
         pad_v = int(math.ceil(search_px / fv)) + bv + 3
-        rend_v = _render(lay, transform, 0.0, sig_v, pad_v, fv)
+        rend_v = _render(lay, transform, 0.0, sig_v, pad_v, fv, tag="verify")
         scorer = _LevelScorer(_level_image(img_s, fv), rend_v.reg, rend_v.rim, pad_v, bv)
         for rank, tn in enumerate(tones):
             found: list[_Cand] = []
