@@ -668,28 +668,42 @@ class _LevelScorer:
         return _Cand(float(su), float(sv), float(grid[1, 1]), float(su * su + sv * sv), fu, fv)
 
 
-def _corner_weights(polys, t: PixelTransform, radius_px: float, weight: float, min_turn_deg: float = 30.0):
+def _corner_weights(lay: "_Layout", t: PixelTransform, radius_px: float, weight: float, min_turn_deg: float = 30.0,
+                    tag: str | None = None) -> np.ndarray:
     """Weight map: ``weight`` within ``radius_px`` of a polygon corner (turning by more
     than ``min_turn_deg``), 1 elsewhere. Corners round and line ends pull back
     when printed, by amounts that are not symmetric within the field of view."""
     h, w = t.shape
-    out = np.ones((h, w), dtype=np.float32)
-    cos_min = math.cos(math.radians(min_turn_deg))
+    out = _scratch(tag, "corners", (h, w))
+    out.fill(1.0)
+    xy, ring, _ = lay.segments(0.0)
+    if len(xy) < 4:
+        return out
+    uv = t.to_pixel(xy)
+    # closed rings: vertex i has its predecessor and successor within the ring (the first
+    # vertex is repeated at the end)
+    start = np.r_[0, np.flatnonzero(np.diff(ring)) + 1]
+    end = np.r_[start[1:], len(ring)]  # exclusive; end - 1 repeats start
+    n = end - start - 1  # distinct vertices per ring
+    ok_ring = n >= 3
+    idx = np.concatenate([np.arange(a, b - 1) for a, b, o in zip(start, end, ok_ring) if o]) if np.any(ok_ring) else []
+    if len(idx) == 0:
+        return out
+    rid = np.repeat(np.arange(len(start))[ok_ring], n[ok_ring])
+    first, cnt = start[rid], n[rid]
+    prev = first + (idx - first - 1) % cnt
+    nxt = first + (idx - first + 1) % cnt
+    d_in = uv[idx] - uv[prev]
+    d_out = uv[nxt] - uv[idx]
+    n_in = np.linalg.norm(d_in, axis=1)
+    n_out = np.linalg.norm(d_out, axis=1)
+    ok = (n_in > 1e-9) & (n_out > 1e-9)
+    cosang = np.einsum("ij,ij->i", d_in, d_out) / np.maximum(n_in * n_out, 1e-18)
     r = int(round(radius_px))
-    for p in _polys_to_px(polys, t, (0.0, 0.0)):
-        for ring in [p.exterior, *p.interiors]:
-            xy = np.asarray(ring.coords)[:-1]
-            if len(xy) < 3:
-                continue
-            d_in = xy - np.roll(xy, 1, axis=0)
-            d_out = np.roll(xy, -1, axis=0) - xy
-            n_in = np.linalg.norm(d_in, axis=1)
-            n_out = np.linalg.norm(d_out, axis=1)
-            ok = (n_in > 1e-9) & (n_out > 1e-9)
-            cosang = np.einsum("ij,ij->i", d_in, d_out) / np.maximum(n_in * n_out, 1e-18)
-            for (u, v) in xy[ok & (cosang < cos_min)]:
-                if -r <= u <= w + r and -r <= v <= h + r:
-                    cv2.circle(out, (int(round(u - 0.5)), int(round(v - 0.5))), r, float(weight), -1)
+    pts = uv[idx][ok & (cosang < math.cos(math.radians(min_turn_deg)))]
+    pts = pts[(pts[:, 0] >= -r) & (pts[:, 0] <= w + r) & (pts[:, 1] >= -r) & (pts[:, 1] <= h + r)]
+    for u, v in np.rint(pts - 0.5).astype(int).tolist():
+        cv2.circle(out, (u, v), r, float(weight), -1)
     return out
 
 
@@ -1051,11 +1065,11 @@ def _gauss_newton(img_l: np.ndarray, f: int, t_nom: PixelTransform, t: PixelTran
     ata = None
     coef = None
     it = 0
-    finishing = False
+    finishing = 0
     update_w = True
     prev_deb = None
     while it < max_iter:
-        if it > 0 and (finishing or stale(t, eb, trust_eb, trust_px)):
+        if it > 0 and (finishing == 1 or (stale(t, eb, trust_eb, trust_px) and (trust_eb == 0.0 or n_render < 3))):
             samp = _Sampler(_render(lay, t, eb, sig_l, pad, f), rows, cols, not rotation)
             n_render += 1
         reg, rim, reg_u, reg_v, rim_u, rim_v, mag, rim_n = model_cols(t, eb)
@@ -1154,9 +1168,11 @@ def _gauss_newton(img_l: np.ndarray, f: int, t_nom: PixelTransform, t: PixelTran
             print(f"f={f} it {it} renders {n_render} step {step} deb {deb:.4f} eb {eb:.4f} a {a:.3f} c {c:.3f} weak {weak}")
         update_w = robust and (math.hypot(*step) > 0.05 or abs(deb) > 0.05 or abs(dth) * max(h, w) > 0.05)
         if math.hypot(*step) < tol_px and abs(deb) < tol_eb and abs(dth) * max(h, w) < tol_px:
-            if finishing or not final or not stale(t, eb, min(trust_eb, 0.2), min(trust_px, 0.5)):
+            if finishing or not final or n_render >= 3 or not stale(t, eb, min(trust_eb, 0.2), min(trust_px, 0.5)):
                 break
-            finishing = True  # render exactly where the fit has settled, then one more step
+            finishing = 1  # render exactly where the fit has settled (once), then converge again
+        elif finishing == 1:
+            finishing = 2
     if weak and final:
         # keep the nominal position along the invariant direction
         d = _content_shift(t_nom, t)
@@ -1206,7 +1222,7 @@ def _refine(img_s, t_nom: PixelTransform, t: PixelTransform, lay: _Layout, *, si
     max_points = _MAX_POINTS if max_points is None else max_points
     cw_full = None
     if corner_weight < 1.0 and corner_px > 0:
-        cw_full = _corner_weights(list(_iter_polygons(lay.geom)), t, corner_px, corner_weight)
+        cw_full = _corner_weights(lay, t, corner_px, corner_weight, tag="fit")
     eb = 0.0
     common = dict(smooth_px=smooth_px, rotation=rotation, robust=robust, cw_full=cw_full, weak_px=weak_px)
     if min(h, w) >= 400:
@@ -1380,15 +1396,21 @@ def align_image(
     bd = int(math.ceil(3.0 * sigma_px)) + 1
     if min(h, w) < 4 * bd + 8:
         raise SegsemError(f"align_image: image too small ({h}x{w}) for sigma_px={sigma_px}")
-    img = np.ascontiguousarray(img, dtype=np.float32)
+    if img.dtype != np.float32 or not img.flags.c_contiguous:
+        buf = _scratch("image", "pixels", img.shape)
+        np.copyto(buf, img, casting="unsafe")
+        img = buf
     if not math.isfinite(float(img.sum(dtype=np.float64))):
         return _fail(transform, "image has NaN/inf pixels")
     polys = list(_iter_polygons(polygons_nm)) if polygons_nm is not None else []
-    step = max(1, int(math.sqrt(h * w / 65536.0)))
+    step = max(1, int(math.sqrt(h * w / 16384.0)))
     lo_hi = np.percentile(img[::step, ::step], [0.5, 99.5])
     if not float(lo_hi[1] - lo_hi[0]) > 0:
         return _fail(transform, "image is blank (no grey-level contrast)")
-    img_s = cv2.GaussianBlur(img, (0, 0), float(smooth_px), borderType=cv2.BORDER_REFLECT) if smooth_px > 0 else img
+    img_s = img
+    if smooth_px > 0:
+        img_s = cv2.GaussianBlur(img, (0, 0), float(smooth_px), dst=_scratch("image", "smoothed", img.shape),
+                                 borderType=cv2.BORDER_REFLECT)
 
     # ---- coarse: correlation of the whole image with the layout channels for every whole-pixel
     # shift, on a pyramid level (1/fc of the resolution) for large images
