@@ -716,29 +716,50 @@ def _level_image(img: np.ndarray, f: int) -> np.ndarray:
     return cv2.resize(img[:hf, :wf], (wf // f, hf // f), interpolation=cv2.INTER_AREA)
 
 
+def _polygon_parts(geoms: np.ndarray) -> np.ndarray:
+    """The non-empty polygons of an array of geometries (multi-parts split)."""
+    if len(geoms) == 0:
+        return np.zeros(0, dtype=object)
+    parts = shapely.get_parts(geoms)
+    return parts[(shapely.get_type_id(parts) == 3) & ~shapely.is_empty(parts)] if len(parts) else parts
+
+
+def _disjoint(parts: np.ndarray) -> np.ndarray:
+    """Polygons made pairwise disjoint: merged (one union) only if some overlap or touch."""
+    if len(parts) < 2:
+        return parts
+    i, j = shapely.STRtree(parts).query(parts, predicate="intersects")
+    if np.all(i == j):
+        return parts
+    return _polygon_parts(np.array([shapely.union_all(parts)], dtype=object))
+
+
 class _Layout:
-    """The design polygons of one alignment, merged and clipped once (layout nm), with
-    their ring coordinates per edge bias: renderings then need no shapely calls."""
+    """The design polygons of one alignment, clipped once (layout nm) and merged where
+    they overlap or touch, with their ring coordinates per edge bias: renderings then
+    need no shapely calls beyond one (vectorised) buffer per edge bias."""
 
     def __init__(self, polys_nm: Sequence[Polygon], clip_nm: tuple[float, float, float, float]):
-        geoms = [p if p.is_valid else p.buffer(0) for p in polys_nm]
-        g = shapely.union_all(geoms).intersection(box(*clip_nm)) if geoms else Polygon()
-        parts = shapely.get_parts(g)
-        parts = parts[shapely.get_type_id(parts) == 3] if len(parts) else parts  # polygons only
-        self.geom = MultiPolygon(list(parts)) if len(parts) else Polygon()
+        win = box(*clip_nm)
+        parts = np.array([p if p.is_valid else p.buffer(0) for p in polys_nm] or [Polygon()], dtype=object)
+        parts = _polygon_parts(parts[shapely.intersects(win, parts)])
+        cross = ~shapely.contains_properly(win, parts)  # only polygons crossing the window are clipped
+        if np.any(cross):
+            parts = np.concatenate([parts[~cross], _polygon_parts(shapely.intersection(parts[cross], win))])
+        self.parts = _disjoint(parts)
         self._cache: dict[float, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 
     def segments(self, bias_nm: float):
-        """``(xy, nxt, ring_of, is_exterior)``: ring vertices (layout nm, closed rings),
-        the index of each vertex's successor (-1 at a ring's end), the ring of each
-        vertex and whether each ring is an exterior, for the layout grown by ``bias_nm``."""
+        """``(xy, ring_of, is_exterior)``: ring vertices (layout nm, closed rings), the ring
+        of each vertex and whether each ring is an exterior, for the layout grown by ``bias_nm``."""
         key = round(float(bias_nm), 9)
         if key not in self._cache:
-            g = self.geom
-            if key != 0.0 and not g.is_empty:
-                g = shapely.buffer(g, key, join_style="mitre", mitre_limit=4.0)
-            parts = shapely.get_parts(g)
-            parts = parts[shapely.get_type_id(parts) == 3] if len(parts) else parts
+            parts = self.parts
+            if key != 0.0 and len(parts):
+                parts = shapely.buffer(parts, key, join_style="mitre", mitre_limit=4.0)
+                parts = _polygon_parts(parts)
+                if key > 0:  # growing can make neighbours meet
+                    parts = _disjoint(parts)
             if len(parts) == 0:
                 out = (np.zeros((0, 2)), np.zeros(0, dtype=np.int64), np.zeros(0, dtype=bool))
             else:
@@ -1446,7 +1467,9 @@ def align_image(
     tones = []
     for tone in {"bright": (1.0,), "dark": (-1.0,), "auto": (1.0, -1.0)}[polarity]:
         sc = _coarse_scores(r1, r2, r12, tone)
-        best, cands, ridge, lab, region_r2 = _plateaus(sc, ml, search_px / fc, ambiguity_tol, min_sep / fc)
+        # a plateau must span two pixels of a coarse level to count as a ridge (peaks are ~2 px wide there)
+        best, cands, ridge, lab, region_r2 = _plateaus(sc, ml, search_px / fc, ambiguity_tol,
+                                                       min_sep if fc == 1 else max(min_sep / fc, 2.0))
         tones.append(dict(tone=tone, map=sc, best=best, cands=cands, ridge=ridge, lab=lab, region_r2=region_r2))
     # Candidates in full-resolution pixels. The coarsest level (1/4) cannot tell near-equal
     # peaks apart reliably: when it has several, they are scored again at half resolution.
@@ -1459,13 +1482,13 @@ def align_image(
             if rank > 0:  # the other tone only matters when it may rival the best
                 thr = max(thr, (1.0 - tone_tol - loose) * tones[0]["best"])
             peaks[rank] = _local_maxima(tn["map"], ml, search_px / fc, thr, limit=12)
-    if sum(len(p) for p in peaks.values()) > 1:
+    if sum(len(p) for p in peaks.values()) > 1 or (peaks and not refine):
         fv = 2
         sig_v = sigma_px / fv
         bv = int(math.ceil(3.0 * sig_v)) + 1
         pad_v = int(math.ceil(search_px / fv)) + bv + 3
         rend_v = _render(lay, transform, 0.0, sig_v, pad_v, fv, tag="verify")
-        scorer = _LevelScorer(_level_image(img_s, fv), rend_v.reg, rend_v.rim, pad_v, bv)
+        scorer = _LevelScorer(_level_image(img_s, fv), rend_v.reg, rend_v.rim, pad_v, bv, max_points=16000)
         for rank, tn in enumerate(tones):
             found: list[_Cand] = []
             for lu, lv, _ in peaks[rank]:
