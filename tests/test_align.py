@@ -329,7 +329,8 @@ def large_layout(center=(0.0, 0.0), pix=1.0, seed=0):
         shapes.append(box(x, -600, x + rng.uniform(18, 30), rng.uniform(-200, 300)))
     for i in range(4):  # a few contacts, irregular
         for j in range(3):
-            shapes.append(Point(150 + 75 * i + rng.uniform(-10, 10), 150 + 80 * j + rng.uniform(-10, 10)).buffer(18, 32))
+            x, y = 150 + 75 * i + rng.uniform(-10, 10), 150 + 80 * j + rng.uniform(-10, 10)
+            shapes.append(Point(x, y).buffer(18, 32))
     shapes += [box(80, -450, 420, -300), box(-480, 330, -150, 400), box(200, -220, 240, 60), box(-300, 420, 350, 460)]
     cx, cy = center
     return [affinity.translate(affinity.scale(p, pix, pix, origin=(0, 0)), cx, cy) for p in shapes]
@@ -413,8 +414,9 @@ def test_prepared_layout_coverage_is_exact():
     lay = _Layout(polys, t.field_of_view_nm(margin_px=30))
     for bias_px in (0.0, 1.5, -0.75):
         grown = [p.buffer(bias_px * 2.0, join_style="mitre", mitre_limit=4.0) for p in polys] if bias_px else polys
-        px = [Polygon(t.to_pixel(np.asarray(p.exterior.coords)) + 4, [t.to_pixel(np.asarray(r.coords)) + 4 for r in p.interiors])
-              for p in [g for q in grown for g in getattr(q, "geoms", [q])]]
+        parts = [g for q in grown for g in getattr(q, "geoms", [q])]
+        px = [Polygon(t.to_pixel(np.asarray(p.exterior.coords)) + 4,
+                      [t.to_pixel(np.asarray(r.coords)) + 4 for r in p.interiors]) for p in parts]
         ref = render_layout(px, (72, 88))
         got = lay.coverage(t, bias_px, (72, 88), -4.0)
         assert np.abs(got - ref).max() < 1e-6, bias_px
