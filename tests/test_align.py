@@ -448,3 +448,16 @@ def test_sampled_model_matches_exact_rendering_at_subpixel_shifts():
         up = samp.sample(t0.with_offset(_content_shift_to_offset(t0, (shift[0] + eps, shift[1]))))[0]
         dn = samp.sample(t0.with_offset(_content_shift_to_offset(t0, (shift[0] - eps, shift[1]))))[0]
         assert np.abs(reg_u + (up - dn) / (2 * eps)).max() < 1e-3
+
+
+def test_coarse_level_full_resolution_agrees_and_bad_value():
+    t_nom = PixelTransform((0.0, 0.0), 1.0, LARGE)
+    polys = large_layout(seed=7)
+    img = sem_true(polys, t_nom, -22.4, 15.9, seed=7)
+    a = align_image(img, t_nom, polys, coarse_level=1)
+    b = align_image(img, t_nom, polys)
+    assert a.status == b.status == "ok"
+    assert a.offset_px == pytest.approx((-22.4, 15.9), abs=0.2)
+    assert a.offset_px == pytest.approx(b.offset_px, abs=0.02)
+    with pytest.raises(SegsemError, match="coarse_level"):
+        align_image(img, t_nom, polys, coarse_level=3)
