@@ -384,7 +384,7 @@ def run_extract(cfg: ExtractConfig, *, progress: Callable[[dict], None] | None =
 
 def _finish(cfg: ExtractConfig, row: ManifestRow, rec: dict, fp: str) -> dict:
     rec["fingerprint"] = fp
-    write_json(image_record_path(cfg.out, row.name), rec)
+    write_json(image_record_path(cfg.out, row.name), rec, compact=True)  # holds every contour vertex
     return rec
 
 
