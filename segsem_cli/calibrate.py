@@ -254,10 +254,26 @@ def threshold_curve(scores: list[FeatureScore], *, grid=None, penalty_px: float 
     return rows
 
 
-def choose_threshold(curve: list[dict[str, float]]) -> float:
-    """The threshold of lowest cost (ties: the lowest threshold, i.e. the most backbone use)."""
-    best = min(curve, key=lambda r: (round(r["cost_px"], 9), r["threshold"]))
-    return float(best["threshold"])
+def choose_threshold(curve: list[dict[str, float]], *, tol: float = 0.01) -> float:
+    """The middle of the lowest-cost plateau.
+
+    Thresholds whose cost is within ``tol`` (relative) of the minimum form
+    plateaus along the grid; the one holding the minimum is taken and its
+    middle returned, so that a flat curve (backbone and fallback equally good
+    on the validation images) does not push the threshold to an extreme where
+    a small change of the data changes every decision.
+    """
+    costs = np.array([r["cost_px"] for r in curve], dtype=float)
+    ts = np.array([r["threshold"] for r in curve], dtype=float)
+    k = int(np.nanargmin(costs))
+    near = costs <= costs[k] * (1.0 + tol) + 1e-12
+    lo = k
+    while lo > 0 and near[lo - 1]:
+        lo -= 1
+    hi = k
+    while hi < len(ts) - 1 and near[hi + 1]:
+        hi += 1
+    return float(ts[(lo + hi) // 2])
 
 
 def calibrate(cfg, *, truth_path: Path | None = None, penalty_px: float = 3.0, fit_edge: bool = True,

@@ -1,0 +1,76 @@
+"""Calibration of the hybrid: confidence threshold curve, plateau choice, edge threshold, storage."""
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from segsem_cli.calibrate import (
+    Calibration,
+    FeatureScore,
+    choose_edge_threshold,
+    choose_threshold,
+    store_threshold,
+    threshold_curve,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def fs(conf, eb, ef):
+    return FeatureScore("img", "p", conf, eb, ef)
+
+
+def test_threshold_curve_replays_the_choice():
+    scores = [fs(0.9, 0.2, 0.4), fs(0.8, 0.3, 0.4), fs(0.3, 2.0, 0.5), fs(None, None, 0.6), fs(0.7, 0.25, None)]
+    rows = {round(r["threshold"], 2): r for r in threshold_curve(scores, grid=[0.0, 0.5, 0.85], penalty_px=3.0)}
+    # T = 0.5: backbone for 0.9, 0.8, 0.7; fallback for 0.3 and for the backbone failure
+    r = rows[0.5]
+    assert r["fallback_rate"] == pytest.approx(2 / 5)
+    assert r["failures"] == 0
+    assert r["cost_px"] == pytest.approx(math.sqrt((0.04 + 0.09 + 0.25 + 0.36 + 0.0625) / 5))
+    # T = 0.85: only 0.9 keeps the backbone; the 0.7 feature has no fallback contour -> a failure
+    r = rows[0.85]
+    assert r["failures"] == 1
+    assert r["cost_px"] == pytest.approx(math.sqrt((0.04 + 0.16 + 0.25 + 0.36 + 9.0) / 5))
+    # T = 0: every backbone contour, EPE capped at the penalty (2.0 < 3 stays)
+    assert rows[0.0]["cost_px"] == pytest.approx(math.sqrt((0.04 + 0.09 + 4.0 + 0.36 + 0.0625) / 5))
+
+
+def test_choose_threshold_takes_the_middle_of_the_plateau():
+    curve = [{"threshold": t, "cost_px": c} for t, c in zip([0.0, 0.2, 0.4, 0.6, 0.8, 1.0], [3.0, 2.0, 1.0, 1.005, 1.0, 2.0])]
+    assert choose_threshold(curve) == pytest.approx(0.6)
+    curve[3]["cost_px"] = 1.5  # plateau broken: the minimum's own run is [0.4]
+    assert choose_threshold(curve) == pytest.approx(0.4)
+
+
+def test_choose_edge_threshold_parabola():
+    ts = np.round(np.arange(0.30, 0.851, 0.05), 3)
+    curve = [{"edge_threshold": float(t), "epe_rms_px": float((t - 0.62) ** 2 + 0.1)} for t in ts]
+    assert choose_edge_threshold(curve) == pytest.approx(0.62, abs=1e-6)
+
+
+def test_store_threshold_round_trip(tmp_path):
+    from segsem_cli.sam.model import build_model, load_checkpoint, save_checkpoint
+
+    model = build_model("segsem-micro", image_size=128)
+    p = save_checkpoint(tmp_path / "m.pt", model, {"config": "segsem-micro", "image_size": 128})
+    curve = [{"threshold": 0.5, "fallback_rate": 0.2, "epe_rms_px": 0.3, "failures": 0.0, "cost_px": 0.3}]
+    cal = Calibration(0.5, curve, 10, 2, 3.0, edge_threshold=0.64, edge_curve=[{"edge_threshold": 0.64, "epe_rms_px": 0.2, "samples": 5.0}])
+    store_threshold(p, cal)
+    sd, meta = load_checkpoint(p)
+    assert meta["threshold"] == 0.5 and meta["edge_threshold"] == pytest.approx(0.64)
+    assert meta["config"] == "segsem-micro" and meta["calibration_curve"][0]["epe_rms_px"] == pytest.approx(0.3)
+    assert set(sd) == set(model.state_dict())
+
+
+def test_edge_threshold_fitted_on_the_bundled_labels(capsys):
+    """The simulator places the truth at mid-sidewall; blur lowers the rim, so the fitted t is above 0.5."""
+    from segsem_cli.cli import main
+
+    rc = main(["calibrate", str(ROOT / "examples" / "data" / "manifest.csv"), "--layout", str(ROOT / "examples" / "opc_test.gds")])
+    out = capsys.readouterr().out
+    assert rc == 0
+    line = next(ln for ln in out.splitlines() if ln.startswith("edge threshold "))
+    t = float(line.split()[2])
+    assert 0.55 < t < 0.75, line
