@@ -6,7 +6,7 @@ the fallback's) and scored against the truth: the RMS edge placement error
 (px) of each. Then, for each threshold ``T`` on a grid, the per-feature choice
 of :func:`segsem_cli.hybrid.select` is replayed and its expected cost is
 
-    cost(T) = sqrt( mean over features of  min(EPE_chosen, penalty)^2  or  penalty^2 if failed )
+    cost(T) = sqrt( mean over features of  EPE_chosen^2  or  penalty^2 if failed )
 
 with ``penalty`` (default 3 px) the cost of a feature that ends up with no
 contour. The threshold with the lowest cost is stored in the model file
@@ -243,7 +243,7 @@ def threshold_curve(scores: list[FeatureScore], *, grid=None, penalty_px: float 
         chosen = np.where(use_b, eb, ef)
         failed = ~np.isfinite(chosen)
         ok = ~failed
-        cost = np.where(failed, penalty_px, np.minimum(chosen, penalty_px))
+        cost = np.where(failed, penalty_px, chosen)  # a wrong contour exported costs more than an honest failure
         rows.append({
             "threshold": float(t),
             "fallback_rate": float(np.mean(~use_b & ok)) if len(scores) else 0.0,

@@ -33,8 +33,16 @@ def test_threshold_curve_replays_the_choice():
     r = rows[0.85]
     assert r["failures"] == 1
     assert r["cost_px"] == pytest.approx(math.sqrt((0.04 + 0.16 + 0.25 + 0.36 + 9.0) / 5))
-    # T = 0: every backbone contour, EPE capped at the penalty (2.0 < 3 stays)
+    # T = 0: every backbone contour, even the poor one (EPE 2.0)
     assert rows[0.0]["cost_px"] == pytest.approx(math.sqrt((0.04 + 0.09 + 4.0 + 0.36 + 0.0625) / 5))
+
+
+def test_a_wrong_contour_costs_more_than_a_failure():
+    # the backbone's only contour is 13 px off and its confidence is 0.05; the fallback failed
+    scores = [fs(0.05, 13.0, None), fs(0.9, 0.2, 0.3)]
+    rows = threshold_curve(scores, grid=[0.0, 0.5], penalty_px=3.0)
+    assert rows[1]["cost_px"] < rows[0]["cost_px"]
+    assert choose_threshold(rows) == 0.5
 
 
 def test_choose_threshold_takes_the_middle_of_the_plateau():
