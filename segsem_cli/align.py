@@ -1524,9 +1524,10 @@ def align_image(
                   and math.hypot(c.su - chosen.su, c.sv - chosen.sv) >= min_sep]
         tone_ambiguous = bool(rivals)
     if tone_ambiguous:
-        # pool the candidates of both tones
+        # pool the candidates of both tones; prior: the layout polygons are the printed material, imaged
+        # brighter than the substrate (resist lines on a dark substrate), then nearest nominal
         pool = [(c, tn) for tn in tones for c in tn["cands"]]
-        chosen, tn = min(pool, key=lambda ct: (ct[0].su ** 2 + ct[0].sv ** 2, -ct[0].score))
+        chosen, tn = min(pool, key=lambda ct: (ct[1]["tone"] < 0, ct[0].su ** 2 + ct[0].sv ** 2, -ct[0].score))
         tone, ridge = tn["tone"], ridge or tn["ridge"]
         cands = sorted([c for c, _ in pool], key=lambda c: -c.score)
     # a plateau (ridge) is judged by the refinement's uncertainty when refining
@@ -1566,8 +1567,8 @@ def align_image(
     cand_px = tuple((-c.su, -c.sv) for c in cands) if ambiguous else ()
     if ambiguous:
         if tone_ambiguous:
-            what = ("lines and spaces (the polygon tone) cannot be told apart; kept the candidate nearest "
-                    "nominal (pass polarity='bright' or 'dark')")
+            what = ("lines and spaces (the polygon tone) cannot be told apart; kept the candidate with the "
+                    "polygons bright, nearest nominal (pass polarity='bright' or 'dark')")
         elif weak or (ridge and not refine):
             what = "the pattern is (nearly) invariant along one direction; kept the nominal position along it"
         else:

@@ -250,6 +250,8 @@ def test_line_space_tone_unknown_is_flagged():
     r = align_image(img, t_nom, polys, search_px=40)
     assert r.status == "ambiguous"
     assert "polarity" in r.message
+    # the tie goes to the prior (polygons print bright), so the true lines are kept even unasked
+    assert r.polarity == "bright" and r.offset_px[0] == pytest.approx(3.4, abs=0.2)
     # with the polarity given, the true lines are found (one-pitch ambiguity only)
     r = align_image(img, t_nom, polys, search_px=40, polarity="bright")
     assert r.status == "ambiguous" and "polarity" not in r.message
@@ -461,3 +463,16 @@ def test_coarse_level_full_resolution_agrees_and_bad_value():
     assert a.offset_px == pytest.approx(b.offset_px, abs=0.02)
     with pytest.raises(SegsemError, match="coarse_level"):
         align_image(img, t_nom, polys, coarse_level=3)
+
+
+def test_tone_tie_prefers_bright_polygons_over_a_nearer_swap():
+    """True lines 9 px off nominal; the swapped tone (spaces as lines) fits 3 px off, nearer nominal.
+    With the polarity unknown the tie goes to the prior (polygons print bright), not to the nearer swap."""
+    pix = 1.0
+    t_nom = PixelTransform((0.0, 0.0), pix, SHAPE)
+    polys = line_space(24, 10, pix, (0.0, 0.0))
+    img = sem_true(polys, t_nom, 9.0, 0.0, bias_px=2.0, seed=5)  # printed CD 14 = design space
+    r = align_image(img, t_nom, polys, search_px=40)
+    assert r.status == "ambiguous" and "polarity" in r.message
+    assert r.polarity == "bright"
+    assert r.offset_px[0] == pytest.approx(9.0, abs=0.2)
