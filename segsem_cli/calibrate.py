@@ -153,8 +153,8 @@ def score_image(row: ManifestRow, state, truth: dict | None, prepared=None) -> l
     if prepared is None:
         return []
     image, feats, truth_px = prepared
-    cands, _ = candidates(image, feats, fallback=state.fallback, fallback_options=cfg.fallback_options, model=state.model,
-                          refine=cfg.refine, edge_options=cfg.edge_options)
+    cands, _ = candidates(image, feats, fallback=state.fallback, fallback_options=state.fallback_options, model=state.model,
+                          refine=cfg.refine, edge_options=state.edge_options)
     out = []
     for f, c in zip(feats, cands):
         rings = truth_px.get(f.feature_id)
@@ -200,7 +200,7 @@ def edge_threshold_curve(prepared: list, state, *, grid=EDGE_GRID, cap_px: float
     for image, feats, truth_px in prepared:
         h, w = image.shape
         for k, t in enumerate(grid):
-            opts = dict(state.cfg.fallback_options)
+            opts = dict(state.fallback_options)
             opts["threshold"] = str(float(t))
             res = state.fallback.extract(image, feats, **opts)
             for f, r in zip(feats, res):
@@ -311,8 +311,8 @@ def calibrate(cfg, *, truth_path: Path | None = None, penalty_px: float = 3.0, f
     if fit_edge:
         edge_curve = edge_threshold_curve(prepared, state)
         edge_t = choose_edge_threshold(edge_curve)
-        cfg.fallback_options = {**cfg.fallback_options, "threshold": f"{edge_t:.4f}"}
-        cfg.edge_options = {**cfg.edge_options, "threshold": f"{edge_t:.4f}"}
+        state.fallback_options["threshold"] = f"{edge_t:.4f}"
+        state.edge_options["threshold"] = f"{edge_t:.4f}"
     scores: list[FeatureScore] = []
     curve: list[dict[str, float]] = []
     threshold = None

@@ -109,12 +109,15 @@ class _State:
         self.model = None
         if cfg.model is not None:
             self.model = get_backbone(cfg.backbone).load(Path(cfg.model), device=cfg.device, **cfg.backbone_options)
+        self.threshold = resolve_threshold(cfg.threshold, self.model)
+        self.fallback_options = dict(cfg.fallback_options)
+        self.edge_options = dict(cfg.edge_options)
+        if self.model is not None:
             # the edge threshold fitted by `segsem calibrate` on the user's labels, unless given explicitly
             et = (getattr(self.model, "meta", None) or {}).get("edge_threshold")
             if et is not None:
-                cfg.fallback_options.setdefault("threshold", f"{float(et):.4f}")
-                cfg.edge_options.setdefault("threshold", f"{float(et):.4f}")
-        self.threshold = resolve_threshold(cfg.threshold, self.model)
+                self.fallback_options.setdefault("threshold", f"{float(et):.4f}")
+                self.edge_options.setdefault("threshold", f"{float(et):.4f}")
 
 
 _STATE: _State | None = None
@@ -197,11 +200,11 @@ def process_image(row: ManifestRow, state: _State) -> dict:
         image,
         feats,
         fallback=state.fallback,
-        fallback_options=cfg.fallback_options,
+        fallback_options=state.fallback_options,
         model=state.model,
         threshold=state.threshold,
         refine=cfg.refine,
-        edge_options=cfg.edge_options,
+        edge_options=state.edge_options,
         mode=cfg.mode,
     )
     timings.update(stage_times)

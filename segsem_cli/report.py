@@ -31,7 +31,8 @@ def _img_tag(path: Path, alt: str) -> str:
     return f'<img class="overlay" alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
 
 
-def build_report(images: list[dict], *, title: str, threshold: float | None, model: str | None, overlays_dir: Path) -> tuple[str, dict]:
+def build_report(images: list[dict], *, title: str, threshold: float | None, model: str | None, overlays_dir: Path,
+                 backbone: str = "sam2") -> tuple[str, dict]:
     """Return ``(html_text, json_dict)`` for per-image records as written by the pipeline."""
     n_feat = sum(len(r.get("features", [])) for r in images)
     sources: dict[str, int] = {}
@@ -54,7 +55,7 @@ def build_report(images: list[dict], *, title: str, threshold: float | None, mod
         "features": n_feat,
         "features_ok": n_ok,
         "sources": sources,
-        "fallback_rate": (sum(v for k, v in sources.items() if k != "sam2") / n_ok) if n_ok and model else None,
+        "fallback_rate": (sum(v for k, v in sources.items() if k != backbone) / n_ok) if n_ok and model else None,
         "failures": failures,
         "per_image": [
             {k: r.get(k) for k in ("image", "status", "message", "offset_nm", "offset_px", "align_score", "residual_px", "n_features", "n_ok", "elapsed_s")}
@@ -119,7 +120,8 @@ def write_report(summary, cfg) -> list[Path]:
     for b in summary.images:
         p = out / "images" / f"{b['image']}.json"
         images.append(json.loads(p.read_text()) if p.is_file() else b)
-    text, data = build_report(images, title=f"segsem report: {out.name}", threshold=summary.threshold, model=summary.model, overlays_dir=out / "overlays")
+    text, data = build_report(images, title=f"segsem report: {out.name}", threshold=summary.threshold, model=summary.model, overlays_dir=out / "overlays",
+                              backbone=cfg.backbone)
     data["outputs"] = summary.outputs
     h = write_text(out / "report.html", text)
     j = write_json(out / "report.json", data)
