@@ -5,7 +5,7 @@ fallback a classical contour. The backbone contour is refined to sub-pixel
 precision along its normals with the same edge convention as the ``threshold``
 fallback (:func:`segsem_cli.edges.refine_contour`). The feature's confidence is
 
-    confidence = c_model^0.4 * c_layout^0.2 * c_agree^0.2 * c_edge^0.2
+    confidence = c_model^0.4 * c_layout^0.2 * c_agree^0.2 * c_edge^0.2 * c_excl
 
 * ``c_model``: the backbone's calibrated confidence (predicted IoU and
   stability, calibrated on validation data at fine-tuning time);
@@ -16,7 +16,10 @@ fallback (:func:`segsem_cli.edges.refine_contour`). The feature's confidence is
 * ``c_agree``: agreement with the fallback's contour,
   ``exp(-d / 1 px)`` with ``d`` the mean symmetric distance between the two
   contours (0.5 when the fallback found nothing);
-* ``c_edge``: fraction of the refined contour's normals that found a clean edge.
+* ``c_edge``: fraction of the refined contour's normals that found a clean edge;
+* ``c_excl``: a gate against masks spilling onto neighbours:
+  ``clip(1 - (spill - 0.1) / 0.3, 0, 1)`` with ``spill`` the largest fraction
+  of another feature's layout polygon that the contour covers (0.4 or more: 0).
 
 Where ``confidence >= threshold`` the refined backbone contour is kept
 (``source = backbone name``); otherwise the fallback's contour if it has one
@@ -64,19 +67,44 @@ def mean_contour_distance(a: np.ndarray, b: np.ndarray) -> float:
     return float((da.mean() + db.mean()) / 2.0)
 
 
-def judge(model_conf: float, layout_iou: float, agree_dist_px: float | None, edge_valid: float) -> dict[str, float]:
+def judge(model_conf: float, layout_iou: float, agree_dist_px: float | None, edge_valid: float,
+          spill: float = 0.0) -> dict[str, float]:
     """The per-feature confidence and its parts (see the module docstring)."""
     parts = {
         "model": float(np.clip(model_conf, 0.0, 1.0)),
         "layout": float(np.clip((layout_iou - 0.3) / 0.5, 0.0, 1.0)),
         "agree": 0.5 if agree_dist_px is None else float(np.exp(-agree_dist_px / 1.0)),
         "edge": float(np.clip(edge_valid, 0.0, 1.0)),
+        "excl": float(np.clip(1.0 - (spill - 0.1) / 0.3, 0.0, 1.0)),
     }
-    conf = 1.0
+    conf = parts["excl"]
     for k, w in WEIGHTS.items():
         conf *= max(parts[k], 1e-6) ** w
     parts["confidence"] = float(conf)
     return parts
+
+
+def spill_fractions(contours: Sequence[np.ndarray | None], layout_px: Sequence[np.ndarray]) -> list[float]:
+    """For each contour, the largest fraction of ANOTHER feature's layout polygon it covers (0 for None)."""
+    import shapely
+
+    lays = [_poly(p) if len(p) >= 3 else None for p in layout_px]
+    valid = [i for i, g in enumerate(lays) if g is not None and g.area > 0]
+    tree = shapely.STRtree([lays[i] for i in valid]) if valid else None
+    out = []
+    for i, c in enumerate(contours):
+        if c is None or tree is None or len(c) < 3:
+            out.append(0.0)
+            continue
+        pc = _poly(c)
+        best = 0.0
+        for k in tree.query(pc, predicate="intersects"):
+            j = valid[int(k)]
+            if j == i:
+                continue
+            best = max(best, pc.intersection(lays[j]).area / lays[j].area)
+        out.append(float(best))
+    return out
 
 
 @dataclass(frozen=True)
@@ -138,19 +166,18 @@ def candidates(
     timings["refine"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
+    final = [(refined[i].contour_uv if i in refined else b.contour_px) if b.ok else None for i, b in enumerate(bb)]
+    spills = spill_fractions(final, [f.pixels for f in features])
     out: list[Candidate] = []
     for i, (f, b, c) in enumerate(zip(features, bb, fb)):
         if not b.ok:
             out.append(Candidate(f.feature_id, b, c))
             continue
         raw = b.contour_px
-        contour, valid = raw, 1.0
-        if i in refined:
-            contour = refined[i].contour_uv
-            valid = refined[i].valid_fraction
+        contour, valid = final[i], (refined[i].valid_fraction if i in refined else 1.0)
         lay_iou = iou(contour, f.pixels) if len(f.pixels) >= 3 else 0.0
         agree = mean_contour_distance(contour, c.contour_px) if c.ok else None
-        parts = judge(b.confidence, lay_iou, agree, valid)
+        parts = judge(b.confidence, lay_iou, agree, valid, spills[i])
         extra = {k: v for k, v in b.extra.items() if isinstance(v, (int, float, str, bool))}
         extra.update({f"c_{k}": round(v, 4) for k, v in parts.items() if k != "confidence"})
         extra["model_confidence"] = round(float(b.confidence), 4)
