@@ -38,14 +38,12 @@ from segsem_cli.errors import SegsemError
 from segsem_cli.types import Feature, FeatureResult, SEMImage
 
 def _bool(key: str, v: Any) -> bool:
-    if isinstance(v, bool):
-        return v
-    s = str(v).strip().lower()
-    if s in ("1", "true", "yes", "on"):
-        return True
-    if s in ("0", "false", "no", "off"):
-        return False
-    raise SegsemError(f"backbone option '{key}': '{v}' is not a boolean (true/false)")
+    from segsem_cli.edges import parse_bool
+
+    b = parse_bool(v)
+    if b is None:
+        raise SegsemError(f"backbone option '{key}': '{v}' is not a boolean (true/false)")
+    return b
 
 
 def _num(key: str, v: Any, kind=float, lo: float | None = None):

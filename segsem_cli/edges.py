@@ -64,6 +64,7 @@ __all__ = [
     "opt_float",
     "opt_int",
     "opt_choice",
+    "parse_bool",
     "opt_bool",
     "feature_result",
 ]
@@ -1171,19 +1172,26 @@ def opt_int(options: Mapping[str, Any], key: str, default: int, *, lo: int | Non
     return int(v)
 
 
-def opt_bool(options: Mapping[str, Any], key: str, default: bool) -> bool:
-    """A boolean option (``true/false``, ``yes/no``, ``on/off``, ``1/0``)."""
-    if key not in options or options[key] is None:
-        return bool(default)
-    v = options[key]
-    if isinstance(v, bool):
-        return v
-    t = str(v).strip().lower()
+def parse_bool(value: Any) -> bool | None:
+    """``true/false``, ``yes/no``, ``on/off``, ``1/0`` (any case) or a bool -> bool; anything else -> None."""
+    if isinstance(value, bool):
+        return value
+    t = str(value).strip().lower()
     if t in ("1", "true", "yes", "on"):
         return True
     if t in ("0", "false", "no", "off"):
         return False
-    raise _err(key, v, "must be true or false")
+    return None
+
+
+def opt_bool(options: Mapping[str, Any], key: str, default: bool) -> bool:
+    """A boolean option (``true/false``, ``yes/no``, ``on/off``, ``1/0``)."""
+    if key not in options or options[key] is None:
+        return bool(default)
+    v = parse_bool(options[key])
+    if v is None:
+        raise _err(key, options[key], "must be true or false")
+    return v
 
 
 def opt_choice(options: Mapping[str, Any], key: str, default: str, choices: Sequence[str]) -> str:

@@ -34,6 +34,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .contours import polygon_iou
 from .types import Feature, FeatureResult, SEMImage
 
 WEIGHTS = {"model": 0.4, "layout": 0.2, "agree": 0.2, "edge": 0.2}
@@ -49,16 +50,8 @@ def _poly(contour: np.ndarray):
     return p
 
 
-def iou(a: np.ndarray, b: np.ndarray) -> float:
-    """Intersection over union of two closed contours (same coordinates)."""
-    pa, pb = _poly(a), _poly(b)
-    u = pa.union(pb).area
-    return float(pa.intersection(pb).area / u) if u > 0 else 0.0
-
-
 def mean_contour_distance(a: np.ndarray, b: np.ndarray) -> float:
     """Mean symmetric distance between the vertices of two closed contours and the other contour."""
-    from shapely.geometry import LinearRing, Point  # noqa: F401
     import shapely
 
     ra, rb = shapely.LinearRing(a), shapely.LinearRing(b)
@@ -175,7 +168,7 @@ def candidates(
             continue
         raw = b.contour_px
         contour, valid = final[i], (refined[i].valid_fraction if i in refined else 1.0)
-        lay_iou = iou(contour, f.pixels) if len(f.pixels) >= 3 else 0.0
+        lay_iou = polygon_iou(contour, f.pixels)
         agree = mean_contour_distance(contour, c.contour_px) if c.ok else None
         parts = judge(b.confidence, lay_iou, agree, valid, spills[i])
         extra = {k: v for k, v in b.extra.items() if isinstance(v, (int, float, str, bool))}

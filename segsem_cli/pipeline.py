@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import time
 import traceback
@@ -29,7 +28,7 @@ from .atomic import write_json, write_text
 from .errors import SegsemError
 from .manifest import ManifestRow, read_manifest
 from .transform import PixelTransform
-from .types import ContourRecord, FeatureResult, SEMImage
+from .types import ContourRecord, SEMImage
 
 #: Statuses of an image whose result is final (skipped on re-run unless --force).
 DONE_STATUSES = ("ok", "ambiguous")
@@ -472,7 +471,3 @@ def write_outputs(cfg: ExtractConfig, images: list[dict], exporter, gauges) -> d
         write_gauge_csv(cfg.out / "gauges.csv", rows)
         outputs["gauges"] = str(cfg.out / "gauges.csv")
     return outputs
-
-
-def finite_or_none(x) -> float | None:
-    return None if x is None or not math.isfinite(float(x)) else float(x)
