@@ -87,7 +87,7 @@ def main() -> None:
             stages.setdefault(k, []).append(v)
     n_ok = sum(r.ok for r in res)
     print(f"threshold fallback, 1024 x 1024, {len(feats)} features ({n_ok} ok), median of {args.repeat} runs")
-    print(f"| stage | ms |\n|---|---:|")
+    print("| stage | ms |\n|---|---:|")
     for k, v in stages.items():
         print(f"| {k} | {1000 * np.median(v):.1f} |")
     tot = np.median(stages["total"])

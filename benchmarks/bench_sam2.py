@@ -13,7 +13,6 @@ Prints a table (images/s, steps/s and the parts of an inference pass).
 from __future__ import annotations
 
 import argparse
-import os
 import time
 
 import numpy as np
