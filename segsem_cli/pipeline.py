@@ -293,6 +293,9 @@ class ExtractSummary:
     counts: dict[str, int]
     threshold: float
     model: str | None
+    #: Seconds spent writing outputs in this run: ``image_records`` (the per-image JSON
+    #: files, all images together), ``contours`` (the exporter), ``features`` and ``gauges``.
+    timings: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -347,11 +350,15 @@ def run_extract(cfg: ExtractConfig, *, progress: Callable[[dict], None] | None =
 
     results: dict[str, dict] = dict(done)
     state: _State | None = None
+    out_times = {"image_records": 0.0}
     if todo:
         if cfg.workers <= 1 or len(todo) == 1:
             state = _State(cfg)
             for row in todo:
-                rec = _finish(cfg, row, _safe_process(row, state), fp)
+                rec = _safe_process(row, state)
+                t0 = time.perf_counter()
+                rec = _finish(cfg, row, rec, fp)
+                out_times["image_records"] += time.perf_counter() - t0
                 results[row.name] = rec
                 if progress:
                     progress(rec)
@@ -367,19 +374,22 @@ def run_extract(cfg: ExtractConfig, *, progress: Callable[[dict], None] | None =
                         rec = fut.result()
                     except Exception as exc:  # noqa: BLE001 - a worker died
                         rec = dict(image=row.name, path=str(row.image), status="error", message=f"worker failed: {exc}", features=[])
+                    t0 = time.perf_counter()
                     rec = _finish(cfg, row, rec, fp)
+                    out_times["image_records"] += time.perf_counter() - t0
                     results[row.name] = rec
                     if progress:
                         progress(rec)
 
     ordered = [results[r.name] for r in rows if r.name in results]
     threshold = state.threshold if state is not None else next((r.get("threshold") for r in ordered if r.get("threshold") is not None), resolve_threshold(cfg.threshold, None))
-    outputs = write_outputs(cfg, ordered, exporter, gauges)
+    outputs = write_outputs(cfg, ordered, exporter, gauges, timings=out_times)
     counts = {s: sum(1 for r in ordered if r.get("status") == s) for s in ("ok", "ambiguous", "failed", "error")}
     counts["features_ok"] = sum(int(r.get("n_ok", 0)) for r in ordered)
     counts["features"] = sum(int(r.get("n_features", 0)) for r in ordered)
     counts["resumed"] = len(done)
-    summary = ExtractSummary(cfg.out, [_brief(r) for r in ordered], outputs, counts, threshold, str(cfg.model) if cfg.model else None)
+    summary = ExtractSummary(cfg.out, [_brief(r) for r in ordered], outputs, counts, threshold,
+                             str(cfg.model) if cfg.model else None, {k: round(v, 4) for k, v in out_times.items()})
     write_json(cfg.out / "summary.json", summary.to_json())
     return summary
 
@@ -433,17 +443,26 @@ def fov_polygon(rec: dict):
     return Polygon(t.to_layout(np.array([[0, 0], [w, 0], [w, h], [0, h]], dtype=float)))
 
 
-def write_outputs(cfg: ExtractConfig, images: list[dict], exporter, gauges) -> dict[str, str]:
-    """Write the aggregated outputs from all per-image records (atomically)."""
+def write_outputs(cfg: ExtractConfig, images: list[dict], exporter, gauges,
+                  timings: dict[str, float] | None = None) -> dict[str, str]:
+    """Write the aggregated outputs from all per-image records (atomically).
+
+    ``timings``, when given, receives the seconds spent on ``contours`` (building the
+    records and exporting), ``features`` and ``gauges``.
+    """
     import csv
     import io
 
+    timings = {} if timings is None else timings
+    t0 = time.perf_counter()
     outputs: dict[str, str] = {}
     per_image = records_from_results(images)
     records = [r for lst in per_image.values() for r in lst]
     path = cfg.out / f"contours{exporter.suffix}"
     written = exporter.export(records, path, **cfg.export_options)
     outputs["contours"] = str(written[0] if written else path)
+    t1 = time.perf_counter()
+    timings["contours"] = t1 - t0
 
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
@@ -459,6 +478,8 @@ def write_outputs(cfg: ExtractConfig, images: list[dict], exporter, gauges) -> d
                         "" if bf is None else f"{float(bf):.4f}", area])
     write_text(cfg.out / "features.csv", buf.getvalue())
     outputs["features"] = str(cfg.out / "features.csv")
+    t2 = time.perf_counter()
+    timings["features"] = t2 - t1
 
     if gauges is not None:
         from .gauges import gauge_rows, write_gauge_csv
@@ -470,4 +491,5 @@ def write_outputs(cfg: ExtractConfig, images: list[dict], exporter, gauges) -> d
         rows = gauge_rows(gauges, {k: per_image.get(k, []) for k in fovs}, fovs)
         write_gauge_csv(cfg.out / "gauges.csv", rows)
         outputs["gauges"] = str(cfg.out / "gauges.csv")
+        timings["gauges"] = time.perf_counter() - t2
     return outputs
