@@ -4,7 +4,8 @@ Stages (all vectorised; one pass over the image, one batched refinement):
 
 1. smooth (Gaussian ``coarse_sigma``) and pick a two-class level (Otsu by
    default, or ``level=<grey>``);
-2. iso-contours at that level (marching squares); they lie somewhere on the
+2. iso-contours at that level (marching squares, :func:`iso_lines`: the same
+   contours as :func:`skimage.measure.find_contours`, vectorised); they lie somewhere on the
    rise to the rim, possibly on the rim's far flank, which refinement fixes.
    Iso-lines that run out of the image are closed along the image border
    (:func:`segsem_cli.contours.close_along_border`): every region they cut the
@@ -38,8 +39,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from segsem_cli import hookimpl
-from segsem_cli.contours import (associate, close_along_border, coarse_contours, polygon_area, polygon_ious,
-                                 usable_polygon)
+from segsem_cli.contours import (CoarseContour, associate, close_along_border, coarse_contours, polygon_area,
+                                 polygon_ious, signed_area, usable_polygon)
 from segsem_cli.edges import (EdgeImage, feature_result, gaussian_smooth, opt_float, parse_refine_options,
                               refine_contours, suppress_frame)
 from segsem_cli.types import Feature, FeatureResult, SEMImage
@@ -52,6 +53,166 @@ def otsu_level(img: np.ndarray, *, max_samples: int = 262144) -> float:
     a = np.asarray(img)
     step = max(1, int(np.sqrt(a.size / max_samples)))
     return float(threshold_otsu(a[::step, ::step]))
+
+
+# Marching-squares segments of skimage.measure.find_contours (fully_connected="low"): per cell
+# case (bit 0: upper-left above the level, 1: upper-right, 2: lower-left, 3: lower-right), the
+# (from, to) cell edges of its segments in emission order. Edges: 0 top, 1 bottom, 2 left, 3 right.
+_TOP, _BOTTOM, _LEFT, _RIGHT = 0, 1, 2, 3
+_CASE_SEGMENTS = {
+    1: [(_TOP, _LEFT)], 2: [(_RIGHT, _TOP)], 3: [(_RIGHT, _LEFT)], 4: [(_LEFT, _BOTTOM)], 5: [(_TOP, _BOTTOM)],
+    6: [(_RIGHT, _TOP), (_LEFT, _BOTTOM)], 7: [(_RIGHT, _BOTTOM)], 8: [(_BOTTOM, _RIGHT)],
+    9: [(_TOP, _LEFT), (_BOTTOM, _RIGHT)], 10: [(_BOTTOM, _TOP)], 11: [(_BOTTOM, _LEFT)], 12: [(_LEFT, _RIGHT)],
+    13: [(_TOP, _RIGHT)], 14: [(_LEFT, _TOP)],
+}
+_N_SEG = np.zeros(16, np.int64)
+_SEG_EDGES = np.full((16, 2, 2), -1, np.int64)
+for _case, _segs in _CASE_SEGMENTS.items():
+    _N_SEG[_case] = len(_segs)
+    _SEG_EDGES[_case, :len(_segs)] = _segs
+
+
+def iso_lines(image: np.ndarray, level: float) -> list[np.ndarray]:
+    """Iso-lines of ``image`` at ``level``: exactly :func:`skimage.measure.find_contours` (default options).
+
+    Same contours, same order, same vertices (``(row, column)`` float64, closed
+    contours repeat their first vertex) with the same arithmetic, but the
+    segments are computed and linked with whole-array operations instead of a
+    loop over cells and a Python dictionary (about 2x faster on a 1024 px
+    image). Segments are linked by the grid edge they cross; skimage links them
+    by coordinates, which differs only when crossings on different edges
+    coincide at a grid vertex (a pixel exactly at ``level``): those images are
+    handed to skimage.
+
+    The order rules reproduced: skimage emits segments cell by cell in row-major
+    order and grows chains from both ends, keeping the number of the chain
+    started first; so contours come in the order of their first segment, a path
+    starts at its free end, and a closed contour starts (and ends) at the end
+    point of its last-emitted segment.
+    """
+    a = np.asarray(image)
+    if a.ndim != 2 or min(a.shape) < 2:
+        raise ValueError(f"iso_lines: expected a 2-D image of at least 2x2, got shape {a.shape}")
+    if not np.issubdtype(a.dtype, np.floating) or a.dtype.itemsize > 8 or not np.all(np.isfinite(a)):
+        from skimage.measure import find_contours
+
+        return find_contours(a, float(level))
+    h, w = a.shape
+    lev = np.float64(level)
+    up = np.greater(a, lev).view(np.uint8)  # compared in float64, as skimage does
+    case = up[:-1, :-1] | (up[:-1, 1:] << 1) | (up[1:, :-1] << 2) | (up[1:, 1:] << 3)
+    cells = np.flatnonzero((case - 1) < 14)  # cases 1..14: the iso-line crosses the cell
+    if cells.size == 0:
+        return []
+    cs = case.ravel()[cells]
+    ns = _N_SEG[cs]
+    seg_cell = np.repeat(np.arange(len(cells)), ns)  # segments in emission order
+    sub = np.arange(len(seg_cell)) - np.repeat(np.cumsum(ns) - ns, ns)
+    cs = cs[seg_cell]
+    r, c = np.divmod(cells[seg_cell], w - 1)
+    flat = a.ravel()
+    i00 = r * w + c
+    corners = [flat[i00].astype(np.float64), flat[i00 + 1].astype(np.float64),
+               flat[i00 + w].astype(np.float64), flat[i00 + w + 1].astype(np.float64)]  # ul, ur, ll, lr
+    ends = {0: (0, 1), 1: (2, 3), 2: (0, 2), 3: (1, 3)}  # edge -> (from corner, to corner) of its fraction
+
+    def crossing(e: np.ndarray):
+        fr = np.choose(e, [corners[ends[k][0]] for k in range(4)])
+        to = np.choose(e, [corners[ends[k][1]] for k in range(4)])
+        same = to == fr
+        frac = np.where(same, 0.0, (lev - fr) / np.where(same, 1.0, to - fr))
+        horiz = e <= _BOTTOM
+        row = r + (e == _BOTTOM)
+        col = c + (e == _RIGHT)
+        pr = np.where(horiz, row.astype(np.float64), r + frac)
+        pc = np.where(horiz, c + frac, col.astype(np.float64))
+        eid = np.where(horiz, row * (w - 1) + c, h * (w - 1) + r * w + col)
+        return pr, pc, eid, frac
+
+    f_r, f_c, f_id, f_frac = crossing(_SEG_EDGES[cs, sub, 0])
+    t_r, t_c, t_id, t_frac = crossing(_SEG_EDGES[cs, sub, 1])
+    on_vertex = np.concatenate([(f_frac == 0.0) | (f_frac == 1.0), (t_frac == 0.0) | (t_frac == 1.0)])
+    if on_vertex.any():
+        ids = np.concatenate([f_id, t_id])[on_vertex]
+        xy = np.column_stack([np.concatenate([f_r, t_r])[on_vertex], np.concatenate([f_c, t_c])[on_vertex]])
+        _, first = np.unique(ids, return_index=True)
+        if len(np.unique(xy[first], axis=0)) < len(first):
+            from skimage.measure import find_contours
+
+            return find_contours(a, float(level))
+    n = len(f_id)
+    srt = np.argsort(f_id, kind="stable")
+    pos = np.minimum(np.searchsorted(f_id[srt], t_id), n - 1)
+    linked = f_id[srt][pos] == t_id
+    nxt = np.where(linked, srt[pos], -1)  # the segment starting where this one ends
+    prv = np.full(n, -1)
+    src = np.nonzero(linked)[0]
+    prv[nxt[src]] = src
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    ncomp, lab = connected_components(coo_matrix((np.ones(len(src), np.int8), (src, nxt[src])), shape=(n, n)),
+                                      directed=True, connection="weak")
+    seg = np.arange(n)
+    first_seg = np.full(ncomp, n)
+    np.minimum.at(first_seg, lab, seg)
+    start = np.full(ncomp, -1)
+    np.maximum.at(start, lab, seg)  # closed: the last-emitted segment
+    free = np.nonzero(prv < 0)[0]
+    is_path = np.zeros(ncomp, dtype=bool)
+    is_path[lab[free]] = True
+    start[lab[free]] = free  # open: the free end
+    nx = nxt.copy()
+    nx[prv[start[~is_path]]] = -1  # cut each closed contour just before its start
+    # list ranking by pointer jumping: number of segments after each one in its chain
+    after = (nx >= 0).astype(np.int64)
+    jump = nx
+    live = np.nonzero(jump >= 0)[0]
+    while live.size:
+        j = jump[live]
+        after[live] += after[j]
+        jump = jump.copy() if jump is nx else jump
+        jump[live] = jump[j]
+        live = live[jump[live] >= 0]
+    length = np.bincount(lab, minlength=ncomp)
+    comp_order = np.argsort(first_seg, kind="stable")
+    comp_rank = np.empty(ncomp, np.int64)
+    comp_rank[comp_order] = np.arange(ncomp)
+    seq = np.lexsort((length[lab] - 1 - after, comp_rank[lab]))
+    pts = np.column_stack([t_r, t_c])[seq]  # each segment contributes its end point
+    offs = np.concatenate([[0], np.cumsum(length[comp_order])])
+    out = []
+    for k, ci in enumerate(comp_order):
+        p = pts[offs[k]:offs[k + 1]]
+        s0 = seq[offs[k]]
+        if is_path[ci]:
+            out.append(np.vstack([[[f_r[s0], f_c[s0]]], p]))
+        else:
+            out.append(np.vstack([p, p[:1]]))
+    return out
+
+
+def _coarse_contours(image: np.ndarray, level: float, *, min_area: float = 4.0,
+                     min_points: int = 6) -> list[CoarseContour]:
+    """:func:`segsem_cli.contours.coarse_contours` on :func:`iso_lines` (same result, faster)."""
+    img = np.asarray(image)
+    if img.ndim != 2:
+        return coarse_contours(img, level, min_area=min_area, min_points=min_points)  # raises the usual error
+    out: list[CoarseContour] = []
+    for rc in iso_lines(img, float(level)):
+        if len(rc) < min_points:
+            continue
+        closed = bool(np.allclose(rc[0], rc[-1]))
+        uv = np.column_stack([rc[:, 1] + 0.5, rc[:, 0] + 0.5])
+        if closed:
+            uv = uv[:-1]
+            a = signed_area(uv)
+            if abs(a) < min_area:
+                continue
+        else:
+            a = 0.0
+        out.append(CoarseContour(uv, closed, a))
+    return out
 
 
 class ThresholdFallback:
@@ -79,7 +240,7 @@ class ThresholdFallback:
             level = otsu_level(coarse)
         t1 = time.perf_counter()
 
-        found = coarse_contours(coarse, level, min_area=min_area)
+        found = _coarse_contours(coarse, level, min_area=min_area)
         t2 = time.perf_counter()
 
         cands = [c.points for c in found if c.closed]
