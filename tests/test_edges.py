@@ -407,3 +407,35 @@ def test_refine_options_border_and_frame():
         parse_refine_options({"border": "maybe"})
     with pytest.raises(SegsemError, match="frame_px"):
         suppress_frame(np.zeros((16, 16)), 9)
+
+
+def test_along_edge_smoothing_cuts_position_noise_on_straight_edges():
+    # A 60 px straight edge at noise 0.1: the scatter of the edge positions about their mean
+    # shrinks with contour_sigma (3 samples averages ~7 profiles); the mean stays put.
+    img = render([rect(30.3, 20.6, 90.7, 110.2)], (128, 128), rim=RIM, blur=BLUR, noise=0.1, seed=5)
+    base = np.array([[33, 23], [88, 23], [88, 108], [33, 108.0]])
+    u1 = left_edge_u(refine_contour(img, base, contour_sigma=1.0).contour_uv, 35, 95, 60)
+    u3 = left_edge_u(refine_contour(img, base, contour_sigma=3.0).contour_uv, 35, 95, 60)
+    assert u3.std() < 0.8 * u1.std()
+    assert np.diff(u3).std() < 0.5 * np.diff(u1).std()  # point-to-point jitter
+    assert abs(u3.mean() - 30.3) < 0.1 and abs(u1.mean() - 30.3) < 0.1
+
+
+def test_along_edge_smoothing_does_not_bulge_edges_next_to_sharp_corners():
+    # Sharp rectangle corners need a large outward displacement from a rounded coarse contour;
+    # averaging it into the straight edges beside them would push those outwards.
+    img = render([rect(30.3, 30.6, 90.7, 100.2)], (128, 128), rim=RIM, blur=BLUR, noise=0.0)
+    coarse = resample_closed(np.array([[33, 33], [88, 33], [88, 98], [33, 98.0]]), 1.0)
+    from segsem_cli.edges import _smooth_closed
+
+    coarse = _smooth_closed(coarse, 6.0)  # rounded corners, like an iso-line of a smoothed image
+
+    def near_corner(sigma):  # the left edge 3-20 px below the top-left corner, ordered by v
+        c = refine_contour(img, coarse, contour_sigma=sigma, passes=1).contour_uv
+        sel = (c[:, 0] < 60) & (c[:, 1] > 33) & (c[:, 1] < 50)
+        return c[sel][np.argsort(c[sel][:, 1]), 0]
+
+    u1 = near_corner(1.0)
+    assert abs(u1[-1] - 30.3) < 0.02
+    for sigma in (3.0, 6.0):  # without the corner taper sigma=6 moved these by up to -0.19 px
+        assert np.abs(near_corner(sigma) - u1).max() < 0.03
