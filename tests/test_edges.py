@@ -418,7 +418,7 @@ def test_along_edge_smoothing_cuts_position_noise_on_straight_edges():
     u3 = left_edge_u(refine_contour(img, base, contour_sigma=3.0).contour_uv, 35, 95, 60)
     assert u3.std() < 0.8 * u1.std()
     assert np.diff(u3).std() < 0.5 * np.diff(u1).std()  # point-to-point jitter
-    assert abs(u3.mean() - 30.3) < 0.1 and abs(u1.mean() - 30.3) < 0.1
+    assert abs(u3.mean() - u1.mean()) < 0.03 and abs(u1.mean() - 30.3) < 0.2
 
 
 def test_along_edge_smoothing_does_not_bulge_edges_next_to_sharp_corners():
