@@ -67,7 +67,8 @@ class Layout:
     def clip(self, bbox_nm: tuple[float, float, float, float]) -> list[tuple[int, Polygon, bool]]:
         """Polygons clipped to the box: ``(index, clipped polygon, was_clipped)``.
 
-        A polygon cut into several parts by the box keeps its largest part.
+        A polygon that the box cuts into several parts (a comb whose spine lies
+        outside the field of view) gives one entry per part, largest first.
         """
         win = box(*bbox_nm)
         out = []
@@ -82,7 +83,7 @@ class Layout:
             geoms = [g for g in getattr(part, "geoms", [part]) if isinstance(g, Polygon) and g.area > 0]
             if not geoms:
                 continue
-            out.append((i, max(geoms, key=lambda g: g.area), True))
+            out.extend((i, g, True) for g in sorted(geoms, key=lambda g: -g.area))
         return out
 
 
@@ -153,10 +154,19 @@ def features_in_view(layout: Layout, transform: PixelTransform, *, margin_px: fl
     The field of view is that of ``transform`` (use the aligned transform),
     grown by ``margin_px`` on every side. Polygons are clipped to it; their
     pixel polygons are mapped with ``transform.to_pixel``.
+
+    Feature ids name the design polygon: ``p<index>`` (its index in the
+    layer). A polygon that the field of view cuts into several parts gives
+    one feature per part: ``p<index>`` for the largest, ``p<index>.1``,
+    ``p<index>.2``, ... for the others by decreasing area, so every printed
+    part in view is extracted and still carries its design reference.
     """
     fov = transform.field_of_view_nm(margin_px)
     out = []
+    part: dict[int, int] = {}
     for i, poly, clipped in layout.clip(fov):
+        k = part.get(i, 0)
+        part[i] = k + 1
         ext = np.asarray(poly.exterior.coords, dtype=float)[:-1]
-        out.append(Feature(f"p{i}", ext, transform.to_pixel(ext), clipped))
+        out.append(Feature(f"p{i}" if k == 0 else f"p{i}.{k}", ext, transform.to_pixel(ext), clipped))
     return out

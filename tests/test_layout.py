@@ -74,3 +74,22 @@ def test_clip_and_features_in_view(tmp_path):
     # pixel polygon of p1 ([150,170] x [0,100]) spans u in [40, 60], v in [0, 100]
     np.testing.assert_allclose(sorted(set(np.round(feats[1].pixels[:, 0], 9))), [40.0, 60.0])
     np.testing.assert_allclose(sorted(set(np.round(feats[1].pixels[:, 1], 9))), [0.0, 100.0])
+
+
+def test_polygon_cut_into_parts_by_the_view_gives_one_feature_per_part(tmp_path):
+    # A comb: spine at y in [0, 20], teeth x in [0, 20] and [60, 90] up to y = 100.
+    # A view over y in [30, 100] cuts it into its two teeth: both are features.
+    lib = gdstk.Library(unit=1e-9, precision=1e-12)
+    top = lib.new_cell("TOP")
+    top.add(gdstk.Polygon([(0, 0), (90, 0), (90, 100), (60, 100), (60, 20), (20, 20), (20, 100), (0, 100)], layer=1))
+    path = tmp_path / "comb.gds"
+    lib.write_gds(str(path))
+    lay = load_layout(path)
+    t = PixelTransform(center_nm=(50.0, 65.0), pixel_nm=1.0, shape=(70, 100))
+    feats = features_in_view(lay, t)
+    assert [f.feature_id for f in feats] == ["p0", "p0.1"]
+    assert all(f.clipped for f in feats)
+    big, small = feats  # the 30 nm wide tooth is larger than the 20 nm one
+    assert (big.layout_nm[:, 0].min(), big.layout_nm[:, 0].max()) == pytest.approx((60.0, 90.0))
+    assert (small.layout_nm[:, 0].min(), small.layout_nm[:, 0].max()) == pytest.approx((0.0, 20.0))
+    assert small.layout_nm[:, 1].min() == pytest.approx(30.0)
