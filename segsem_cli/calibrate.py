@@ -2,14 +2,17 @@
 
 For every feature of every validation image, both proposals are computed once
 (:func:`segsem_cli.hybrid.candidates`: the refined, judged backbone contour and
-the fallback's) and scored against the truth: the RMS edge placement error
-(px) of each. Then, for each threshold ``T`` on a grid, the per-feature choice
-of :func:`segsem_cli.hybrid.select` is replayed and its expected cost is
+the fallback's, with the evidence the hybrid decides on) and scored against
+the truth: the RMS edge placement error (px) of each. Then, for each threshold
+``T`` on a grid, the per-feature decision of :func:`segsem_cli.hybrid.decide`
+(the same function ``segsem extract`` uses: gates, agreement, rescue) is
+replayed and its expected cost is
 
     cost(T) = sqrt( mean over features of  EPE_chosen^2  or  penalty^2 if failed )
 
 with ``penalty`` (default 3 px) the cost of a feature that ends up with no
-contour. The threshold with the lowest cost is stored in the model file
+contour (an exported wrong contour costs its full EPE, more than an honest
+failure). The middle of the lowest-cost plateau is stored in the model file
 (``segsem['threshold']``, with the whole curve under
 ``segsem['calibration_curve']``); ``segsem extract`` uses it by default.
 
@@ -28,6 +31,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .errors import SegsemError
+from .hybrid import RULES, Evidence, Rules, decide
 from .manifest import ManifestRow, read_manifest
 from .transform import PixelTransform
 from .types import SEMImage
@@ -35,6 +39,14 @@ from .types import SEMImage
 
 @dataclass
 class FeatureScore:
+    """One feature's two proposals: their EPE against the truth and the evidence the hybrid decides on.
+
+    Without ``backbone`` / ``fallback`` evidence (scores built by hand), the
+    backbone counts as passing every gate and, when both have a contour, as
+    agreeing with the fallback: the choice is then "backbone where its
+    confidence reaches T, else the fallback".
+    """
+
     image: str
     feature_id: str
     confidence: float | None  # backbone's judged confidence (None: backbone failed)
@@ -42,6 +54,22 @@ class FeatureScore:
     epe_fallback: float | None
     backbone_source: str = "sam2"
     fallback_source: str = "threshold"
+    backbone: Evidence | None = None
+    fallback: Evidence | None = None
+    distance_px: float | None = None
+
+    def decision_inputs(self) -> tuple[Evidence | None, Evidence | None, float | None]:
+        """``(backbone, fallback, distance_px)`` for :func:`segsem_cli.hybrid.decide`."""
+        b = self.backbone
+        if b is None and self.confidence is not None and self.epe_backbone is not None:
+            b = Evidence(float(self.confidence), 1.0)
+        f = self.fallback
+        if f is None and self.epe_fallback is not None:
+            f = Evidence(1.0, 1.0)
+        d = self.distance_px
+        if d is None and b is not None and f is not None:
+            d = 0.0
+        return b, f, d
 
 
 @dataclass
@@ -158,13 +186,14 @@ def score_image(row: ManifestRow, state, truth: dict | None, prepared=None) -> l
     out = []
     for f, c in zip(feats, cands):
         rings = truth_px.get(f.feature_id)
-        if not rings:
-            continue
+        if not rings or epe_inside(rings, rings[0], image.shape).size == 0:
+            continue  # no truth away from the image border: nothing to score
         b = c.backbone
         eb = _rms(epe_inside(rings, b.contour_px, image.shape)) if b is not None and b.ok else None
         ef = _rms(epe_inside(rings, c.fallback.contour_px, image.shape)) if c.fallback.ok else None
         out.append(FeatureScore(row.name, f.feature_id, None if b is None or not b.ok else float(b.confidence), eb, ef,
-                                b.source if b is not None else "", c.fallback.source))
+                                b.source if b is not None else "", c.fallback.source,
+                                c.backbone_evidence, c.fallback_evidence, c.distance_px))
     return out
 
 
@@ -230,23 +259,26 @@ def choose_edge_threshold(curve: list[dict[str, float]]) -> float:
     return float(ts[k])
 
 
-def threshold_curve(scores: list[FeatureScore], *, grid=None, penalty_px: float = 3.0) -> list[dict[str, float]]:
-    """Replay the per-feature choice for each threshold: fallback rate, EPE RMS, failures, cost."""
+def threshold_curve(scores: list[FeatureScore], *, grid=None, penalty_px: float = 3.0,
+                    rules: Rules = RULES) -> list[dict[str, float]]:
+    """Replay the hybrid's per-feature decision for each threshold: fallback rate, EPE RMS, failures, cost."""
     grid = np.round(np.linspace(0.0, 1.0, 51), 4) if grid is None else np.asarray(grid, dtype=float)
-    conf = np.array([-1.0 if s.confidence is None else s.confidence for s in scores])
     eb = np.array([np.nan if s.epe_backbone is None else s.epe_backbone for s in scores])
     ef = np.array([np.nan if s.epe_fallback is None else s.epe_fallback for s in scores])
+    inputs = [s.decision_inputs() for s in scores]
     rows = []
     n = max(len(scores), 1)
     for t in grid:
-        use_b = (conf >= t) & np.isfinite(eb)
-        chosen = np.where(use_b, eb, ef)
+        choice = [decide(b, f, d, float(t), rules)[0] for b, f, d in inputs]
+        use_b = np.array([c == "backbone" for c in choice], dtype=bool)
+        use_f = np.array([c == "fallback" for c in choice], dtype=bool)
+        chosen = np.where(use_b, eb, np.where(use_f, ef, np.nan))
         failed = ~np.isfinite(chosen)
         ok = ~failed
         cost = np.where(failed, penalty_px, chosen)  # a wrong contour exported costs more than an honest failure
         rows.append({
             "threshold": float(t),
-            "fallback_rate": float(np.mean(~use_b & ok)) if len(scores) else 0.0,
+            "fallback_rate": float(np.mean(use_f & ok)) if len(scores) else 0.0,
             "epe_rms_px": _rms(chosen[ok]) if ok.any() else float("nan"),
             "failures": float(failed.sum()),
             "cost_px": float(np.sqrt(np.sum(cost * cost) / n)),

@@ -13,6 +13,7 @@ from segsem_cli.calibrate import (
     store_threshold,
     threshold_curve,
 )
+from segsem_cli.hybrid import Evidence
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,6 +44,31 @@ def test_a_wrong_contour_costs_more_than_a_failure():
     rows = threshold_curve(scores, grid=[0.0, 0.5], penalty_px=3.0)
     assert rows[1]["cost_px"] < rows[0]["cost_px"]
     assert choose_threshold(rows) == 0.5
+
+
+def test_curve_replays_the_hybrid_gates():
+    """With evidence, the curve replays hybrid.decide: a gate-failing contour is never chosen, at any T."""
+    good = Evidence(0.85, 0.9, 0.0, 0.95, 20.0, 0.01)
+    incomplete = Evidence(0.95, 0.65, 0.0, 0.9, 20.0, 0.3)  # confident, but leaves resist out
+    scores = [
+        # fallback failed; the backbone's contour is 12 px off and fails the support gate: a failure at every T
+        FeatureScore("img", "a", 0.95, 12.0, None, backbone=incomplete, fallback=None),
+        # fallback failed; a clean backbone contour rescues it while its confidence reaches T
+        FeatureScore("img", "b", 0.85, 0.4, None, backbone=good, fallback=None),
+        # both found and agree (0.3 px): backbone (0.2 px) when confident, else the fallback (0.5 px)
+        FeatureScore("img", "c", 0.85, 0.2, 0.5, backbone=good, fallback=good, distance_px=0.3),
+        # both found and disagree (6 px): the sane fallback wins whatever T
+        FeatureScore("img", "d", 0.85, 5.0, 0.6, backbone=good, fallback=good, distance_px=6.0),
+    ]
+    rows = {r["threshold"]: r for r in threshold_curve(scores, grid=[0.0, 0.5, 0.9], penalty_px=3.0)}
+    for t in (0.0, 0.5):
+        assert rows[t]["failures"] == 1
+        assert rows[t]["cost_px"] == pytest.approx(math.sqrt((9.0 + 0.16 + 0.04 + 0.36) / 4))
+        assert rows[t]["fallback_rate"] == pytest.approx(1 / 4)
+    # above the backbone's confidence: b fails, c falls back
+    assert rows[0.9]["failures"] == 2
+    assert rows[0.9]["cost_px"] == pytest.approx(math.sqrt((9.0 + 9.0 + 0.25 + 0.36) / 4))
+    assert choose_threshold(list(rows.values())) in (0.0, 0.5)
 
 
 def test_choose_threshold_takes_the_middle_of_the_plateau():
