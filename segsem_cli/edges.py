@@ -255,27 +255,6 @@ class RefineResult:
 
 # ----------------------------------------------------------------------------- sampling
 
-_REMAP_ROWS = 32000  # cv2.remap maps must stay below SHRT_MAX rows
-
-
-def _sample(arr: np.ndarray, u: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """Bilinear samples of ``arr`` at ``(M, K)`` arrays of ``u`` and ``v`` (edge-clamped), float32.
-
-    Array index ``(row, col) = (v - 0.5, u - 0.5)``. Uses :func:`cv2.remap`
-    (float maps: exact bilinear weights), in chunks of rows.
-    """
-    import cv2
-
-    src = np.ascontiguousarray(arr, dtype=np.float32)
-    mx = (u - 0.5).astype(np.float32)
-    my = (v - 0.5).astype(np.float32)
-    out = np.empty(mx.shape, dtype=np.float32)
-    for r0 in range(0, mx.shape[0], _REMAP_ROWS):
-        r1 = min(mx.shape[0], r0 + _REMAP_ROWS)
-        out[r0:r1] = cv2.remap(src, mx[r0:r1], my[r0:r1], cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
-    return out
-
-
 def _neighbour_index(counts: np.ndarray, along_points: int) -> np.ndarray:
     """``(M, J)`` indices of each point's ``J`` circular neighbours within its own contour."""
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
@@ -290,7 +269,8 @@ def _along_mean(a: np.ndarray, counts: np.ndarray, window: int) -> np.ndarray:
     """Circular moving average of rows over ``window`` (odd) neighbours within each contour.
 
     ``a`` is ``(M, ...)`` with the contours' rows concatenated (``counts``).
-    One padded gather and a float64 cumulative sum: no Python loop per contour.
+    One padded gather and a box filter along the rows (float64 sums for float32
+    input, :func:`cv2.boxFilter`): no Python loop per contour.
     """
     if window <= 1:
         return a
@@ -303,32 +283,77 @@ def _along_mean(a: np.ndarray, counts: np.ndarray, window: int) -> np.ndarray:
     pstart_p = np.concatenate([[0], np.cumsum(lens)[:-1]])
     local = np.arange(int(lens.sum())) - np.repeat(pstart_p, lens) - h
     idx = pst + local % pn
-    c = np.cumsum(a[idx], axis=0, dtype=np.float64)
-    c = np.concatenate([np.zeros((1,) + c.shape[1:]), c], axis=0)
     # Row i of contour k sits at padded position pstart_p[k] + h + i; window covers [pos-h, pos+h].
     pos = np.repeat(pstart_p, counts) + h + (np.arange(int(counts.sum())) - np.repeat(starts, counts))
+    padded = a[idx]
+    if padded.dtype == np.float32 and padded.ndim == 2:
+        import cv2
+
+        # windows never reach the (constant) border at the read positions
+        return cv2.boxFilter(padded, -1, (1, window), normalize=True, borderType=cv2.BORDER_CONSTANT)[pos]
+    c = np.cumsum(padded, axis=0, dtype=np.float64)
+    c = np.concatenate([np.zeros((1,) + c.shape[1:]), c], axis=0)
     return ((c[pos + h + 1] - c[pos - h]) / window).astype(a.dtype, copy=False)
+
+
+_PROFILE_CHUNK = 1024  # points per block of sampling maps (keeps the float64 work arrays in cache)
+
+
+@lru_cache(maxsize=16)
+def _gauss_taps(sigma: float) -> np.ndarray:
+    """The 1-D Gaussian of :func:`scipy.ndimage.gaussian_filter1d` (truncate 4, unit sum), float64."""
+    radius = int(4.0 * float(sigma) + 0.5)
+    x = np.arange(-radius, radius + 1, dtype=np.float64)
+    phi = np.exp(-0.5 / (float(sigma) * float(sigma)) * x * x)
+    return phi / phi.sum()
 
 
 def _raw_profiles(arr: np.ndarray, pts: np.ndarray, nrm: np.ndarray, *, search_px: float, sample_px: float,
                   smooth_sigma: float) -> tuple[np.ndarray, np.ndarray]:
     """Profiles ``(M, K)`` at offsets ``-search_px..search_px`` along the outward normals,
-    smoothed along the normal (1-D Gaussian ``smooth_sigma`` px), and a per-point flag
-    that the whole window lies inside the image."""
-    from scipy.ndimage import gaussian_filter1d
+    smoothed along the normal (1-D Gaussian ``smooth_sigma`` px, nearest-sample extension),
+    and a per-point flag that the whole window lies inside the image.
+
+    The sampling positions are computed in float64 per block of points (as
+    ``pts + offset * nrm``) and sampled by :func:`cv2.remap`; the smoothing is
+    :func:`cv2.sepFilter2D` along the samples (float32 arithmetic).
+    """
+    import cv2
 
     pad = int(np.ceil(3.0 * smooth_sigma / sample_px)) if smooth_sigma > 0 else 0
     k = int(round(search_px / sample_px))
     offsets = np.arange(-k - pad, k + pad + 1) * sample_px
-    u = pts[:, 0:1] + offsets[None, :] * nrm[:, 0:1]
-    v = pts[:, 1:2] + offsets[None, :] * nrm[:, 1:2]
     h, w = arr.shape
+    m_ = len(pts)
     # A straight window is inside iff its ends are; the padding only feeds the smoothing tails.
-    ends_u, ends_v = u[:, [pad, -1 - pad]], v[:, [pad, -1 - pad]]
+    ends = offsets[[pad, len(offsets) - 1 - pad]]
+    ends_u = pts[:, 0:1] + ends[None, :] * nrm[:, 0:1]
+    ends_v = pts[:, 1:2] + ends[None, :] * nrm[:, 1:2]
     inside = np.all((ends_u >= 0.5) & (ends_u <= w - 0.5) & (ends_v >= 0.5) & (ends_v <= h - 0.5), axis=1)
-    prof = _sample(arr, u, v)
-    if smooth_sigma > 0:
-        prof = gaussian_filter1d(prof, smooth_sigma / sample_px, axis=1, mode="nearest")
+    src = np.ascontiguousarray(arr, dtype=np.float32)
+    prof = np.empty((m_, len(offsets)), dtype=np.float32)
+    n0 = min(m_, _PROFILE_CHUNK)
+    buf = np.empty((n0, len(offsets)))
+    mx = np.empty((n0, len(offsets)), dtype=np.float32)
+    my = np.empty_like(mx)
+    for r0 in range(0, m_, _PROFILE_CHUNK):
+        r1 = min(m_, r0 + _PROFILE_CHUNK)
+        n = r1 - r0
+        b, x, y = buf[:n], mx[:n], my[:n]
+        # array index (row, col) = (v - 0.5, u - 0.5); cv2.remap samples bilinearly, edge-clamped
+        # (float maps, fractional positions in 1/32 px)
+        np.multiply(offsets[None, :], nrm[r0:r1, 0:1], out=b)
+        b += pts[r0:r1, 0:1]
+        b -= 0.5
+        x[...] = b
+        np.multiply(offsets[None, :], nrm[r0:r1, 1:2], out=b)
+        b += pts[r0:r1, 1:2]
+        b -= 0.5
+        y[...] = b
+        prof[r0:r1] = cv2.remap(src, x, y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    if smooth_sigma > 0 and m_:
+        taps = _gauss_taps(smooth_sigma / sample_px)
+        prof = cv2.sepFilter2D(prof, -1, taps, np.ones(1), borderType=cv2.BORDER_REPLICATE)
     if pad:
         prof = prof[:, pad:-pad]
     return prof, inside
@@ -391,8 +416,11 @@ def _locate(q: np.ndarray, qw: np.ndarray, *, edge: str, threshold: float, centr
     """
     m_, k_ = q.shape
     idx = np.arange(k_)
-    cm = np.minimum.accumulate(qw, axis=1)
-    rise = qw - cm
+    # running minimum along the profile (a loop over the few samples beats accumulate along rows)
+    cm = np.array(qw, copy=True)
+    for j in range(1, k_):
+        np.minimum(cm[:, j - 1], cm[:, j], out=cm[:, j])
+    rise = np.subtract(qw, cm, out=cm)
     centre = (k_ - 1) / 2.0
     wgt = 1.0 - centre_weight * ((idx - centre) / max(centre, 1.0)) ** 2
     # Candidates are local maxima of the profile (the last sample counts when rising),
@@ -400,7 +428,9 @@ def _locate(q: np.ndarray, qw: np.ndarray, *, edge: str, threshold: float, centr
     lm = np.ones_like(qw, dtype=bool)
     lm[:, 1:] &= qw[:, 1:] >= qw[:, :-1]
     lm[:, :-1] &= qw[:, :-1] >= qw[:, 1:]
-    k = np.argmax(np.where(lm, rise * wgt[None, :], -np.inf), axis=1)
+    score = np.full(qw.shape, -np.inf)
+    np.multiply(rise, wgt[None, :], out=score, where=lm)
+    k = np.argmax(score, axis=1)
     rows = np.arange(m_)
     peak = qw[rows, k]
     before = idx[None, :] <= k[:, None]
@@ -415,7 +445,9 @@ def _locate(q: np.ndarray, qw: np.ndarray, *, edge: str, threshold: float, centr
 
     if edge == "threshold":
         level = qmin + threshold * contrast
-        cand = (idx[None, :] >= m[:, None]) & (idx[None, :] < k[:, None]) & (q < level[:, None])
+        cand = q < level[:, None]
+        cand &= idx[None, :] >= m[:, None]
+        cand &= idx[None, :] < k[:, None]
         has = cand.any(axis=1)
         j = k_ - 1 - np.argmax(cand[:, ::-1], axis=1)
         j = np.clip(j, 0, k_ - 2)
@@ -445,7 +477,7 @@ def _locate(q: np.ndarray, qw: np.ndarray, *, edge: str, threshold: float, centr
         found &= inside.any(axis=1)
     else:  # pragma: no cover - validated by the caller
         raise SegsemError(f"unknown edge rule {edge!r}")
-    lo = np.max(np.where(floor, idx[None, :], 0), axis=1)
+    lo = np.where(floor.any(axis=1), k_ - 1 - np.argmax(floor[:, ::-1], axis=1), 0)  # last floor sample
     return x, found, contrast, lo, k
 
 
