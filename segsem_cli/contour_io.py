@@ -348,11 +348,30 @@ def contour_csv_text(records: Sequence[ContourRecord], *, decimals: int = 4) -> 
         head = io.StringIO()
         csv.writer(head, lineterminator="").writerow(
             [rec.image, rec.feature_id, rec.source, _fmt(rec.confidence, decimals)])
-        prefix = head.getvalue()
+        prefix = head.getvalue().replace("%", "%%")
         for ring_no, ring in enumerate(rings):
-            buf.writelines(f"{prefix},{ring_no},{k},{_fmt(x, decimals)},{_fmt(y, decimals)}\n"
-                           for k, (x, y) in enumerate(ring.tolist()))
+            buf.write(_ring_rows(prefix, ring_no, ring, decimals))
     return buf.getvalue()
+
+
+def _ring_rows(prefix: str, ring_no: int, ring: np.ndarray, decimals: int) -> str:
+    """The CSV rows of one ring, ``prefix,ring_no,k,x,y``, with :func:`_fmt` numbers.
+
+    One ``%``-format over the whole ring (``prefix`` has its ``%`` doubled); the
+    few values that would print as a negative zero are set to 0 first, which is
+    what :func:`_fmt` does to their text.
+    """
+    xy = np.array(ring, dtype=np.float64)
+    small = (xy < 0) & (xy > -(10.0 ** -decimals))
+    if small.any():
+        for i, j in zip(*np.nonzero(small)):
+            if float(xy[i, j]) != 0.0 and not f"{float(xy[i, j]):.{decimals}f}".strip("-0."):
+                xy[i, j] = 0.0
+    xy[xy == 0] = 0.0  # -0.0 -> 0.0
+    n = len(xy)
+    vals = np.column_stack([np.arange(n, dtype=np.float64), xy]).ravel().tolist()  # %d prints 3.0 as 3
+    line = f"{prefix},{ring_no},%d,%.{decimals}f,%.{decimals}f\n"
+    return (line * n) % tuple(vals)
 
 
 def write_contour_csv(records: Sequence[ContourRecord], path: str | Path, *, decimals: int = 4) -> Path:

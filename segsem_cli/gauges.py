@@ -208,15 +208,48 @@ def measure_cd(p1, p2, contours_nm: Sequence[Any]) -> CdResult:
         more crossings, CD = distance from the first to the last),
         ``"single_crossing"`` or ``"no_crossing"`` (``cd_nm`` None).
     """
+    p1, p2 = _cutline(p1, p2)
+    return _measure_on_edges(p1, p2, *_edges(contours_nm))
+
+
+def _cutline(p1, p2) -> tuple[np.ndarray, np.ndarray]:
     p1 = np.asarray(p1, dtype=np.float64).reshape(-1)
     p2 = np.asarray(p2, dtype=np.float64).reshape(-1)
     if p1.shape != (2,) or p2.shape != (2,) or not (np.isfinite(p1).all() and np.isfinite(p2).all()):
         raise ValueError(f"cutline end points must be finite (x, y) pairs, got {p1!r} and {p2!r}")
+    if float(np.hypot(*(p2 - p1))) == 0.0:
+        raise ValueError("zero-length cutline (p1 == p2)")
+    return p1, p2
+
+
+class _EdgeIndex:
+    """The edges of one image's contours (:func:`_edges`) with their bounding boxes, measured
+    against many cutlines: each cutline only looks at the edges whose box meets its own."""
+
+    #: margin (nm) around a cutline's box: edges farther away cannot cross it, whatever the rounding
+    MARGIN_NM = 1.0
+
+    def __init__(self, contours_nm: Sequence[Any]):
+        self.a, self.e, self.owner = _edges(contours_nm)
+        b = self.a + self.e
+        self.lo = np.minimum(self.a, b)
+        self.hi = np.maximum(self.a, b)
+
+    def measure(self, p1: np.ndarray, p2: np.ndarray) -> CdResult:
+        m = self.MARGIN_NM + 1e-9 * float(np.max(np.abs(np.concatenate([p1, p2]))))
+        lo = np.minimum(p1, p2) - m
+        hi = np.maximum(p1, p2) + m
+        near = np.nonzero((self.hi[:, 0] >= lo[0]) & (self.lo[:, 0] <= hi[0])
+                          & (self.hi[:, 1] >= lo[1]) & (self.lo[:, 1] <= hi[1]))[0]
+        # kept edges stay in order, so the (stable) sort of the crossings is unchanged
+        return _measure_on_edges(p1, p2, self.a[near], self.e[near], self.owner[near])
+
+
+def _measure_on_edges(p1: np.ndarray, p2: np.ndarray, a: np.ndarray, e: np.ndarray,
+                      owner: np.ndarray) -> CdResult:
+    """:func:`measure_cd` on edges given as start points ``a``, vectors ``e`` and owning contour."""
     d = p2 - p1
     length = float(np.hypot(*d))
-    if length == 0.0:
-        raise ValueError("zero-length cutline (p1 == p2)")
-    a, e, owner = _edges(contours_nm)
     empty = CdResult("no_crossing", None, np.zeros(0), np.zeros((0, 2)), (), ())
     if len(a) == 0:
         return empty
@@ -276,31 +309,39 @@ def gauge_rows(
         the cutline midpoint is used.
     """
     import shapely
-    from shapely.geometry import LineString, Point
 
     names = list(fov_polys)
     polys = [fov_polys[n] for n in names]
     for n, p in zip(names, polys):
         if not isinstance(p, shapely.Geometry):
             raise TypeError(f"field of view of image {n!r} must be a shapely polygon, got {type(p).__name__}")
+    gauges = list(gauges)
+    if gauges and names:
+        # every gauge against every field of view at once (same predicates and distances as one by one)
+        lines = shapely.linestrings([[(g.x1, g.y1), (g.x2, g.y2)] for g in gauges])
+        mids = shapely.points([g.midpoint for g in gauges])
+        fov = np.array(polys, dtype=object)
+        covers = shapely.covers(fov[None, :], lines[:, None])
+        dist = np.where(covers, shapely.distance(shapely.centroid(fov)[None, :], mids[:, None]), np.inf)
+        best_of = np.argmin(dist, axis=1)  # first of the nearest, as a strict '<' scan
+        has = covers.any(axis=1)
+    indexes: dict[str, _EdgeIndex] = {}
+    records_of: dict[str, list] = {}
     rows: list[dict[str, Any]] = []
-    for g in gauges:
+    for gi, g in enumerate(gauges):
         row: dict[str, Any] = {"name": g.name, "x1": g.x1, "y1": g.y1, "x2": g.x2, "y2": g.y2}
         row.update(g.extra)
-        line = LineString([(g.x1, g.y1), (g.x2, g.y2)])
-        mid = Point(*g.midpoint)
-        best, best_d = None, math.inf
-        for n, p in zip(names, polys):
-            if p.covers(line):
-                dist = p.centroid.distance(mid)
-                if dist < best_d:
-                    best, best_d = n, dist
-        if best is None:
+        if not names or not has[gi]:
             row.update(wafer_cd_nm="", image="", source="", confidence="", status="outside_images")
             rows.append(row)
             continue
-        records = list(per_image_contours.get(best, ()))
-        res = measure_cd(g.p1, g.p2, records)
+        best = names[int(best_of[gi])]
+        if best not in indexes:
+            records_of[best] = list(per_image_contours.get(best, ()))
+            indexes[best] = _EdgeIndex(records_of[best])
+        records = records_of[best]
+        p1, p2 = _cutline(g.p1, g.p2)
+        res = indexes[best].measure(p1, p2)
         crossed = [records[i] for i in res.features]
         sources = sorted({r.source for r in crossed})
         row.update(

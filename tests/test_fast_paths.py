@@ -61,3 +61,108 @@ def test_coarse_contours_fast_equal_reference():
     assert len(want) == len(got) > 3
     for a, b in zip(want, got):
         assert a.closed == b.closed and a.area == b.area and np.array_equal(a.points, b.points)
+
+
+# ----------------------------------------------------------------------------- contour CSV
+
+def _csv_reference(records, decimals):
+    """The contour CSV as the row-by-row writer made it (one formatted value at a time)."""
+    import csv
+    import io
+
+    from segsem_cli.contour_io import CSV_COLUMNS, _fmt
+    from segsem_cli.geometry import as_ring, orient_ring
+
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerow(CSV_COLUMNS)
+    for rec in records:
+        rings = [orient_ring(as_ring(rec.xy_nm), ccw=True)] + [orient_ring(as_ring(h), ccw=False) for h in rec.holes_nm]
+        head = io.StringIO()
+        csv.writer(head, lineterminator="").writerow([rec.image, rec.feature_id, rec.source,
+                                                      _fmt(rec.confidence, decimals)])
+        for ring_no, ring in enumerate(rings):
+            buf.writelines(f"{head.getvalue()},{ring_no},{k},{_fmt(x, decimals)},{_fmt(y, decimals)}\n"
+                           for k, (x, y) in enumerate(ring.tolist()))
+    return buf.getvalue()
+
+
+def test_contour_csv_text_equals_value_by_value_formatting():
+    from segsem_cli.contour_io import contour_csv_text
+    from segsem_cli.types import ContourRecord
+
+    rng = np.random.default_rng(0)
+    recs = []
+    for i in range(12):
+        n = int(rng.integers(3, 60))
+        t = np.linspace(0, 2 * np.pi, n, endpoint=False)
+        xy = np.column_stack([np.cos(t), np.sin(t)]) * rng.uniform(1, 50) + rng.uniform(-100, 100, 2)
+        # values that print as "-0.0000" (must lose the sign), true negatives and signed zeros
+        xy[::4, 0] = rng.choice([-0.00004, -0.00005, -0.00006, -0.0, 0.0, -0.000049999, -1e-12, -0.4], size=len(xy[::4]))
+        holes = (0.3 * xy[::2] + 0.7 * xy.mean(axis=0),) if i % 3 == 0 and n > 12 else ()
+        recs.append(ContourRecord(f"img%{i % 3}", f'p,{i}"q', xy, "threshold", float(rng.random()), holes_nm=holes))
+    for decimals in (0, 1, 4, 6):
+        text = contour_csv_text(recs, decimals=decimals)
+        assert text == _csv_reference(recs, decimals)
+    assert ",-0.0000" not in contour_csv_text(recs) and ",-0.4000" in contour_csv_text(recs)
+
+
+# ----------------------------------------------------------------------------- gauges
+
+def _gauge_rows_reference(gauges, per_image, fovs):
+    """gauge_rows as a plain loop: each cutline against each field of view, all edges of the image."""
+    import math
+
+    from shapely.geometry import LineString, Point
+
+    from segsem_cli.gauges import measure_cd
+
+    rows = []
+    for g in gauges:
+        row = {"name": g.name, "x1": g.x1, "y1": g.y1, "x2": g.x2, "y2": g.y2, **g.extra}
+        line, mid = LineString([(g.x1, g.y1), (g.x2, g.y2)]), Point(*g.midpoint)
+        best, best_d = None, math.inf
+        for n, p in fovs.items():
+            if p.covers(line) and p.centroid.distance(mid) < best_d:
+                best, best_d = n, p.centroid.distance(mid)
+        if best is None:
+            row.update(wafer_cd_nm="", image="", source="", confidence="", status="outside_images")
+        else:
+            recs = list(per_image.get(best, ()))
+            res = measure_cd(g.p1, g.p2, recs)
+            crossed = [recs[i] for i in res.features]
+            row.update(wafer_cd_nm=res.cd_nm if res.cd_nm is not None else "", image=best,
+                       source="+".join(sorted({r.source for r in crossed})),
+                       confidence=min(float(r.confidence) for r in crossed) if crossed else "", status=res.status)
+        rows.append(row)
+    return rows
+
+
+def test_gauge_rows_equal_plain_loop():
+    from shapely.geometry import box
+
+    from segsem_cli.gauges import Gauge, gauge_rows
+    from segsem_cli.types import ContourRecord
+
+    rng = np.random.default_rng(2)
+    fovs = {"a": box(0, 0, 100, 100), "b": box(60, 0, 160, 100), "c": box(0, 0, 100, 100)}  # c duplicates a
+    per_image = {}
+    for name, (x0, x1) in (("a", (0, 100)), ("b", (60, 160)), ("c", (0, 100))):
+        recs = []
+        for j in range(8):
+            cx, cy, r = rng.uniform(x0 + 10, x1 - 10), rng.uniform(10, 90), rng.uniform(3, 9)
+            t = np.linspace(0, 2 * np.pi, 40, endpoint=False)
+            ring = np.column_stack([cx + r * np.cos(t), cy + r * np.sin(t)])
+            recs.append(ContourRecord(name, f"f{j}", ring, "threshold" if j % 2 else "sam2", float(rng.random())))
+        per_image[name] = recs
+    gauges = []
+    for k in range(60):
+        rec = per_image["ab"[k % 2]][k % 8]
+        c = rec.xy_nm.mean(axis=0)
+        dx = rng.uniform(5, 30)
+        gauges.append(Gauge(f"g{k}", c[0] - dx, c[1] + rng.uniform(-3, 3), c[0] + dx, c[1], {"kind": "x"}))
+    gauges.append(Gauge("outside", 500.0, 500.0, 520.0, 500.0))
+    gauges.append(Gauge("through_vertex", *per_image["a"][0].xy_nm[0], *(per_image["a"][0].xy_nm[0] + [30.0, 0.0])))
+    got = gauge_rows(gauges, per_image, fovs)
+    assert got == _gauge_rows_reference(gauges, per_image, fovs)
+    assert {r["status"] for r in got} >= {"ok", "outside_images"}
+    assert gauge_rows(gauges, per_image, {})[0]["status"] == "outside_images"
