@@ -57,6 +57,7 @@ class ExtractConfig:
     search_px: float = 40.0
     polarity: str = "auto"
     align: bool = True
+    edge_align: bool = True
     workers: int = 1
     force: bool = False
     overlays: bool = True
@@ -79,6 +80,7 @@ class ExtractConfig:
             search_px=self.search_px,
             polarity=self.polarity,
             align=self.align,
+            edge_align=self.edge_align,
             refine=self.refine,
             edge_options=self.edge_options,
         )
@@ -207,6 +209,22 @@ def process_image(row: ManifestRow, state: _State) -> dict:
         mode=cfg.mode,
     )
     timings.update(stage_times)
+
+    if cfg.align and cfg.edge_align:
+        # Residual misalignment from the extracted edges (bias-free midlines of straight
+        # features, segsem_cli.edge_align): the layout is moved onto the print.
+        from .align import _content_shift_to_offset
+        from .edge_align import refine_offset
+
+        t0 = time.perf_counter()
+        ea = refine_offset([r.contour_px if r.ok else None for r in results], [f.pixels for f in feats],
+                           pixels.shape)
+        rec["edge_align"] = ea.to_json()
+        if any(ea.applied):
+            transform = transform.with_offset(_content_shift_to_offset(transform, ea.shift_px))
+            rec["offset_nm"] = [float(x) for x in transform.offset_nm]
+            rec["offset_px"] = [float(a + b) for a, b in zip(rec["offset_px"], ea.shift_px)]
+        timings["edge_align"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     out_feats = []

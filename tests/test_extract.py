@@ -179,3 +179,36 @@ def test_bad_manifest_names_row_and_field(tmp_path, capsys):
     rc = run(["extract", m, "--layout", LAYOUT, "--out", tmp_path / "o"])
     assert rc == 2
     assert "m.csv row 2 field 'y_nm': 'abc' is not a number" in " ".join(capsys.readouterr().err.split())
+
+
+def test_edge_alignment_corrects_a_residual_misalignment(tmp_path, monkeypatch):
+    """The appearance alignment is perturbed by 0.8 px in u and -0.6 px in v; the midlines of
+    the extracted straight features bring the offset back onto the truth, and the exported
+    contours move with it. With --no-edge-align the perturbation stays."""
+    import segsem_cli.align as align_mod
+    from segsem_cli.align import _content_shift_to_offset
+    from segsem_cli.pipeline import ExtractConfig, run_extract
+
+    real = align_mod.align_image
+
+    def perturbed(pixels, transform, polys, **kw):
+        ar = real(pixels, transform, polys, **kw)
+        t = ar.transform.with_offset(_content_shift_to_offset(ar.transform, (0.8, -0.6)))
+        return type(ar)(**{**ar.__dict__, "transform": t, "offset_nm": tuple(np.subtract(t.offset_nm, transform.offset_nm))})
+
+    monkeypatch.setattr(align_mod, "align_image", perturbed)
+    m = small_manifest(tmp_path, names=("img_0000",))
+    truth = json.loads((m.parent / "truth.json").read_text())["images"]["img_0000"]
+    errs = {}
+    for edge_align in (False, True):
+        out = tmp_path / f"out{int(edge_align)}"
+        run_extract(ExtractConfig(manifest=m, layout=LAYOUT, out=out, export="csv", overlays=False,
+                                  fallback_options={"threshold": "0.63"}, edge_align=edge_align))
+        rec = json.loads((out / "images" / "img_0000.json").read_text())
+        errs[edge_align] = np.subtract(rec["offset_nm"], truth["offset_nm"]) / rec["pixel_nm"]
+    assert np.hypot(*errs[False]) > 0.8  # the perturbation is there without the refinement
+    ea = json.loads((tmp_path / "out1" / "images" / "img_0000.json").read_text())["edge_align"]
+    assert any(ea["applied"])
+    for axis in (0, 1):
+        if ea["applied"][axis]:
+            assert abs(errs[True][axis]) < 0.25, (axis, errs[True], ea)

@@ -1,0 +1,90 @@
+"""Alignment refinement from extracted edges (segsem_cli.edge_align)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from shapely.geometry import Polygon
+
+from segsem_cli.contours import resample_closed
+from segsem_cli.edge_align import midline_samples, refine_offset, scan_crossings
+
+SHAPE = (256, 256)
+
+
+def rect(u0, v0, u1, v1):
+    return np.array([[u0, v0], [u1, v0], [u1, v1], [u0, v1]], dtype=float)
+
+
+def printed(design, bias, shift, *, step=1.0, join=1):
+    """The design grown by ``bias`` px per side (round corners), moved by ``shift``, resampled."""
+    p = Polygon(design).buffer(bias, join_style=join)
+    c = np.asarray(p.exterior.coords)[:-1] + np.asarray(shift)
+    return resample_closed(c, step)
+
+
+def test_scan_crossings_rectangle_rows_and_columns():
+    r = rect(10.2, 20.7, 30.4, 25.3)  # rows v = r + .5 in [20.7, 25.3): r = 21 .. 24
+    line, pos, seg = scan_crossings(r, 0)
+    assert sorted(set(line.tolist())) == [21, 22, 23, 24]
+    assert np.allclose(np.sort(pos[line == 22]), [10.2, 30.4])
+    line, pos, _ = scan_crossings(r, 1)  # columns u = c + .5 in [10.2, 30.4): c = 10 .. 29
+    assert line.min() == 10 and line.max() == 29 and np.allclose(np.sort(pos[line == 15]), [20.7, 25.3])
+
+
+@pytest.mark.parametrize("bias", [-1.7, 0.0, 2.3])
+def test_bias_cancels_and_the_shift_is_recovered(bias):
+    shift = (0.37, -0.21)
+    designs = [rect(40, 20, 70, 230), rect(120, 20, 160, 230),      # vertical lines: u evidence
+               rect(180, 40, 250, 60), rect(180, 100, 250, 128),    # horizontal bars: v evidence
+               rect(200, 170, 230, 200)]                            # a square: no evidence
+    contours = [printed(d, bias, shift) for d in designs]
+    res = refine_offset(contours, designs, SHAPE)
+    assert res.applied == (True, True)
+    assert res.shift_px == pytest.approx(shift, abs=0.02)
+    # the square gives no sample: its sides are not twice as long as its width
+    assert len(midline_samples(contours[4], designs[4], SHAPE, 0)) == 0
+
+
+def test_line_end_pullback_and_corners_do_not_count():
+    # Line ends pulled back by different amounts at the top and bottom: the v midline
+    # of a vertical line would move by their difference; only long sides count.
+    d = rect(100, 20, 130, 230)
+    c = printed(rect(100, 31, 130, 226), 1.0, (0.0, 0.0), join=1)  # pullback 11 px top, 4 px bottom
+    assert len(midline_samples(c, d, SHAPE, 1)) == 0
+    s = midline_samples(c, d, SHAPE, 0)
+    assert len(s) > 150 and np.allclose(s, 0.0, atol=0.005)  # rounded print corners: tiny asymmetry
+
+
+def test_needs_two_features_and_limits_the_shift():
+    d = [rect(40, 20, 70, 230)]
+    res = refine_offset([printed(d[0], 1.0, (0.5, 0.0))], d, SHAPE)
+    assert res.applied == (False, False) and res.shift_px == (0.0, 0.0)
+    assert res.measured_px[0] == pytest.approx(0.5, abs=0.02)
+    d2 = [rect(40, 20, 70, 230), rect(120, 20, 160, 230)]
+    far = refine_offset([printed(x, 1.0, (3.5, 0.0)) for x in d2], d2, SHAPE)  # 3.5 > max_shift_px
+    assert far.applied[0] is False and far.measured_px[0] == pytest.approx(3.5, abs=0.02)
+
+
+def test_border_crossings_and_far_contours_are_ignored():
+    # A line cut by the left image border: its contour runs along u = 0 there.
+    d = rect(-20, 20, 10, 230)
+    c = np.clip(printed(d, 1.0, (0.0, 0.0)), 0, None)
+    assert len(midline_samples(c, d, SHAPE, 0)) == 0
+    # A contour of some other shape 10 px away from the design sides: not this feature's edges.
+    d = rect(100, 20, 130, 230)
+    assert len(midline_samples(printed(d, 10.0, (0, 0)), d, SHAPE, 0)) == 0
+
+
+def test_noisy_edges_pool_to_a_precise_shift():
+    rng = np.random.default_rng(4)
+    designs = [rect(20 + 45 * i, 20, 45 + 45 * i, 236) for i in range(5)]
+    shift = (-0.42, 0.0)
+    contours = []
+    for d in designs:
+        c = printed(d, 1.2, shift)
+        nrm_noise = rng.normal(0, 0.4, len(c))  # uncorrelated position noise along u
+        c[:, 0] += nrm_noise
+        contours.append(c)
+    res = refine_offset(contours, designs, SHAPE)
+    assert res.applied[0] and res.shift_px[0] == pytest.approx(-0.42, abs=0.05)
+    assert not res.applied[1]  # vertical lines give no v evidence
