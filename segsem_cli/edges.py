@@ -481,6 +481,70 @@ def _locate(q: np.ndarray, qw: np.ndarray, *, edge: str, threshold: float, centr
     return x, found, contrast, lo, k
 
 
+def _borrow_levels(q: np.ndarray, qw: np.ndarray, found: np.ndarray, inside: np.ndarray, border: np.ndarray,
+                   contrast: np.ndarray, hi: np.ndarray, counts: np.ndarray, *, threshold: float,
+                   min_found: int = 5, min_found_frac: float = 0.1, tol: float = 0.25
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Threshold crossings for points whose rim peak is not observable, at their contour's level.
+
+    A print that runs out of the image a few pixels beyond its edge (a sliver cut
+    by the field of view) has its rim peak on or beyond the image border for some
+    points: their own profiles cannot set the ``min + t (peak - min)`` level. The
+    level of the contour's points that did see both (median floor and peak of
+    ``qw``) is used instead, and the crossing is looked for on the point's own
+    profile ``q``: the first rise through that level after the profile's lowest
+    sample. Only points without a found edge whose peak sat at the end of the
+    window or whose span left the image are tried; the floor must match the
+    contour's within ``tol`` of its contrast and the profile must keep rising
+    above the level by ``tol`` of the contrast.
+
+    Returns ``(rows, x, c)``: the rows given an edge, their fractional sample
+    positions and the contour contrast used for their SNR.
+    """
+    m_, k_ = q.shape
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    rows_all, x_all, c_all = [], [], []
+    idx = np.arange(k_)
+    for st, n in zip(starts, counts):
+        sl = slice(st, st + n)
+        f = found[sl]
+        cand = ~f & ~border[sl] & (~inside[sl] | (hi[sl] >= k_ - 2))
+        if not cand.any():
+            continue
+        n_edge = int((~border[sl]).sum())
+        if f.sum() < max(min_found, min_found_frac * n_edge):
+            continue
+        r_f = np.nonzero(f)[0] + st
+        peak = qw[r_f, hi[r_f]]
+        floor = float(np.median(peak - contrast[r_f]))
+        c = float(np.median(peak)) - floor
+        if not c > 0:
+            continue
+        level = floor + threshold * c
+        rows = np.nonzero(cand)[0] + st
+        qq = q[rows]
+        m = np.argmin(qq, axis=1)
+        low = qq[np.arange(len(rows)), m]
+        above = (idx[None, :] > m[:, None]) & (qq >= level)
+        has = above.any(axis=1)
+        j = np.argmax(above, axis=1)
+        rising = np.array([qq[r, j[r]:].max() if has[r] else -np.inf for r in range(len(rows))])
+        ok = has & (np.abs(low - floor) <= tol * c) & (rising >= level + tol * c) & (j >= 1)
+        if not ok.any():
+            continue
+        rows, j, qq = rows[ok], j[ok], qq[ok]
+        r_ = np.arange(len(rows))
+        q0, q1 = qq[r_, j - 1], qq[r_, j]
+        den = q1 - q0
+        frac = np.where(den > 0, (level - q0) / np.where(den > 0, den, 1.0), 0.5)
+        rows_all.append(rows)
+        x_all.append(j - 1 + np.clip(frac, 0.0, 1.0))
+        c_all.append(np.full(len(rows), c))
+    if not rows_all:
+        return np.zeros(0, np.int64), np.zeros(0), np.zeros(0)
+    return np.concatenate(rows_all), np.concatenate(x_all), np.concatenate(c_all)
+
+
 def _span_inside(pts: np.ndarray, nrm: np.ndarray, scale: np.ndarray, a: np.ndarray, b: np.ndarray,
                  shape: tuple[int, int], frame_px: int = 0) -> np.ndarray:
     """True where the points ``pts + scale * a * nrm`` and ``pts + scale * b * nrm`` (and so the
@@ -1148,6 +1212,20 @@ def _refine_batch(img: EdgeImage, current: list[np.ndarray], bnd: list[np.ndarra
                               img.frame_px)
         snr = contrast / noise_prof
         found = found & inside & (snr >= min_snr) & (np.abs(s_out) <= sp - sample_px) & ~border
+        if edge == "threshold":
+            rb, xb, cb = _borrow_levels(q, qw, found, inside, border, contrast, hi, counts, threshold=threshold)
+            if len(rb):
+                lo_b = np.argmin(q[rb], axis=1)
+                span_ok = _span_inside(pts[rb], nrm[rb], np.where(flip[rb], -1.0, 1.0) * sample_px, lo_b - half,
+                                       np.ceil(xb).astype(np.int64) - half, img.shape, img.frame_px)
+                sb = (xb - half) * sample_px
+                sb_out = np.where(flip[rb], -sb, sb)
+                keep_b = span_ok & (np.abs(sb_out) <= sp - sample_px) & (cb / noise_prof >= min_snr)
+                rb = rb[keep_b]
+                s_out[rb] = sb_out[keep_b]
+                snr[rb] = cb[keep_b] / noise_prof
+                inside[rb] = True
+                found[rb] = True
         if border_mode:
             # Where no edge was found and the shape's interior runs on up to a nearby
             # border, the print leaves the image: those points go onto the border.

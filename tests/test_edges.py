@@ -439,3 +439,20 @@ def test_along_edge_smoothing_does_not_bulge_edges_next_to_sharp_corners():
     assert abs(u1[-1] - 30.3) < 0.02
     for sigma in (3.0, 6.0):  # without the corner taper sigma=6 moved these by up to -0.19 px
         assert np.abs(near_corner(sigma) - u1).max() < 0.03
+
+
+@pytest.mark.parametrize("ua", [3.0, 4.5, 6.0])
+def test_sliver_cut_by_the_border_is_measured_with_its_contours_level(ua):
+    # A print cut by the left border only ua px beyond its edge (upper half) next to a wider
+    # part (lower half): the sliver's rim peak lies on or beyond the border, so its own
+    # profiles cannot set the threshold level; the level of the same contour's measurable
+    # points is used and the sliver's edge is still placed on the convention edge.
+    img = render([rect(-20, -20, ua, 64), rect(-20, 64, 12.0, 148)], (128, 128), rim=RIM, blur=BLUR, noise=0.03, seed=3)
+    coarse = np.array([[0, 0], [ua + 1.5, 0], [ua + 1.5, 64], [13.5, 64], [13.5, 128], [0, 128]], float)
+    res = refine_contour(img, coarse)
+    c, e = res.contour_uv, ~res.border
+    sliver = e & (c[:, 1] > 10) & (c[:, 1] < 56)
+    assert res.clipped and res.valid[sliver].mean() > 0.95
+    assert np.abs(c[sliver, 0] - ua).max() < 0.15
+    wide = e & (c[:, 1] > 72) & (c[:, 1] < 118) & (c[:, 0] > 8)
+    assert np.abs(c[wide, 0] - 12.0).max() < 0.15
