@@ -24,6 +24,7 @@ good to about a quarter pixel).
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -109,19 +110,39 @@ def truth_contours_px(row: ManifestRow, pixels_shape, pixel_nm: float, truth: di
 
     From ``truth.json`` (exact, mapped with the TRUE transform) when it lists
     the image, else from the instance label mask (associated to layout
-    features by overlap).
+    features by overlap). A printed piece of design polygon ``i`` (or of a
+    bridge merging ``i`` with others) belongs to the feature in view it
+    overlaps most: ``p<i>``, a part ``p<i>.1``, ... when the field of view
+    cuts the polygon into several, or a merged polygon's feature.
     """
+    from shapely.geometry import Polygon
+
     from .metrics import feature_rings
 
     if truth is not None and row.name in truth.get("images", {}):
         t_img = truth["images"][row.name]
         off = t_img.get("offset_nm", [0.0, 0.0])
         t = PixelTransform((row.x_nm, row.y_nm), pixel_nm, tuple(pixels_shape), (float(off[0]), float(off[1])))
+        parts: dict[int, list] = {}
+        for ft in feats:
+            m = re.fullmatch(r"p(\d+)(?:\.\d+)?", str(ft.feature_id))
+            if m:
+                parts.setdefault(int(m.group(1)), []).append(ft)
         out: dict[str, list[np.ndarray]] = {}
         for f in t_img.get("features", []):
             if f.get("defect") == "missing" or f.get("design_index") is None:
                 continue
-            out[f"p{int(f['design_index'])}"] = [t.to_pixel(r) for r in feature_rings(f)]
+            i = int(f["design_index"])
+            rings = [t.to_pixel(r) for r in feature_rings(f)]
+            # a bridge merges design polygons: its pieces in view may belong to any of them
+            cands = [c for j in [i, *(int(k) for k in f.get("merged_design_indices") or [])] for c in parts.get(j, [])]
+            if not cands:
+                continue
+            piece = Polygon(rings[0]).buffer(0)
+            areas = [piece.intersection(Polygon(c.pixels).buffer(0)).area for c in cands]
+            if max(areas) <= 0:
+                continue  # a printed piece outside every feature in view
+            out.setdefault(cands[int(np.argmax(areas))].feature_id, []).extend(rings)
         return out
     if row.label is None:
         raise SegsemError(f"{row.image}: no truth for this image (no truth.json entry and no label column)")
@@ -131,7 +152,6 @@ def truth_contours_px(row: ManifestRow, pixels_shape, pixel_nm: float, truth: di
 
     lab = read_label(row.label, tuple(pixels_shape))
     out = {}
-    from shapely.geometry import Polygon
 
     polys = {f.feature_id: Polygon(f.pixels) for f in feats if len(f.pixels) >= 3}
     for k in np.unique(lab):

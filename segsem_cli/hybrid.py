@@ -207,19 +207,23 @@ def unsupported_fraction(smoothed: np.ndarray, contour: np.ndarray, layout: np.n
     g_in, g_out = float(np.median(win[core])), float(np.median(win[band]))
     bad = 0.0
     for region, inside in ((shrink(L & ~C, 1), False), (shrink(C & ~L, 1), True)):
-        n, lab = cv2.connectedComponents(region.astype(np.uint8), connectivity=8)
+        n, lab, stats, _ = cv2.connectedComponentsWithStats(region.astype(np.uint8), connectivity=8)
         for k in range(1, n):
-            m = lab == k
-            area = int(m.sum())
+            x, y, bw, bh, area = (int(v) for v in stats[k])
             if area < min_region_px:
                 continue
+            # the region's neighbourhood, on a crop around it
+            ys = slice(max(0, y - local_px - 1), y + bh + local_px + 1)
+            xs = slice(max(0, x - local_px - 1), x + bw + local_px + 1)
+            m = lab[ys, xs] == k
             near = grow(m, local_px)
-            ci, co = core & near, band & near
-            m_in = float(np.median(win[ci])) if ci.sum() >= 5 else g_in
-            m_out = float(np.median(win[co])) if co.sum() >= 5 else g_out
+            w_c = win[ys, xs]
+            ci, co = core[ys, xs] & near, band[ys, xs] & near
+            m_in = float(np.median(w_c[ci])) if ci.sum() >= 5 else g_in
+            m_out = float(np.median(w_c[co])) if co.sum() >= 5 else g_out
             if abs(m_in - m_out) < 1e-12:
                 continue  # no contrast here: the image says nothing either way
-            t = float(np.clip((win[m].mean() - m_out) / (m_in - m_out), 0.0, 1.0))
+            t = float(np.clip((w_c[m].mean() - m_out) / (m_in - m_out), 0.0, 1.0))
             bad += area * ((1.0 - t) if inside else t)
     return float(bad / L.sum())
 
