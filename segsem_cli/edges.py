@@ -83,12 +83,33 @@ def estimate_noise(pixels: np.ndarray, *, stride: int = 4) -> float:
     ``sqrt(2)``; edges occupy few pixels, so the median ignores them. Rows are
     subsampled with ``stride`` for speed.
     """
-    a = np.asarray(pixels, dtype=np.float32)[::max(1, int(stride))]
+    a = np.asarray(np.asarray(pixels)[::max(1, int(stride))], dtype=np.float32)  # convert only the rows used
     if a.shape[1] < 2:
         return 0.0
     d = (a[:, 1:] - a[:, :-1]).ravel()
-    med = np.median(d)
-    return float(1.4826 * np.median(np.abs(d - med)) / np.sqrt(2.0))
+    med = _median(d)
+    return float(1.4826 * _median(np.abs(d - med)) / np.sqrt(2.0))
+
+
+def _median(x: np.ndarray) -> np.floating:
+    """``np.median`` of a 1-D float32 array; by counting when the values are multiples of 1/4
+    below 2**20 (differences of integer grey levels and their deviations), else ``np.median``.
+
+    The two middle values (or the middle one) and their float32 mean are the same numbers
+    ``np.median`` computes; counting avoids two partitions of the whole array.
+    """
+    if x.dtype != np.float32 or x.ndim != 1 or x.size == 0:
+        return np.median(x)
+    q = x * np.float32(4.0)  # exact in float32
+    if not (float(np.abs(q).max()) < 2.0 ** 22 and np.array_equal(q, np.rint(q))):
+        return np.median(x)
+    qi = q.astype(np.int64)
+    lo = int(qi.min())
+    cum = np.cumsum(np.bincount(qi - lo))
+    n = x.size
+    ranks = [(n - 1) // 2, n // 2]  # the middle order statistics (equal when n is odd)
+    v = (np.searchsorted(cum, np.array(ranks) + 1) + lo).astype(np.float32) / np.float32(4.0)
+    return np.mean(v) if n % 2 == 0 else v[1]
 
 
 def gaussian_smooth(pixels: np.ndarray, sigma: float) -> np.ndarray:
@@ -308,28 +329,47 @@ def _gauss_taps(sigma: float) -> np.ndarray:
     return phi / phi.sum()
 
 
-def _raw_profiles(arr: np.ndarray, pts: np.ndarray, nrm: np.ndarray, *, search_px: float, sample_px: float,
-                  smooth_sigma: float) -> tuple[np.ndarray, np.ndarray]:
-    """Profiles ``(M, K)`` at offsets ``-search_px..search_px`` along the outward normals,
-    smoothed along the normal (1-D Gaussian ``smooth_sigma`` px, nearest-sample extension),
-    and a per-point flag that the whole window lies inside the image.
+def _profile_offsets(search_px: float, sample_px: float, smooth_sigma: float) -> tuple[np.ndarray, int]:
+    """Sample offsets along the normal of :func:`_raw_profiles` (px) and the smoothing padding (samples)."""
+    pad = int(np.ceil(3.0 * smooth_sigma / sample_px)) if smooth_sigma > 0 else 0
+    k = int(round(search_px / sample_px))
+    return np.arange(-k - pad, k + pad + 1) * sample_px, pad
 
-    The sampling positions are computed in float64 per block of points (as
-    ``pts + offset * nrm``) and sampled by :func:`cv2.remap`; the smoothing is
-    :func:`cv2.sepFilter2D` along the samples (float32 arithmetic).
+
+def _shared_samples(arr: np.ndarray, pts: np.ndarray, nrm: np.ndarray, main: np.ndarray,
+                    other: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Raw samples (:func:`_sample_along`) at two offset grids, the offsets of ``other`` that
+    ``main`` holds taken from ``main``'s samples.
+
+    Offsets that are equal numbers give equal positions and so equal samples
+    (e.g. the 0.5 px grid of the substrate decision within the 0.25 px grid of the
+    edge profiles).
+    """
+    raw_main = _sample_along(arr, pts, nrm, main)
+    pos = np.searchsorted(main, other)
+    shared = (pos < len(main)) & (main[np.minimum(pos, len(main) - 1)] == other)
+    out = np.empty((len(pts), len(other)), dtype=np.float32)
+    if (~shared).any():
+        out[:, ~shared] = _sample_along(arr, pts, nrm, other[~shared])
+    if shared.any():
+        cols, src = np.nonzero(shared)[0], pos[shared]
+        if len(cols) > 1 and np.all(np.diff(cols) == 1) and np.all(np.diff(src) == src[1] - src[0]) and src[1] > src[0]:
+            out[:, cols[0]:cols[-1] + 1] = raw_main[:, src[0]:src[-1] + 1:src[1] - src[0]]  # a strided block
+        else:
+            out[:, cols] = raw_main[:, src]
+    return raw_main, out
+
+
+def _sample_along(arr: np.ndarray, pts: np.ndarray, nrm: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """Bilinear samples ``(M, K)`` float32 of ``arr`` at ``pts + offsets * nrm`` (edge-clamped).
+
+    Array index ``(row, col) = (v - 0.5, u - 0.5)``. The positions are computed in
+    float64 per block of points and sampled by :func:`cv2.remap` (float maps:
+    fractional positions in 1/32 px).
     """
     import cv2
 
-    pad = int(np.ceil(3.0 * smooth_sigma / sample_px)) if smooth_sigma > 0 else 0
-    k = int(round(search_px / sample_px))
-    offsets = np.arange(-k - pad, k + pad + 1) * sample_px
-    h, w = arr.shape
     m_ = len(pts)
-    # A straight window is inside iff its ends are; the padding only feeds the smoothing tails.
-    ends = offsets[[pad, len(offsets) - 1 - pad]]
-    ends_u = pts[:, 0:1] + ends[None, :] * nrm[:, 0:1]
-    ends_v = pts[:, 1:2] + ends[None, :] * nrm[:, 1:2]
-    inside = np.all((ends_u >= 0.5) & (ends_u <= w - 0.5) & (ends_v >= 0.5) & (ends_v <= h - 0.5), axis=1)
     src = np.ascontiguousarray(arr, dtype=np.float32)
     prof = np.empty((m_, len(offsets)), dtype=np.float32)
     n0 = min(m_, _PROFILE_CHUNK)
@@ -351,6 +391,30 @@ def _raw_profiles(arr: np.ndarray, pts: np.ndarray, nrm: np.ndarray, *, search_p
         b -= 0.5
         y[...] = b
         prof[r0:r1] = cv2.remap(src, x, y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    return prof
+
+
+def _raw_profiles(arr: np.ndarray, pts: np.ndarray, nrm: np.ndarray, *, search_px: float, sample_px: float,
+                  smooth_sigma: float, raw: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Profiles ``(M, K)`` at offsets ``-search_px..search_px`` along the outward normals,
+    smoothed along the normal (1-D Gaussian ``smooth_sigma`` px, nearest-sample extension),
+    and a per-point flag that the whole window lies inside the image.
+
+    The samples are :func:`_sample_along` at :func:`_profile_offsets` (or ``raw``, those
+    samples taken already); the smoothing is :func:`cv2.sepFilter2D` along the samples
+    (float32 arithmetic).
+    """
+    import cv2
+
+    offsets, pad = _profile_offsets(search_px, sample_px, smooth_sigma)
+    h, w = arr.shape
+    m_ = len(pts)
+    # A straight window is inside iff its ends are; the padding only feeds the smoothing tails.
+    ends = offsets[[pad, len(offsets) - 1 - pad]]
+    ends_u = pts[:, 0:1] + ends[None, :] * nrm[:, 0:1]
+    ends_v = pts[:, 1:2] + ends[None, :] * nrm[:, 1:2]
+    inside = np.all((ends_u >= 0.5) & (ends_u <= w - 0.5) & (ends_v >= 0.5) & (ends_v <= h - 0.5), axis=1)
+    prof = _sample_along(arr, pts, nrm, offsets) if raw is None else raw
     if smooth_sigma > 0 and m_:
         taps = _gauss_taps(smooth_sigma / sample_px)
         prof = cv2.sepFilter2D(prof, -1, taps, np.ones(1), borderType=cv2.BORDER_REPLICATE)
@@ -656,8 +720,11 @@ def _regularise(d: np.ndarray, found: np.ndarray, med: np.ndarray, *, outlier_k:
 
 # ----------------------------------------------------------------------------- public API
 
+DECIDE_SAMPLE_PX, DECIDE_SIGMA = 0.5, 1.0  # profiles of the substrate decision
+
+
 def _decide_substrate(arr: np.ndarray, pts: np.ndarray, nrm: np.ndarray, counts: np.ndarray,
-                      reach_px: float, exclude: np.ndarray | None = None) -> list[str]:
+                      reach_px: float, exclude: np.ndarray | None = None, raw: np.ndarray | None = None) -> list[str]:
     """Which side of each contour is the substrate, from the data.
 
     Profiles reaching ``reach_px`` to each side are compared per contour: the
@@ -666,9 +733,10 @@ def _decide_substrate(arr: np.ndarray, pts: np.ndarray, nrm: np.ndarray, counts:
     rim's resist-side flank. When the floors are within 15 % of the profile
     range (resist top as dark as the substrate), the side with the lower mean
     is the substrate (the bright rim lies on the resist side). Points in
-    ``exclude`` (on the image border) do not vote.
+    ``exclude`` (on the image border) do not vote. ``raw``: the profiles' samples, if taken already.
     """
-    prof, inside = _raw_profiles(arr, pts, nrm, search_px=reach_px, sample_px=0.5, smooth_sigma=1.0)
+    prof, inside = _raw_profiles(arr, pts, nrm, search_px=reach_px, sample_px=DECIDE_SAMPLE_PX,
+                                 smooth_sigma=DECIDE_SIGMA, raw=raw)
     voters = np.ones(len(pts), dtype=bool) if exclude is None else ~exclude
     half = prof.shape[1] // 2
     inner, outer = prof[:, :half], prof[:, half + 1:]
@@ -1183,8 +1251,13 @@ def _refine_batch(img: EdgeImage, current: list[np.ndarray], bnd: list[np.ndarra
                          for c, b in zip(current, bnd)])
         counts = np.array([len(c) for c in current])
         starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        decide = p == 0 and "auto" in decided
+        raw_main = raw_dec = None
+        if decide:  # the substrate decision's samples are mostly among the edge profiles' ones
+            raw_main, raw_dec = _shared_samples(img.sampled, pts, nrm, _profile_offsets(sp, sample_px, smooth_sigma)[0],
+                                                _profile_offsets(2.0 * sp, DECIDE_SAMPLE_PX, DECIDE_SIGMA)[0])
         prof1, _ = _raw_profiles(img.sampled, pts, nrm, search_px=sp, sample_px=sample_px,
-                                 smooth_sigma=smooth_sigma)
+                                 smooth_sigma=smooth_sigma, raw=raw_main)
         if any_border:  # border points' profiles are not averaged into their neighbours'
             prof = _masked_along_mean(prof1, counts, along_points, ~border)
             profw = _masked_along_mean(prof1, counts, level_points, ~border)
@@ -1194,10 +1267,10 @@ def _refine_batch(img: EdgeImage, current: list[np.ndarray], bnd: list[np.ndarra
         k_ = prof.shape[1]
         half = k_ // 2
 
-        if p == 0 and "auto" in decided:
+        if decide:
             auto = np.array([d == "auto" for d in decided])
             sides = _decide_substrate(img.sampled, pts, nrm, counts, 2.0 * sp,
-                                      exclude=border if any_border else None)
+                                      exclude=border if any_border else None, raw=raw_dec)
             decided = [sides[i] if auto[i] else decided[i] for i in range(len(decided))]
         flip = np.repeat(np.array([s == "outside" for s in decided]), counts)
         q = np.where(flip[:, None], prof[:, ::-1], prof)  # substrate -> resist
