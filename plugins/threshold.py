@@ -234,7 +234,9 @@ class ThresholdFallback:
 
         frame_px = ropt.pop("frame_px")
         eimg = EdgeImage(image.pixels, image_sigma=ropt.pop("image_sigma"), frame_px=frame_px)
-        coarse = gaussian_smooth(suppress_frame(image.pixels, frame_px), coarse_sigma)
+        # eimg.sampled is the frame-suppressed float32 image itself unless it was pre-smoothed
+        framed = eimg.sampled if eimg.image_sigma <= 0 else suppress_frame(image.pixels, frame_px)
+        coarse = gaussian_smooth(framed, coarse_sigma)
         level = opt_float(options, "level", float("nan"))
         if not np.isfinite(level):
             level = otsu_level(coarse)
