@@ -376,20 +376,17 @@ def _sample_along(arr: np.ndarray, pts: np.ndarray, nrm: np.ndarray, offsets: np
     buf = np.empty((n0, len(offsets)))
     mx = np.empty((n0, len(offsets)), dtype=np.float32)
     my = np.empty_like(mx)
+    base = pts - 0.5  # array index (row, col) = (v - 0.5, u - 0.5)
     for r0 in range(0, m_, _PROFILE_CHUNK):
         r1 = min(m_, r0 + _PROFILE_CHUNK)
         n = r1 - r0
         b, x, y = buf[:n], mx[:n], my[:n]
-        # array index (row, col) = (v - 0.5, u - 0.5); cv2.remap samples bilinearly, edge-clamped
-        # (float maps, fractional positions in 1/32 px)
+        # positions in float64, rounded once to the float32 maps; cv2.remap samples
+        # bilinearly, edge-clamped (fractional positions in 1/32 px)
         np.multiply(offsets[None, :], nrm[r0:r1, 0:1], out=b)
-        b += pts[r0:r1, 0:1]
-        b -= 0.5
-        x[...] = b
+        np.add(b, base[r0:r1, 0:1], out=x, casting="unsafe")
         np.multiply(offsets[None, :], nrm[r0:r1, 1:2], out=b)
-        b += pts[r0:r1, 1:2]
-        b -= 0.5
-        y[...] = b
+        np.add(b, base[r0:r1, 1:2], out=y, casting="unsafe")
         prof[r0:r1] = cv2.remap(src, x, y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
     return prof
 
@@ -484,7 +481,7 @@ def _locate(q: np.ndarray, qw: np.ndarray, *, edge: str, threshold: float, centr
     cm = np.array(qw, copy=True)
     for j in range(1, k_):
         np.minimum(cm[:, j - 1], cm[:, j], out=cm[:, j])
-    rise = np.subtract(qw, cm, out=cm)
+    rise = qw - cm
     centre = (k_ - 1) / 2.0
     wgt = 1.0 - centre_weight * ((idx - centre) / max(centre, 1.0)) ** 2
     # Candidates are local maxima of the profile (the last sample counts when rising),
@@ -498,11 +495,12 @@ def _locate(q: np.ndarray, qw: np.ndarray, *, edge: str, threshold: float, centr
     rows = np.arange(m_)
     peak = qw[rows, k]
     before = idx[None, :] <= k[:, None]
-    m = np.argmin(np.where(before, qw, np.inf), axis=1)
+    # the first lowest sample up to the peak: where the running minimum first reaches its value at the peak
+    m = np.argmax(cm == cm[rows, k][:, None], axis=1)
     lowest = qw[rows, m]
     band = np.maximum(base_band * (peak - lowest), 3.0 * noise_w)
     floor = before & (qw <= (lowest + band)[:, None])
-    qmin = np.sum(np.where(floor, qw, 0.0), axis=1) / np.maximum(floor.sum(axis=1), 1)
+    qmin = np.sum(np.where(floor, qw, 0.0), axis=1) / np.maximum(np.count_nonzero(floor, axis=1), 1)
     contrast = peak - qmin
     found = (k > m) & (contrast > 0)
     x = np.full(m_, np.nan)

@@ -166,3 +166,107 @@ def test_gauge_rows_equal_plain_loop():
     assert got == _gauge_rows_reference(gauges, per_image, fovs)
     assert {r["status"] for r in got} >= {"ok", "outside_images"}
     assert gauge_rows(gauges, per_image, {})[0]["status"] == "outside_images"
+
+
+# ----------------------------------------------------------------------------- edge refinement internals
+
+def test_noise_median_by_counting_equals_np_median():
+    from segsem_cli.edges import _median
+
+    rng = np.random.default_rng(7)
+    for n in (1, 2, 3, 10, 11, 1001, 4096):
+        for scale in (1, 255, 40000):
+            x = np.rint(rng.standard_normal(n) * scale).astype(np.float32)
+            for y in (x, x - np.float32(0.5), np.abs(x - np.median(x)), x + np.float32(0.1), x.astype(np.float64)):
+                want, got = np.median(y), _median(y)
+                assert want == got and type(want) is type(got)
+
+
+def test_along_mean_box_filter_equals_cumulative_sums():
+    from segsem_cli.edges import _along_mean
+
+    rng = np.random.default_rng(8)
+    counts = np.array([5, 40, 3, 17])
+    a = rng.standard_normal((counts.sum(), 9)).astype(np.float32) * 100
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    for window in (1, 3, 9):
+        got = _along_mean(a, counts, window)
+        h = window // 2
+        want = np.empty_like(a)
+        for s, n in zip(starts, counts):  # circular mean within each contour, float64 sums
+            idx = s + (np.arange(n)[:, None] + np.arange(-h, h + 1)[None, :]) % n
+            want[s:s + n] = (a[idx].astype(np.float64).sum(axis=1) / window).astype(np.float32)
+        np.testing.assert_allclose(got, want, rtol=2e-7, atol=1e-5)
+        assert got.dtype == np.float32
+
+
+def _locate_reference(q, qw, *, edge, threshold, centre_weight, noise_w=0.0, base_band=0.05):
+    """_locate as first written (whole-array accumulate / where), for the threshold rule."""
+    m_, k_ = q.shape
+    idx = np.arange(k_)
+    cm = np.minimum.accumulate(qw, axis=1)
+    rise = qw - cm
+    centre = (k_ - 1) / 2.0
+    wgt = 1.0 - centre_weight * ((idx - centre) / max(centre, 1.0)) ** 2
+    lm = np.ones_like(qw, dtype=bool)
+    lm[:, 1:] &= qw[:, 1:] >= qw[:, :-1]
+    lm[:, :-1] &= qw[:, :-1] >= qw[:, 1:]
+    k = np.argmax(np.where(lm, rise * wgt[None, :], -np.inf), axis=1)
+    rows = np.arange(m_)
+    peak = qw[rows, k]
+    before = idx[None, :] <= k[:, None]
+    m = np.argmin(np.where(before, qw, np.inf), axis=1)
+    lowest = qw[rows, m]
+    band = np.maximum(base_band * (peak - lowest), 3.0 * noise_w)
+    floor = before & (qw <= (lowest + band)[:, None])
+    qmin = np.sum(np.where(floor, qw, 0.0), axis=1) / np.maximum(floor.sum(axis=1), 1)
+    contrast = peak - qmin
+    found = (k > m) & (contrast > 0)
+    level = qmin + threshold * contrast
+    cand = (idx[None, :] >= m[:, None]) & (idx[None, :] < k[:, None]) & (q < level[:, None])
+    has = cand.any(axis=1)
+    j = np.clip(k_ - 1 - np.argmax(cand[:, ::-1], axis=1), 0, k_ - 2)
+    q0, q1 = q[rows, j], q[rows, j + 1]
+    den = q1 - q0
+    frac = np.where(den > 0, (level - q0) / np.where(den > 0, den, 1.0), 0.5)
+    x = j + np.clip(frac, 0.0, 1.0)
+    lo = np.max(np.where(floor, idx[None, :], 0), axis=1)
+    return x, found & has, contrast, lo, k
+
+
+def test_locate_equals_reference():
+    from segsem_cli.edges import _locate
+
+    rng = np.random.default_rng(9)
+    t = np.linspace(-6, 6, 49)
+    # rim profiles (substrate -> resist) with noise, shifted rims, flat and quantised rows
+    base = 1.0 / (1.0 + np.exp(-3.0 * (t[None, :] - rng.uniform(-3, 3, (300, 1))))) + 0.8 * np.exp(-(t[None, :] - 1.0) ** 2)
+    qw = (base + 0.05 * rng.standard_normal(base.shape)).astype(np.float32)
+    q = (qw + 0.05 * rng.standard_normal(base.shape)).astype(np.float32)
+    qw[:10] = 0.5
+    q[10:20] = np.round(q[10:20], 1)
+    for nw in (0.0, 0.02):
+        got = _locate(q, qw, edge="threshold", threshold=0.4, centre_weight=0.3, noise_w=nw)
+        want = _locate_reference(q, qw, edge="threshold", threshold=0.4, centre_weight=0.3, noise_w=nw)
+        for g, w in zip(got, want):
+            assert np.array_equal(g, w, equal_nan=True) and g.dtype == w.dtype
+        assert got[1].sum() > 200
+
+
+def test_shared_samples_equal_separate_sampling():
+    from segsem_cli.edges import _profile_offsets, _sample_along, _shared_samples
+
+    rng = np.random.default_rng(10)
+    img = gaussian_smooth(rng.standard_normal((80, 90)).astype(np.float32), 2.0)
+    pts = rng.uniform(5, 75, (300, 2))
+    ang = rng.uniform(0, 2 * np.pi, 300)
+    nrm = np.column_stack([np.cos(ang), np.sin(ang)])
+    main = _profile_offsets(6.0, 0.25, 1.0)[0]
+    other = _profile_offsets(12.0, 0.5, 1.0)[0]
+    a, b = _shared_samples(img, pts, nrm, main, other)
+    assert np.array_equal(a, _sample_along(img, pts, nrm, main))
+    assert np.array_equal(b, _sample_along(img, pts, nrm, other))
+    # bilinear samples at (u, v) = pixel centres are the pixels themselves
+    centre = np.array([[10.5, 20.5]])
+    s = _sample_along(img, centre, np.array([[1.0, 0.0]]), np.array([0.0, 1.0]))
+    assert s[0, 0] == img[20, 10] and s[0, 1] == img[20, 11]
