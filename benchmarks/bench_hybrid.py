@@ -23,7 +23,7 @@ feature by its design index): samples every 0.5 nm along the feature's true cont
 * ``spurious``: contours exported for a design feature that did not print (a ``missing`` defect).
 ``failures = no contour + wrong``: a contour 50 px off is not a success.
 
-    python benchmarks/bench_hybrid.py --workdir /tmp/segsem-hybrid   # CPU, micro config, ~6 minutes
+    python benchmarks/bench_hybrid.py --workdir /tmp/segsem-hybrid   # CPU, micro config, ~5 min (training ~3 of them)
     python benchmarks/bench_hybrid.py --config sam2.1_hiera_t --checkpoint sam2.1_hiera_tiny.pt --device cuda
 
 ``--workdir`` keeps the datasets and the trained model between runs (the model is retrained
