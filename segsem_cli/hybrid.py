@@ -92,8 +92,11 @@ RULES = Rules()
 class Evidence:
     """What was measured about one candidate contour (after sub-pixel refinement).
 
-    ``edge_valid`` / ``edge_snr`` are None when unknown (a fallback that does
-    not report them is then trusted on its own status).
+    ``confidence`` (the candidate's own), ``layout_iou``, ``spill``,
+    ``edge_valid``, ``edge_snr`` and ``unsupported`` as in the module
+    docstring. ``edge_valid`` / ``edge_snr`` are None when unknown (a fallback
+    that does not report them, an unrefined backbone contour): the edge gate
+    then passes.
     """
 
     confidence: float
