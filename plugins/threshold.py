@@ -93,14 +93,16 @@ def iso_lines(image: np.ndarray, level: float) -> list[np.ndarray]:
     a = np.asarray(image)
     if a.ndim != 2 or min(a.shape) < 2:
         raise ValueError(f"iso_lines: expected a 2-D image of at least 2x2, got shape {a.shape}")
-    if not np.issubdtype(a.dtype, np.floating) or a.dtype.itemsize > 8 or not np.all(np.isfinite(a)):
+    if (not np.issubdtype(a.dtype, np.floating) or a.dtype.itemsize > 8
+            or not (np.isfinite(a.sum(dtype=np.float64)) or np.all(np.isfinite(a)))):  # NaN cells: skimage
         from skimage.measure import find_contours
 
         return find_contours(a, float(level))
     h, w = a.shape
     lev = np.float64(level)
     up = np.greater(a, lev).view(np.uint8)  # compared in float64, as skimage does
-    case = up[:-1, :-1] | (up[:-1, 1:] << 1) | (up[1:, :-1] << 2) | (up[1:, 1:] << 3)
+    pair = up[:-1] | (up[1:] << 2)  # bit 0: upper pixel above the level, bit 2: lower pixel
+    case = pair[:, :-1] | (pair[:, 1:] << 1)
     cells = np.flatnonzero((case - 1) < 14)  # cases 1..14: the iso-line crosses the cell
     if cells.size == 0:
         return []
@@ -176,11 +178,12 @@ def iso_lines(image: np.ndarray, level: float) -> list[np.ndarray]:
         live = live[jump[live] >= 0]
     length = np.bincount(lab, minlength=ncomp)
     comp_order = np.argsort(first_seg, kind="stable")
-    comp_rank = np.empty(ncomp, np.int64)
-    comp_rank[comp_order] = np.arange(ncomp)
-    seq = np.lexsort((length[lab] - 1 - after, comp_rank[lab]))
-    pts = np.column_stack([t_r, t_c])[seq]  # each segment contributes its end point
     offs = np.concatenate([[0], np.cumsum(length[comp_order])])
+    comp_start = np.empty(ncomp, np.int64)
+    comp_start[comp_order] = offs[:-1]
+    seq = np.empty(n, np.int64)  # segments in output order: contour by contour, along each
+    seq[comp_start[lab] + length[lab] - 1 - after] = np.arange(n)
+    pts = np.column_stack([t_r, t_c])[seq]  # each segment contributes its end point
     out = []
     for k, ci in enumerate(comp_order):
         p = pts[offs[k]:offs[k + 1]]

@@ -169,7 +169,9 @@ class EdgeImage:
             raise SegsemError(f"edge refinement: expected a 2-D image of at least 4x4 pixels, got shape {a.shape}")
         if not np.issubdtype(a.dtype, np.number):
             raise SegsemError(f"edge refinement: image dtype {a.dtype} is not numeric")
-        if not np.all(np.isfinite(a)):
+        with np.errstate(over="ignore", invalid="ignore"):
+            finite_sum = np.isfinite(a.sum(dtype=np.float64))
+        if not (finite_sum or np.all(np.isfinite(a))):  # a finite sum: all values finite
             raise SegsemError("edge refinement: image contains non-finite values")
         if image_sigma < 0:
             raise SegsemError(f"edge refinement: image_sigma must be >= 0, got {image_sigma}")
