@@ -240,8 +240,9 @@ def process_image(row: ManifestRow, state: _State) -> dict:
             if isinstance(v, (int, float, str, bool)) and k not in item:
                 item[k] = round(v, 4) if isinstance(v, float) else v
         if r.ok:
-            item["exterior_nm"] = np.round(transform.to_layout(r.contour_px), 4).tolist()
-            item["holes_nm"] = [np.round(transform.to_layout(h), 4).tolist() for h in r.holes_px]
+            # arrays: written to the image JSON as lists (atomic.json_default), used as arrays by the exports
+            item["exterior_nm"] = np.round(transform.to_layout(r.contour_px), 4)
+            item["holes_nm"] = [np.round(transform.to_layout(h), 4) for h in r.holes_px]
         out_feats.append(item)
     n_ok = sum(1 for r in results if r.ok)
     rec.update(
