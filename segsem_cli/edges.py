@@ -268,12 +268,16 @@ class RefineResult:
         """
         if not np.any(self.valid):
             return 0.0
-        s = self.median_snr
+        return self._quality(self.valid_fraction, self.median_snr, self.roughness_px)
+
+    def _quality(self, valid_fraction: float, median_snr: float, roughness_px: float) -> float:
+        """:attr:`quality` from its parts (computed once by callers that report them too)."""
+        s = median_snr
         half = float(self.params.get("snr_half", 12.0))
         c_term = s * s / (s * s + half * half)
-        rough = self.roughness_px
+        rough = roughness_px
         r_term = 1.0 / (1.0 + (rough / 0.5) ** 2) if np.isfinite(rough) else 0.0
-        return float(np.clip(self.valid_fraction * c_term * r_term, 0.0, 1.0))
+        return float(np.clip(valid_fraction * c_term * r_term, 0.0, 1.0))
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -1512,8 +1516,8 @@ def feature_result(feature: Any, res: RefineResult | None, *, source: str, image
     fid = feature.feature_id
     if status is not None or res is None:
         return FeatureResult(fid, None, source, 0.0, status=status or "not_found", extra=ex)
-    ex.update(valid_fraction=res.valid_fraction, median_snr=res.median_snr,
-              roughness_px=res.roughness_px, substrate=res.substrate)
+    vf, snr, rough = res.valid_fraction, res.median_snr, res.roughness_px
+    ex.update(valid_fraction=vf, median_snr=snr, roughness_px=rough, substrate=res.substrate)
     c = res.contour_uv
     h, w = image_shape
     edge = res.edge_points
@@ -1525,7 +1529,7 @@ def feature_result(feature: Any, res: RefineResult | None, *, source: str, image
                           | (c[:, 1] < border_px) | (c[:, 1] > h - border_px))) or np.mean(~res.inside) > max_outside
     if bad:
         return FeatureResult(fid, None, source, 0.0, status="clipped", extra=ex)
-    if res.valid_fraction < min_valid:
+    if vf < min_valid:
         return FeatureResult(fid, None, source, 0.0, status="low_contrast", extra=ex)
     if layout_iou is None and layout_px is not None:
         from .contours import polygon_iou
@@ -1534,5 +1538,6 @@ def feature_result(feature: Any, res: RefineResult | None, *, source: str, image
     if layout_iou is not None:
         ex["layout_iou"] = float(layout_iou)
         confidence_scale *= min(1.0, float(layout_iou) / 0.5)
-    conf = float(np.clip(res.quality * confidence_scale, 0.0, 1.0))
+    quality = res._quality(vf, snr, rough) if np.any(res.valid) else 0.0  # = res.quality
+    conf = float(np.clip(quality * confidence_scale, 0.0, 1.0))
     return FeatureResult(fid, np.ascontiguousarray(c, dtype=np.float64), source, conf, status="ok", extra=ex)
