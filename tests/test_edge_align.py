@@ -57,11 +57,11 @@ def test_line_end_pullback_and_corners_do_not_count():
 
 def test_needs_two_features_and_limits_the_shift():
     d = [rect(40, 20, 70, 230)]
-    res = refine_offset([printed(d[0], 1.0, (0.5, 0.0))], d, SHAPE)
+    res = refine_offset([printed(d[0], 1.0, (0.5, 0.0))], d, SHAPE, ends=False)
     assert res.applied == (False, False) and res.shift_px == (0.0, 0.0)
     assert res.measured_px[0] == pytest.approx(0.5, abs=0.02)
     d2 = [rect(40, 20, 70, 230), rect(120, 20, 160, 230)]
-    far = refine_offset([printed(x, 1.0, (3.5, 0.0)) for x in d2], d2, SHAPE)  # 3.5 > max_shift_px
+    far = refine_offset([printed(x, 1.0, (3.5, 0.0)) for x in d2], d2, SHAPE, max_shift_px=2.0)
     assert far.applied[0] is False and far.measured_px[0] == pytest.approx(3.5, abs=0.02)
 
 
@@ -87,4 +87,29 @@ def test_noisy_edges_pool_to_a_precise_shift():
         contours.append(c)
     res = refine_offset(contours, designs, SHAPE)
     assert res.applied[0] and res.shift_px[0] == pytest.approx(-0.42, abs=0.05)
-    assert not res.applied[1]  # vertical lines give no v evidence
+    # v has no long-side evidence: the line ends see no gross disagreement, nothing applied
+    assert res.basis == ("sides", "none") and res.shift_px[1] == 0.0
+    assert res.measured_px[1] == pytest.approx(0.0, abs=0.1)
+
+
+def test_along_line_axis_from_line_ends_facing_both_ways():
+    # Horizontal lines only: u is constrained by line ends alone. Every end pulls back by
+    # 5 px (and the sides grow by 1 px); lines cut by the left or right border show one end.
+    # Ends facing left and right pull back alike, so their mean offset is the shift.
+    shift = (3.1, 0.4)
+    designs = [rect(30, 20, 200, 44), rect(-40, 70, 120, 94), rect(150, 70, 300, 94),
+               rect(60, 130, 230, 154), rect(-30, 190, 90, 214)]
+    contours = []
+    for d in designs:
+        pulled = d + np.array([[5, 0], [-5, 0], [-5, 0], [5, 0]])
+        c = printed(pulled, 1.0, shift)
+        contours.append(np.clip(c, 0, 256))
+    res = refine_offset(contours, designs, SHAPE)
+    assert res.basis == ("ends", "sides") and res.applied == (True, True)
+    assert res.shift_px == pytest.approx(shift, abs=0.05)
+    # Without the ends, u has no evidence; a small end-based shift is not applied.
+    assert refine_offset(contours, designs, SHAPE, ends=False).applied == (False, True)
+    small = [np.clip(printed(d + np.array([[5, 0], [-5, 0], [-5, 0], [5, 0]]), 1.0, (0.8, 0.4)), 0, 256)
+             for d in designs]
+    r2 = refine_offset(small, designs, SHAPE)
+    assert r2.applied == (False, True) and r2.measured_px[0] == pytest.approx(0.8, abs=0.05)
