@@ -270,3 +270,29 @@ def test_shared_samples_equal_separate_sampling():
     centre = np.array([[10.5, 20.5]])
     s = _sample_along(img, centre, np.array([[1.0, 0.0]]), np.array([0.0, 1.0]))
     assert s[0, 0] == img[20, 10] and s[0, 1] == img[20, 11]
+
+
+# ----------------------------------------------------------------------------- per-image record JSON
+
+def test_record_json_same_values_as_json_dumps():
+    import json
+
+    from segsem_cli.atomic import json_default
+    from segsem_cli.pipeline import record_json
+
+    rng = np.random.default_rng(11)
+    ext = np.round(rng.uniform(-5000, 5000, (300, 2)), 4)
+    ext[:4] = [[-0.0, 0.0], [12.0, -3.5], [0.0001, -0.0001], [123456.789, 1e-5]]
+    rec = {"image": "img\x00vertices", "center_nm": [1.0, 2.0], "features": [
+        {"feature_id": "a", "status": "ok", "confidence": np.float32(0.5), "exterior_nm": ext,
+         "holes_nm": [np.round(ext[::3] * 0.1, 4), np.zeros((0, 2))]},
+        {"feature_id": "b", "status": "not_found"},
+        {"feature_id": "c", "exterior_nm": ext[:5].tolist(), "holes_nm": []}],
+        "timings": {"read": 0.1}}
+    text = record_json(rec)
+    assert text.endswith("\n") and "\n" not in text[:-1]
+    assert json.loads(text) == json.loads(json.dumps(rec, default=json_default))
+    assert "-0.0000" in text or "-0.0" in text  # the sign of zero survives
+    # a string holding the placeholder itself: encoded plainly, same values
+    rec["image"] = "\x00vertices\x00"
+    assert json.loads(record_json(rec)) == json.loads(json.dumps(rec, default=json_default))
