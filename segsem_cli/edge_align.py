@@ -71,6 +71,44 @@ class EdgeAlignResult:
         }
 
 
+_LINE_OFF = 1 << 30  # keys: feature index * 2^32 + (scan line + 2^30)
+
+
+def _concat(polys: Sequence[np.ndarray | None]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Closed polygons concatenated: points ``(M, 2)``, each point's successor index, polygon index per point."""
+    items = [(k, np.asarray(p, dtype=np.float64)) for k, p in enumerate(polys)
+             if p is not None and np.ndim(p) == 2 and np.shape(p)[1] == 2 and len(p) >= 3]
+    if not items:
+        return np.zeros((0, 2)), np.zeros(0, np.int64), np.zeros(0, np.int64)
+    n = np.array([len(p) for _, p in items])
+    pts = np.vstack([p for _, p in items])
+    starts = np.cumsum(n) - n
+    nxt = np.arange(len(pts)) + 1
+    nxt[starts + n - 1] = starts
+    fid = np.repeat(np.array([k for k, _ in items]), n)
+    return pts, nxt, fid
+
+
+def _crossings(pts: np.ndarray, nxt: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`scan_crossings` of concatenated polygons: ``(line, position, side index)``."""
+    if len(pts) == 0:
+        return np.zeros(0, np.int64), np.zeros(0), np.zeros(0, np.int64)
+    a0, a1 = pts[:, 1 - axis], pts[nxt, 1 - axis]  # coordinate across the scan lines
+    b0, b1 = pts[:, axis], pts[nxt, axis]          # coordinate along them
+    k0 = np.ceil(np.minimum(a0, a1) - 0.5).astype(np.int64)
+    k1 = np.ceil(np.maximum(a0, a1) - 0.5).astype(np.int64)  # exclusive
+    cnt = np.where(a1 != a0, np.maximum(k1 - k0, 0), 0)
+    total = int(cnt.sum())
+    if total == 0:
+        return np.zeros(0, np.int64), np.zeros(0), np.zeros(0, np.int64)
+    seg = np.repeat(np.arange(len(pts)), cnt)
+    first = np.repeat(np.cumsum(cnt) - cnt, cnt)
+    line = np.repeat(k0, cnt) + (np.arange(total) - first)
+    t = (line + 0.5 - a0[seg]) / (a1[seg] - a0[seg])
+    pos = b0[seg] + t * (b1[seg] - b0[seg])
+    return line, pos, seg
+
+
 def scan_crossings(poly: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Where a closed polygon crosses the scan lines through pixel centres.
 
@@ -87,79 +125,99 @@ def scan_crossings(poly: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray,
     ``poly[i] -> poly[i + 1]`` crossed. Sides are half-open, so a vertex on a
     scan line is counted once.
     """
-    p = np.asarray(poly, dtype=np.float64)
-    if p.ndim != 2 or p.shape[1] != 2 or len(p) < 3:
-        return np.zeros(0, np.int64), np.zeros(0), np.zeros(0, np.int64)
-    a = p[:, 1 - axis]  # coordinate across the scan lines
-    b = p[:, axis]      # coordinate along them
-    a0, a1 = a, np.roll(a, -1)
-    b0, b1 = b, np.roll(b, -1)
-    lo, hi = np.minimum(a0, a1), np.maximum(a0, a1)
-    k0 = np.ceil(lo - 0.5).astype(np.int64)
-    k1 = np.ceil(hi - 0.5).astype(np.int64)  # exclusive
-    cnt = np.where(a1 != a0, np.maximum(k1 - k0, 0), 0)
-    if cnt.sum() == 0:
-        return np.zeros(0, np.int64), np.zeros(0), np.zeros(0, np.int64)
-    seg = np.repeat(np.arange(len(p)), cnt)
-    first = np.repeat(np.cumsum(cnt) - cnt, cnt)
-    line = np.repeat(k0, cnt) + (np.arange(int(cnt.sum())) - first)
-    s = line + 0.5
-    t = (s - a0[seg]) / (a1[seg] - a0[seg])
-    pos = b0[seg] + t * (b1[seg] - b0[seg])
-    return line, pos, seg
+    pts, nxt, _ = _concat([poly])
+    return _crossings(pts, nxt, axis)
 
 
-def _pairs(line: np.ndarray, pos: np.ndarray) -> dict[int, tuple[float, float, int, int]]:
-    """Scan lines crossed exactly twice: ``{line: (low, high, i_low, i_high)}`` (indices into the inputs)."""
-    if len(line) == 0:
-        return {}
-    order = np.lexsort((pos, line))
-    ls = line[order]
-    uniq, start, count = np.unique(ls, return_index=True, return_counts=True)
-    out = {}
-    for k, s0, c in zip(uniq, start, count):
-        if c == 2:
-            i, j = order[s0], order[s0 + 1]
-            out[int(k)] = (float(pos[i]), float(pos[j]), int(i), int(j))
-    return out
+def _pairs(key: np.ndarray, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Keys (scan lines) crossed exactly twice: ``(key, low, high, i_low, i_high)`` (indices into the inputs)."""
+    if len(key) == 0:
+        e = np.zeros(0, np.int64)
+        return e, np.zeros(0), np.zeros(0), e, e
+    order = np.lexsort((pos, key))
+    uniq, start, count = np.unique(key[order], return_index=True, return_counts=True)
+    two = count == 2
+    i = order[start[two]]
+    j = order[start[two] + 1]
+    return uniq[two], pos[i], pos[j], i, j
+
+
+class _Scan:
+    """Crossings of many polygons with the scan lines of one axis, keyed by (polygon, line)."""
+
+    def __init__(self, polys: Sequence[np.ndarray | None], axis: int):
+        pts, nxt, fid = _concat(polys)
+        line, self.pos, seg = _crossings(pts, nxt, axis)
+        self.key = fid[seg] * (1 << 32) + (line + _LINE_OFF)
+        d = pts[nxt[seg]] - pts[seg]
+        self.side_len = np.hypot(d[:, 0], d[:, 1])
+        a0 = pts[seg, 1 - axis]
+        self.t = (line + 0.5 - a0) / d[:, 1 - axis] if len(seg) else np.zeros(0)
+
+
+def _midlines(contours, designs, shape, axis, *, clear_px, max_dev_px, border_px, aspect=2.0):
+    """Midline samples of all features at once: ``(values, feature index)``."""
+    D, C = _Scan(designs, axis), _Scan(contours, axis)
+    k, lo, hi, i, j = _pairs(D.key, D.pos)
+    kc, clo, chi, _, _ = _pairs(C.key, C.pos)
+    common, a_, b_ = np.intersect1d(k, kc, assume_unique=True, return_indices=True)
+    if len(common) == 0:
+        return np.zeros(0), np.zeros(0, np.int64)
+    lo, hi, i, j, clo, chi = lo[a_], hi[a_], i[a_], j[a_], clo[b_], chi[b_]
+    along_i = np.minimum(D.t[i], 1.0 - D.t[i]) * D.side_len[i]
+    along_j = np.minimum(D.t[j], 1.0 - D.t[j]) * D.side_len[j]
+    extent = shape[1] if axis == 0 else shape[0]
+    ok = ((along_i >= clear_px) & (along_j >= clear_px)
+          & (np.minimum(D.side_len[i], D.side_len[j]) >= aspect * (hi - lo))
+          & (np.abs(clo - lo) <= max_dev_px) & (np.abs(chi - hi) <= max_dev_px)
+          & (clo >= border_px) & (chi <= extent - border_px))
+    return (0.5 * ((clo + chi) - (lo + hi)))[ok], (common[ok] >> 32)
+
+
+def _ends(contours, designs, shape, axis, *, max_dev_px, border_px, aspect=2.0):
+    """Line-end samples of all features at once: ``(values, facing, feature index)``."""
+    D, C = _Scan(designs, axis), _Scan(contours, axis)
+    k, lo, hi, i, j = _pairs(D.key, D.pos)
+    empty = (np.zeros(0), np.zeros(0), np.zeros(0, np.int64))
+    if len(k) == 0 or len(C.key) == 0:
+        return empty
+    width = hi - lo
+    kk = np.concatenate([k, k])
+    dpos = np.concatenate([lo, hi])
+    idx = np.concatenate([i, j])
+    face = np.concatenate([-np.ones(len(k)), np.ones(len(k))])
+    t = D.t[idx]
+    short = (D.side_len[idx] * aspect <= np.concatenate([width, width])) & (t >= 1.0 / 3.0) & (t <= 2.0 / 3.0)
+    kk, dpos, face = kk[short], dpos[short], face[short]
+    if len(kk) == 0:
+        return empty
+    order = np.lexsort((C.pos, C.key))
+    ck, cp = C.key[order], C.pos[order]
+    lo_i = np.searchsorted(ck, kk, side="left")
+    hi_i = np.searchsorted(ck, kk, side="right")
+    best = np.full(len(kk), np.inf)
+    val = np.zeros(len(kk))
+    # the contour crossings of one scan line are sorted by position: the nearest is next to
+    # the design position's insertion point within the line's block
+    ins = lo_i + np.array([np.searchsorted(cp[a:b], x) for a, b, x in zip(lo_i, hi_i, dpos)], dtype=np.int64)
+    for q in (ins - 1, ins):
+        okq = (q >= lo_i) & (q < hi_i)
+        qc = np.clip(q, 0, len(cp) - 1)
+        dist = np.where(okq, np.abs(cp[qc] - dpos), np.inf)
+        better = dist < best
+        best = np.where(better, dist, best)
+        val = np.where(better, cp[qc], val)
+    extent = shape[1] if axis == 0 else shape[0]
+    ok = (best <= max_dev_px) & (val >= border_px) & (val <= extent - border_px)
+    return (val - dpos)[ok], face[ok], (kk[ok] >> 32)
 
 
 def midline_samples(contour: np.ndarray, design: np.ndarray, shape: tuple[int, int], axis: int, *,
                     clear_px: float = 8.0, max_dev_px: float = 6.0, border_px: float = 2.0,
                     aspect: float = 2.0) -> np.ndarray:
     """Midline offsets (printed minus design, px along ``axis``) of one feature; see the module docs."""
-    d_line, d_pos, d_seg = scan_crossings(design, axis)
-    if len(d_line) == 0:
-        return np.zeros(0)
-    dp = np.asarray(design, dtype=np.float64)
-    nxt = np.roll(dp, -1, axis=0)
-    seg_len = np.hypot(*(nxt - dp).T)
-    # distance along each crossed side from the crossing to the side's nearer end
-    s_line = d_line + 0.5
-    a0, a1 = dp[d_seg, 1 - axis], nxt[d_seg, 1 - axis]
-    t = (s_line - a0) / (a1 - a0)
-    along = np.minimum(t, 1.0 - t) * seg_len[d_seg]
-    dpairs = _pairs(d_line, d_pos)
-    c_line, c_pos, _ = scan_crossings(contour, axis)
-    cpairs = _pairs(c_line, c_pos)
-    extent = shape[1] if axis == 0 else shape[0]
-    out = []
-    for k, (lo, hi, i, j) in dpairs.items():
-        cp = cpairs.get(k)
-        if cp is None:
-            continue
-        width = hi - lo
-        if along[i] < clear_px or along[j] < clear_px:
-            continue
-        if min(seg_len[d_seg[i]], seg_len[d_seg[j]]) < aspect * width:
-            continue
-        clo, chi = cp[0], cp[1]
-        if abs(clo - lo) > max_dev_px or abs(chi - hi) > max_dev_px:
-            continue
-        if min(clo, chi) < border_px or max(clo, chi) > extent - border_px:
-            continue
-        out.append(0.5 * ((clo + chi) - (lo + hi)))
-    return np.asarray(out, dtype=np.float64)
+    return _midlines([contour], [design], shape, axis, clear_px=clear_px, max_dev_px=max_dev_px,
+                     border_px=border_px, aspect=aspect)[0]
 
 
 def end_samples(contour: np.ndarray, design: np.ndarray, shape: tuple[int, int], axis: int, *,
@@ -174,36 +232,8 @@ def end_samples(contour: np.ndarray, design: np.ndarray, shape: tuple[int, int],
     the side's facing (+1: the design crossing is the pair's upper one, e.g.
     a right end; -1: the lower one).
     """
-    d_line, d_pos, d_seg = scan_crossings(design, axis)
-    if len(d_line) == 0:
-        return np.zeros(0), np.zeros(0)
-    dp = np.asarray(design, dtype=np.float64)
-    nxt = np.roll(dp, -1, axis=0)
-    seg_len = np.hypot(*(nxt - dp).T)
-    a0, a1 = dp[d_seg, 1 - axis], nxt[d_seg, 1 - axis]
-    t = (d_line + 0.5 - a0) / (a1 - a0)
-    dpairs = _pairs(d_line, d_pos)
-    c_line, c_pos, _ = scan_crossings(contour, axis)
-    order = np.argsort(c_line, kind="stable")
-    c_line, c_pos = c_line[order], c_pos[order]
-    extent = shape[1] if axis == 0 else shape[0]
-    vals, face = [], []
-    for k, (lo, hi, i, j) in dpairs.items():
-        width = hi - lo
-        a, b = np.searchsorted(c_line, k), np.searchsorted(c_line, k, side="right")
-        if a == b:
-            continue
-        cc = c_pos[a:b]
-        for idx, dpos, sgn in ((i, lo, -1.0), (j, hi, 1.0)):
-            L = seg_len[d_seg[idx]]
-            if L * aspect > width or not (1.0 / 3.0 <= t[idx] <= 2.0 / 3.0):
-                continue  # not a short side, or not the middle of it
-            m = int(np.argmin(np.abs(cc - dpos)))
-            if abs(cc[m] - dpos) > max_dev_px or cc[m] < border_px or cc[m] > extent - border_px:
-                continue
-            vals.append(cc[m] - dpos)
-            face.append(sgn)
-    return np.asarray(vals, dtype=np.float64), np.asarray(face, dtype=np.float64)
+    v, f, _ = _ends([contour], [design], shape, axis, max_dev_px=max_dev_px, border_px=border_px, aspect=aspect)
+    return v, f
 
 
 def refine_offset(contours: Sequence[np.ndarray | None], designs: Sequence[np.ndarray], shape: tuple[int, int], *,
@@ -239,38 +269,29 @@ def refine_offset(contours: Sequence[np.ndarray | None], designs: Sequence[np.nd
     if len(contours) != len(designs):
         raise ValueError(f"refine_offset: {len(contours)} contours for {len(designs)} designs")
     shift, applied, meas, ns, nf, sig, samples, basis = [], [], [], [], [], [], [], []
+    cs = [c if (c is not None and d is not None and len(c) >= 3 and len(d) >= 3) else None
+          for c, d in zip(contours, designs)]
+    ds = [d if c is not None else None for c, d in zip(cs, designs)]
     for axis in (0, 1):
-        per = []
-        for c, d in zip(contours, designs):
-            if c is None or len(c) < 3 or d is None or len(d) < 3:
-                continue
-            s = midline_samples(c, d, shape, axis, clear_px=clear_px, max_dev_px=max_dev_px, border_px=border_px)
-            if len(s):
-                per.append(s)
-        allv = np.concatenate(per) if per else np.zeros(0)
+        allv, fids = _midlines(cs, ds, shape, axis, clear_px=clear_px, max_dev_px=max_dev_px, border_px=border_px)
         n = len(allv)
+        n_feat = len(np.unique(fids))
         if n:
             med = float(np.median(allv))
             mad = 1.4826 * float(np.median(np.abs(allv - med)))
             se = mad / np.sqrt(max(n / max(corr_px, 1.0), 1.0))
         else:
             med, se = 0.0, float("nan")
-        ok = n >= min_samples and len(per) >= min_features and abs(med) <= max_shift_px
+        ok = n >= min_samples and n_feat >= min_features and abs(med) <= max_shift_px
         how = "sides" if ok else "none"
         if n == 0 and ends:
-            ev, ef = [], []
-            for c, d in zip(contours, designs):
-                if c is None or len(c) < 3 or d is None or len(d) < 3:
-                    continue
-                v_, f_ = end_samples(c, d, shape, axis, max_dev_px=end_max_dev_px, border_px=border_px)
-                ev.append(v_)
-                ef.append(f_)
-            ev_, ef_ = (np.concatenate(ev), np.concatenate(ef)) if ev else (np.zeros(0), np.zeros(0))
+            ev_, ef_, efid = _ends(cs, ds, shape, axis, max_dev_px=end_max_dev_px, border_px=border_px)
             plus, minus = ev_[ef_ > 0], ev_[ef_ < 0]
             if min(len(plus), len(minus)) >= min_end_samples:
                 med = 0.5 * (float(np.median(plus)) + float(np.median(minus)))
                 allv = np.concatenate([plus - float(np.median(plus)), minus - float(np.median(minus))]) + med
                 n = len(allv)
+                n_feat = len(np.unique(efid))
                 se = 1.4826 * float(np.median(np.abs(allv - med))) / np.sqrt(max(n / 2.0, 1.0))
                 if end_min_shift_px <= abs(med) <= max_shift_px:
                     ok, how = True, "ends"
@@ -279,7 +300,7 @@ def refine_offset(contours: Sequence[np.ndarray | None], designs: Sequence[np.nd
         applied.append(ok)
         meas.append(med)
         ns.append(n)
-        nf.append(len(per))
+        nf.append(n_feat)
         sig.append(se)
         samples.append(allv)
     return EdgeAlignResult(tuple(shift), tuple(applied), tuple(meas), tuple(ns), tuple(nf), tuple(sig), tuple(samples),
