@@ -39,7 +39,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from segsem_cli import hookimpl
-from segsem_cli.contours import (CoarseContour, associate, close_along_border, coarse_contours, polygon_area,
+from segsem_cli.contours import (CoarseContour, associate, close_along_border, coarse_contours, polygon_area, same_point,
                                  polygon_ious, signed_area, usable_polygon)
 from segsem_cli.edges import (EdgeImage, feature_result, gaussian_smooth, opt_float, parse_refine_options,
                               refine_contours, suppress_frame)
@@ -205,7 +205,7 @@ def _coarse_contours(image: np.ndarray, level: float, *, min_area: float = 4.0,
     for rc in iso_lines(img, float(level)):
         if len(rc) < min_points:
             continue
-        closed = bool(np.allclose(rc[0], rc[-1]))
+        closed = same_point(rc[0], rc[-1])
         uv = np.column_stack([rc[:, 1] + 0.5, rc[:, 0] + 0.5])
         if closed:
             uv = uv[:-1]

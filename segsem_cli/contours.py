@@ -71,7 +71,7 @@ def as_contour(contour, *, name: str = "contour", min_points: int = 3) -> np.nda
         raise SegsemError(f"{name}: expected an (N, 2) array of (u, v), got shape {a.shape}")
     if not np.all(np.isfinite(a)):
         raise SegsemError(f"{name}: contains non-finite coordinates")
-    if len(a) > 1 and np.allclose(a[0], a[-1]):
+    if len(a) > 1 and same_point(a[0], a[-1]):
         a = a[:-1]
     if len(a) < min_points:
         raise SegsemError(f"{name}: needs at least {min_points} vertices, got {len(a)}")
@@ -108,11 +108,20 @@ def polygon_ious(a: Sequence[np.ndarray], b: Sequence[np.ndarray]) -> np.ndarray
     return out
 
 
+def same_point(p: np.ndarray, q: np.ndarray, *, rtol: float = 1e-5, atol: float = 1e-8) -> bool:
+    """``np.allclose`` for two 2-D points without its overhead (called per contour)."""
+    return (abs(float(p[0]) - float(q[0])) <= atol + rtol * abs(float(q[0]))
+            and abs(float(p[1]) - float(q[1])) <= atol + rtol * abs(float(q[1])))
+
+
 def signed_area(contour: np.ndarray) -> float:
     """Shoelace area in the ``(u, v)`` plane (positive = counter-clockwise in math axes)."""
     c = np.asarray(contour, dtype=np.float64)
+    if len(c) < 2:
+        return 0.0
     u, v = c[:, 0], c[:, 1]
-    return 0.5 * float(np.dot(u, np.roll(v, -1)) - np.dot(v, np.roll(u, -1)))
+    # shoelace with slices (np.roll copies; this runs hundreds of times per image)
+    return 0.5 * float(np.dot(u[:-1], v[1:]) - np.dot(v[:-1], u[1:]) + u[-1] * v[0] - v[-1] * u[0])
 
 
 def polygon_area(contour: np.ndarray) -> float:
@@ -131,7 +140,7 @@ def orient(contour: np.ndarray, positive: bool = True) -> np.ndarray:
 def perimeter(contour: np.ndarray) -> float:
     """Length of the closed polyline in px."""
     c = np.asarray(contour, dtype=np.float64)
-    return float(np.sum(np.hypot(*(np.roll(c, -1, axis=0) - c).T)))
+    return float(np.sum(np.hypot(*np.diff(c, axis=0, append=c[:1]).T)))
 
 
 def resample_closed(contour: np.ndarray, step_px: float = 1.0, *, min_points: int = 8) -> np.ndarray:
@@ -144,7 +153,7 @@ def resample_closed(contour: np.ndarray, step_px: float = 1.0, *, min_points: in
     if not step_px > 0:
         raise SegsemError(f"resample_closed: step_px must be > 0, got {step_px!r}")
     c = as_contour(contour)
-    seg = np.hypot(*(np.roll(c, -1, axis=0) - c).T)
+    seg = np.hypot(*np.diff(c, axis=0, append=c[:1]).T)
     keep = seg > 1e-12
     if not np.all(keep):  # drop duplicate consecutive vertices
         c = c[keep]
@@ -171,7 +180,10 @@ def normals(contour: np.ndarray, *, smooth: float = 0.0) -> np.ndarray:
         from scipy.ndimage import gaussian_filter1d
 
         c = gaussian_filter1d(c, smooth, axis=0, mode="wrap")
-    t = np.roll(c, -1, axis=0) - np.roll(c, 1, axis=0)
+    t = np.empty_like(c)
+    t[1:-1] = c[2:] - c[:-2]
+    t[0] = c[1] - c[-1]
+    t[-1] = c[0] - c[-2]
     n = np.column_stack([t[:, 1], -t[:, 0]])  # outward for positive orientation
     if signed_area(c) < 0:
         n = -n
@@ -208,7 +220,7 @@ def coarse_contours(image: np.ndarray, level: float, *, min_area: float = 4.0,
     for rc in find_contours(img, float(level)):
         if len(rc) < min_points:
             continue
-        closed = bool(np.allclose(rc[0], rc[-1]))
+        closed = same_point(rc[0], rc[-1])
         uv = np.column_stack([rc[:, 1] + 0.5, rc[:, 0] + 0.5])
         if closed:
             uv = uv[:-1]

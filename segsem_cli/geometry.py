@@ -127,7 +127,7 @@ def signed_area(xy) -> float:
     # Centre first: keeps the products small for rings far from the origin.
     x = x - x.mean()
     y = y - y.mean()
-    return 0.5 * float(np.dot(x, np.roll(y, -1)) - np.dot(np.roll(x, -1), y))
+    return 0.5 * float(np.dot(x[:-1], y[1:]) - np.dot(x[1:], y[:-1]) + x[-1] * y[0] - x[0] * y[-1])
 
 
 def orient_ring(xy, *, ccw: bool = True) -> np.ndarray:

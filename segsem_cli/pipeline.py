@@ -518,6 +518,8 @@ def write_outputs(cfg: ExtractConfig, images: list[dict], exporter, gauges,
     t1 = time.perf_counter()
     timings["contours"] = t1 - t0
 
+    from .geometry import signed_area as ring_signed_area
+
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["image", "feature_id", "source", "confidence", "status", "clipped", "border_fraction", "area_nm2"])
@@ -526,7 +528,7 @@ def write_outputs(cfg: ExtractConfig, images: list[dict], exporter, gauges,
             area = ""
             if "exterior_nm" in f:
                 xy = np.asarray(f["exterior_nm"])
-                area = f"{0.5 * abs(np.dot(xy[:, 0], np.roll(xy[:, 1], -1)) - np.dot(xy[:, 1], np.roll(xy[:, 0], -1))):.2f}"
+                area = f"{abs(ring_signed_area(xy)):.2f}"
             bf = f.get("border_fraction")
             w.writerow([rec["image"], f["feature_id"], f["source"], f"{f['confidence']:.4f}", f["status"], int(bool(f.get("clipped"))),
                         "" if bf is None else f"{float(bf):.4f}", area])
