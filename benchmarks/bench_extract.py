@@ -24,7 +24,10 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # "per core" figures
 
-import numpy as np
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+
+cv2.setNumThreads(1)  # OpenCV's own thread pool ignores OMP_NUM_THREADS
 
 ROOT = Path(__file__).resolve().parents[1]
 
