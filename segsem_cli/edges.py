@@ -549,6 +549,127 @@ def _locate(q: np.ndarray, qw: np.ndarray, *, edge: str, threshold: float, centr
     return x, found, contrast, lo, k
 
 
+def _along_sum(a: np.ndarray, counts: np.ndarray, window: int) -> np.ndarray:
+    """Circular moving sum of rows over ``window`` (odd) neighbours within each contour (float32 rows)."""
+    return _along_mean(a, counts, window) * np.float32(window)
+
+
+_REMAP_ROWS = 16384  # cv2.remap needs source sizes below 32767
+
+
+def _shift_rows(q: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of ``q`` (float32) resampled at ``x + u``, ``u = -K//2 .. K//2`` samples (``K`` columns, linear
+    interpolation, :func:`cv2.remap`), and whether ``x + u`` lay on the row's samples."""
+    import cv2
+
+    m_, k_ = q.shape
+    u = (np.arange(k_) - k_ // 2).astype(np.float32)
+    mx = np.asarray(x, dtype=np.float32)[:, None] + u[None, :]
+    ok = (mx >= 0) & (mx <= k_ - 1)
+    out = np.empty((m_, k_), dtype=np.float32)
+    src = np.ascontiguousarray(q, dtype=np.float32)
+    for r0 in range(0, m_, _REMAP_ROWS):
+        r1 = min(m_, r0 + _REMAP_ROWS)
+        my = np.broadcast_to(np.arange(r1 - r0, dtype=np.float32)[:, None], (r1 - r0, k_))
+        out[r0:r1] = cv2.remap(src[r0:r1], mx[r0:r1], np.ascontiguousarray(my), cv2.INTER_LINEAR,
+                               borderMode=cv2.BORDER_REPLICATE)
+    return out, ok
+
+
+def _fill_ends(t: np.ndarray, ok: np.ndarray) -> np.ndarray:
+    """Samples outside each row's valid span take the value at its first / last valid sample.
+
+    The valid samples of a template row are one contiguous span (rows without any: unchanged).
+    """
+    k_ = t.shape[1]
+    rows = np.arange(len(t))
+    first = np.argmax(ok, axis=1)
+    last = k_ - 1 - np.argmax(ok[:, ::-1], axis=1)
+    idx = np.arange(k_)[None, :]
+    out = np.where(idx < first[:, None], t[rows, first][:, None], t)
+    return np.where(idx > last[:, None], t[rows, last][:, None], out)
+
+
+def _match_template(q: np.ndarray, x: np.ndarray, found: np.ndarray, counts: np.ndarray, *, threshold: float,
+                    centre_weight: float, noise_w: float, level_points: int, points: int, exclude: int,
+                    before: int, after: int, align: bool = False, steps: int = 2, max_step: float = 4.0,
+                    min_support: int = 6) -> tuple[np.ndarray, np.ndarray]:
+    """Threshold-rule positions measured on a local low-noise template, transferred to each point by a fit.
+
+    For every point, the profiles ``q`` (oriented substrate -> resist, float32) of the
+    found points of its own contour within ``+/- points`` (except the ``+/- exclude``
+    nearest, whose profiles share data with its own) are averaged: the *template*.
+    With ``align`` they are first shifted so that their along-contour mean edge
+    positions (``x`` averaged over the same window) coincide; without it they are
+    averaged as sampled, which suits a base contour already on the edge (a later pass).
+    The threshold rule (:func:`_locate`) on the template gives its edge. The point's own
+    profile is aligned with the template by least squares (Gauss-Newton on the shift,
+    ``steps`` steps of at most ``max_step`` samples) over the samples from ``before``
+    samples ahead of the template's substrate floor to ``after`` samples past its rim
+    peak; its edge is the template's edge at that shift.
+
+    Returns ``(x_new, ok)``: fractional sample positions (``x`` where not ``ok``).
+    """
+    m_, k_ = q.shape
+    half = k_ // 2
+    idx = np.arange(k_)
+    win_out, win_in = 2 * points + 1, 2 * exclude + 1
+    x_new = np.array(x, dtype=np.float64, copy=True)
+    if not found.any():
+        return x_new, np.zeros(m_, dtype=bool)
+    fw = found.astype(np.float32)[:, None]
+    w_sum = _along_sum(fw, counts, win_out)
+    if exclude >= 0:
+        w_sum = w_sum - _along_sum(fw, counts, win_in)
+    n_nb = w_sum[:, 0]  # profiles in each template
+    if align:
+        xf = np.where(found, x, 0.0).astype(np.float32)[:, None]
+        xa = _along_sum(xf, counts, win_out)[:, 0] - (_along_sum(xf, counts, win_in)[:, 0] if exclude >= 0 else 0.0)
+        xa = np.where(n_nb > 0.5, xa / np.maximum(n_nb, 1.0), float(half))
+        r, okr = _shift_rows(q, xa)
+        w = okr & found[:, None]
+        rw = np.where(w, r, np.float32(0.0))
+        wf = w.astype(np.float32)
+        s_sum = _along_sum(rw, counts, win_out)
+        ws = _along_sum(wf, counts, win_out)
+        if exclude >= 0:
+            s_sum -= _along_sum(rw, counts, win_in)
+            ws -= _along_sum(wf, counts, win_in)
+        t_ok = ws >= min_support - 0.5
+        tmpl = _fill_ends(s_sum / np.maximum(ws, np.float32(1.0)), t_ok)
+    else:
+        xa = np.full(m_, float(half))
+        qf = np.where(found[:, None], q, np.float32(0.0))
+        s_sum = _along_sum(qf, counts, win_out)
+        if exclude >= 0:
+            s_sum -= _along_sum(qf, counts, win_in)
+        tmpl = s_sum / np.maximum(n_nb, np.float32(1.0))[:, None]
+        t_ok = np.ones((1, k_), dtype=bool)
+        r, okr = q, np.ones((1, k_), dtype=bool)
+    # template noise: noise_w is that of a level_points average; the template averages ~n_nb profiles
+    scale = np.sqrt(max(float(np.median(n_nb[found])), 1.0) / level_points)
+    e, t_found, _, t_lo, t_hi = _locate(tmpl, tmpl, edge="threshold", threshold=threshold,
+                                        centre_weight=centre_weight, noise_w=noise_w / scale)
+    ok = found & t_found & (n_nb >= min_support - 0.5)
+    g = np.empty_like(tmpl)  # template slope per sample
+    g[:, 1:-1] = 0.5 * (tmpl[:, 2:] - tmpl[:, :-2])
+    g[:, 0], g[:, -1] = g[:, 1], g[:, -2]
+    win = t_ok & (idx[None, :] >= (t_lo - before)[:, None]) & (idx[None, :] <= (t_hi + after)[:, None])
+    gw = np.where(win, g, np.float32(0.0))
+    den = np.einsum("ij,ij->i", gw, g)
+    ok &= den > 0
+    xs = np.array(xa, dtype=np.float64, copy=True)
+    own, own_ok = r, okr
+    for s in range(max(1, steps)):
+        if s:
+            own, own_ok = _shift_rows(q, xs)
+        num = np.einsum("ij,ij->i", np.where(own_ok, gw, np.float32(0.0)), own - tmpl)
+        step = np.clip(num / np.where(den > 0, den, 1.0), -max_step, max_step)
+        xs = np.where(ok, xs - step, xs)
+    x_new = np.where(ok, xs + (e - half), x)
+    return x_new, ok
+
+
 def _borrow_levels(q: np.ndarray, qw: np.ndarray, found: np.ndarray, inside: np.ndarray, border: np.ndarray,
                    contrast: np.ndarray, hi: np.ndarray, counts: np.ndarray, *, threshold: float,
                    min_found: int = 5, min_found_frac: float = 0.1, tol: float = 0.25
@@ -725,6 +846,10 @@ def _regularise(d: np.ndarray, found: np.ndarray, med: np.ndarray, *, outlier_k:
 # ----------------------------------------------------------------------------- public API
 
 DECIDE_SAMPLE_PX, DECIDE_SIGMA = 0.5, 1.0  # profiles of the substrate decision
+#: Matched filter (``matched_filter=True``): passes, shift search range and correlation window
+#: (from MATCH_BEFORE_PX ahead of the template's substrate floor to MATCH_AFTER_PX past its rim peak).
+MATCH_STEPS, MATCH_BEFORE_PX, MATCH_AFTER_PX = 2, 1.0, 3.0
+MATCH_ALIGN = False
 
 
 def _decide_substrate(arr: np.ndarray, pts: np.ndarray, nrm: np.ndarray, counts: np.ndarray,
@@ -1103,6 +1228,8 @@ def refine_contours(
     border: bool = True,
     border_px: float = 2.0,
     frame_px: int = 1,
+    matched_filter: bool = False,
+    template_points: int = 15,
 ) -> list[RefineResult]:
     """Refine many coarse closed contours on one image (all normals sampled in one vectorised pass).
 
@@ -1157,6 +1284,17 @@ def refine_contours(
         profile leaves the image).
     frame_px : outermost pixel rows and columns not used for edge placement (see
         :class:`EdgeImage`; ignored if an EdgeImage is given).
+    matched_filter : optional second stage of the threshold rule (default off). In the last
+        pass, each found point's profile is fitted (least-squares shift, 2 Gauss-Newton steps,
+        over the samples from 1 px before the substrate floor to 3 px past the rim peak) to a
+        local template: the mean profile of the found points within ``+/- template_points`` on
+        its contour, excluding the ``along_points - 1`` nearest (which share its data). The
+        template's own threshold crossing (same ``t``/min/peak rule, low noise) sets the edge,
+        so the convention is unchanged (clean edges within 0.002 px of the plain rule).
+        Benchmark (synth presets, t = 0.66): EPE RMS easy 0.257 -> 0.256, medium 0.314 -> 0.305,
+        hard 0.775 -> 0.733 px; gauge CD 3-sigma lower at all levels; about +35 % refinement time.
+        Outlier rejection and ``contour_sigma`` smoothing follow as usual.
+    template_points : half-width of the matched filter's template window (contour points, default 15).
     border_px : snapping distance for ``border`` (px, default 2). Masks and iso-lines
         closed through a padded border lie within half a pixel of it; an edge closer
         than 2 px to the border, or a bright or dark frame in the outermost pixels
@@ -1195,7 +1333,8 @@ def refine_contours(
               sample_px=sample_px, smooth_sigma=smooth_sigma, along_points=along_points, level_points=level_points,
               normal_smooth=normal_smooth, min_snr=min_snr, outlier_k=outlier_k, outlier_window=int(outlier_window),
               min_mad=min_mad, contour_sigma=contour_sigma, centre_weight=centre_weight, passes=passes,
-              base_sigma=base_sigma, noise_prof=noise_prof, noise_w=noise_w, border_mode=bool(border))
+              base_sigma=base_sigma, noise_prof=noise_prof, noise_w=noise_w, border_mode=bool(border),
+              matched_filter=bool(matched_filter), template_points=int(template_points))
     # Contours along the border go in their own batches: a contour's result never
     # depends on which others it was refined with.
     out: list[RefineResult] = [None] * len(current)  # type: ignore[list-item]
@@ -1225,7 +1364,8 @@ def _refine_batch(img: EdgeImage, current: list[np.ndarray], bnd: list[np.ndarra
                   smooth_sigma: float, along_points: int, level_points: int, normal_smooth: float, min_snr: float,
                   outlier_k: float, outlier_window: int, min_mad: float, contour_sigma: float,
                   centre_weight: float, passes: int, base_sigma: float, noise_prof: float,
-                  noise_w: float, border_mode: bool) -> list[RefineResult]:
+                  noise_w: float, border_mode: bool, matched_filter: bool = False,
+                  template_points: int = 15) -> list[RefineResult]:
     """:func:`refine_contours` on prepared (resampled, oriented) contours with their border masks."""
     decided = list(decided)
     results: list[RefineResult] = []
@@ -1289,6 +1429,17 @@ def _refine_batch(img: EdgeImage, current: list[np.ndarray], bnd: list[np.ndarra
                               img.frame_px)
         snr = contrast / noise_prof
         found = found & inside & (snr >= min_snr) & (np.abs(s_out) <= sp - sample_px) & ~border
+        if edge == "threshold" and matched_filter and p == passes - 1:  # earlier passes only set the base
+            xm, ok_m = _match_template(q, x, found, counts, threshold=threshold, centre_weight=centre_weight,
+                                       noise_w=noise_w, level_points=level_points, points=int(template_points),
+                                       exclude=along_points - 1,
+                                       before=int(round(MATCH_BEFORE_PX / sample_px)),
+                                       after=int(round(MATCH_AFTER_PX / sample_px)),
+                                       align=MATCH_ALIGN and p == 0, steps=MATCH_STEPS)
+            sm = (xm - half) * sample_px
+            sm_out = np.where(flip, -sm, sm)
+            use = ok_m & (np.abs(sm_out) <= sp - sample_px)
+            s_out = np.where(use, sm_out, s_out)
         if edge == "threshold":
             rb, xb, cb = _borrow_levels(q, qw, found, inside, border, contrast, hi, counts, threshold=threshold)
             if len(rb):
@@ -1444,7 +1595,8 @@ def parse_refine_options(options: Mapping[str, Any]) -> dict[str, Any]:
     ``smooth_sigma`` (alias ``sigma``), ``along_points``, ``level_points``, ``image_sigma``,
     ``substrate``, ``min_snr``, ``outlier_k``, ``contour_sigma``, ``passes``, ``border``
     (``true``/``false``: keep contour parts on the image border fixed, default true),
-    ``border_px`` and ``frame_px`` (outer pixel ring ignored, default 1).
+    ``border_px`` and ``frame_px`` (outer pixel ring ignored, default 1), ``matched_filter``
+    (``true``/``false``, default false) and ``template_points`` (default 15).
     """
     o = dict(options)
     if "sigma" in o and "smooth_sigma" not in o:
@@ -1467,6 +1619,8 @@ def parse_refine_options(options: Mapping[str, Any]) -> dict[str, Any]:
         "border": opt_bool(o, "border", True),
         "border_px": opt_float(o, "border_px", 2.0, lo=0.0, hi=10.0),
         "frame_px": opt_int(o, "frame_px", 1, lo=0, hi=16),
+        "matched_filter": opt_bool(o, "matched_filter", False),
+        "template_points": opt_int(o, "template_points", 15, lo=2, hi=200),
     }
 
 
