@@ -1438,7 +1438,10 @@ def _refine_batch(img: EdgeImage, current: list[np.ndarray], bnd: list[np.ndarra
                                        align=MATCH_ALIGN and p == 0, steps=MATCH_STEPS)
             sm = (xm - half) * sample_px
             sm_out = np.where(flip, -sm, sm)
-            use = ok_m & (np.abs(sm_out) <= sp - sample_px)
+            # Contours cut by the image border keep the plain rule: their templates would mix
+            # profiles of runs on different sides of the border segments.
+            cut = np.repeat(np.add.reduceat(border.astype(np.int64), starts) > 0, counts)
+            use = ok_m & (np.abs(sm_out) <= sp - sample_px) & ~cut
             s_out = np.where(use, sm_out, s_out)
         if edge == "threshold":
             rb, xb, cb = _borrow_levels(q, qw, found, inside, border, contrast, hi, counts, threshold=threshold)
