@@ -493,3 +493,11 @@ def test_matched_filter_option_parsing():
     assert parse_refine_options({})["matched_filter"] is False
     with pytest.raises(SegsemError, match="template_points"):
         parse_refine_options({"template_points": "1"})
+
+
+def test_matched_filter_leaves_contours_cut_by_the_border_to_the_plain_rule():
+    img = render([rect(40.3, -20, 71.6, 148)], SH, rim=RIM, blur=BLUR, noise=0.03, seed=2)
+    coarse = sam_like_line_contour(42.3, 73.1)
+    plain = refine_contour(img, coarse)
+    matched = refine_contour(img, coarse, matched_filter=True)
+    assert plain.clipped and np.array_equal(plain.contour_uv, matched.contour_uv)
