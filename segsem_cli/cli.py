@@ -68,6 +68,20 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
     print(f"warning: {message}", file=sys.stderr if file is None else file)
 
 
+def _click_exceptions() -> tuple[type, ...]:
+    """Click's exception base class(es): recent typer releases vendor click as ``typer._click``
+    (no ``click`` package installed); older ones use ``click`` itself."""
+    import importlib
+
+    found = []
+    for mod in ("typer._click.exceptions", "click.exceptions"):
+        try:
+            found.append(importlib.import_module(mod).ClickException)
+        except (ImportError, AttributeError):
+            continue
+    return tuple(found)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point."""
     import warnings
@@ -92,9 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         err_console.print("[bold red]interrupted[/] (outputs written so far are complete; re-run to resume)")
         return 130
     except Exception as exc:  # click usage errors and unexpected failures
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
+        if isinstance(exc, _click_exceptions()):
             exc.show()
             return exc.exit_code
         if verbose or os.environ.get("SEGSEM_VERBOSE"):

@@ -163,6 +163,8 @@ def test_workers_give_the_same_contours(tmp_path):
         (["--export", "dxf"], "unknown exporter 'dxf'"),
         (["--cell", "NOPE"], "no cell 'NOPE'"),
         (["--fallback-opt", "threshold"], "--fallback-opt: 'threshold' is not key=value"),
+        (["--no-such-option"], "No such option: --no-such-option"),  # a usage error, not a traceback
+        (["--workers", "many"], "Invalid value for '--workers'"),
     ],
 )
 def test_bad_options_one_line_error(tmp_path, capsys, args, message):
