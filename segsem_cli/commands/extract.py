@@ -100,6 +100,8 @@ def register(app: typer.Typer) -> None:
             refine=not no_refine,
             edge_options=parse_kv(edge_opt, "--edge-opt"),
         )
+        if not Path(manifest).is_file():  # before any output (progress bar, notes)
+            raise SegsemError(f"{manifest}: manifest not found")
         if model is None:
             console.print(f"[yellow]note:[/] no --model given: running the '{fallback}' fallback alone.")
             if mode == "backbone":
