@@ -41,7 +41,6 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
-from shapely import affinity  # noqa: E402, F401
 from shapely.geometry import Point, Polygon, box  # noqa: E402
 
 from segsem_cli.align import align_image, render_layout  # noqa: E402
