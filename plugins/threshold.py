@@ -39,8 +39,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from segsem_cli import hookimpl
-from segsem_cli.contours import (CoarseContour, associate, close_along_border, coarse_contours, polygon_area, same_point,
-                                 polygon_ious, signed_area, usable_polygon)
+from segsem_cli.contours import (CoarseContour, associate, close_along_border, coarse_contours, polygon_area,
+                                 polygon_ious, usable_polygon)
 from segsem_cli.edges import (EdgeImage, feature_result, gaussian_smooth, opt_float, parse_refine_options,
                               refine_contours, suppress_frame)
 from segsem_cli.types import Feature, FeatureResult, SEMImage
@@ -198,24 +198,7 @@ def iso_lines(image: np.ndarray, level: float) -> list[np.ndarray]:
 def _coarse_contours(image: np.ndarray, level: float, *, min_area: float = 4.0,
                      min_points: int = 6) -> list[CoarseContour]:
     """:func:`segsem_cli.contours.coarse_contours` on :func:`iso_lines` (same result, faster)."""
-    img = np.asarray(image)
-    if img.ndim != 2:
-        return coarse_contours(img, level, min_area=min_area, min_points=min_points)  # raises the usual error
-    out: list[CoarseContour] = []
-    for rc in iso_lines(img, float(level)):
-        if len(rc) < min_points:
-            continue
-        closed = same_point(rc[0], rc[-1])
-        uv = np.column_stack([rc[:, 1] + 0.5, rc[:, 0] + 0.5])
-        if closed:
-            uv = uv[:-1]
-            a = signed_area(uv)
-            if abs(a) < min_area:
-                continue
-        else:
-            a = 0.0
-        out.append(CoarseContour(uv, closed, a))
-    return out
+    return coarse_contours(image, level, min_area=min_area, min_points=min_points, tracer=iso_lines)
 
 
 class ThresholdFallback:

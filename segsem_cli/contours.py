@@ -202,22 +202,24 @@ class CoarseContour:
 
 
 def coarse_contours(image: np.ndarray, level: float, *, min_area: float = 4.0,
-                    min_points: int = 6) -> list[CoarseContour]:
+                    min_points: int = 6, tracer=None) -> list[CoarseContour]:
     """Iso-lines of ``image`` at ``level`` (marching squares), in ``(u, v)`` px.
 
-    Uses :func:`skimage.measure.find_contours` (row, column at pixel centres)
-    and converts to ``(u, v) = (col + 0.5, row + 0.5)``. Closed contours are
+    Uses :func:`skimage.measure.find_contours` (row, column at pixel centres),
+    or ``tracer(image, level)`` returning the same, and converts to
+    ``(u, v) = (col + 0.5, row + 0.5)``. Closed contours are
     returned with the repeated end vertex removed; contours that end on the
     image border are returned with ``closed=False``. Closed contours with
     ``|area| < min_area`` px^2 are dropped (noise specks).
     """
-    from skimage.measure import find_contours
+    if tracer is None:
+        from skimage.measure import find_contours as tracer
 
     img = np.asarray(image)
     if img.ndim != 2:
         raise SegsemError(f"coarse_contours: expected a 2-D image, got shape {img.shape}")
     out: list[CoarseContour] = []
-    for rc in find_contours(img, float(level)):
+    for rc in tracer(img, float(level)):
         if len(rc) < min_points:
             continue
         closed = same_point(rc[0], rc[-1])
