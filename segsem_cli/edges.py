@@ -717,7 +717,8 @@ def _borrow_levels(q: np.ndarray, qw: np.ndarray, found: np.ndarray, inside: np.
         above = (idx[None, :] > m[:, None]) & (qq >= level)
         has = above.any(axis=1)
         j = np.argmax(above, axis=1)
-        rising = np.array([qq[r, j[r]:].max() if has[r] else -np.inf for r in range(len(rows))])
+        suffix_max = np.maximum.accumulate(qq[:, ::-1], axis=1)[:, ::-1]  # max of q[j:] per row
+        rising = np.where(has, suffix_max[np.arange(len(rows)), j], -np.inf)
         ok = has & (np.abs(low - floor) <= tol * c) & (rising >= level + tol * c) & (j >= 1)
         if not ok.any():
             continue
