@@ -60,6 +60,7 @@ __all__ = [
     "refine_contour",
     "refine_contours",
     "estimate_noise",
+    "auto_contour_sigma",
     "parse_refine_options",
     "opt_float",
     "opt_int",
@@ -818,12 +819,129 @@ def _smooth_displacements(filled: np.ndarray, contour_sigma: float, straight: np
     return straight * wide + (1.0 - straight) * narrow
 
 
+#: Candidate along-contour smoothings of ``contour_sigma="auto"`` (samples). Never below the
+#: fixed default: auto only smooths longer where a contour's own data show noise dominates.
+AUTO_SIGMAS = (3.0, 4.0, 5.0, 6.0, 8.0, 10.0)
+#: Fewest kept points on a contour for ``contour_sigma="auto"`` to choose (else AUTO_DEFAULT).
+AUTO_MIN_POINTS = 100
+AUTO_DEFAULT = 3.0
+#: A longer smoothing is used only where it leaves this share of the contour's straight points straight.
+AUTO_KEEP_STRAIGHT = 0.75
+
+
+def _masked_variogram(d: np.ndarray, ok: np.ndarray, max_lag: int) -> tuple[np.ndarray, np.ndarray]:
+    """Circular semivariogram ``gamma(k) = mean((d[i+k] - d[i])**2) / 2`` over pairs of ``ok``
+    points, ``k = 0..max_lag`` (FFT correlations), and the number of pairs per lag."""
+    n = len(d)
+    m = ok.astype(np.float64)
+    md = np.where(ok, d, 0.0)
+    f_m, f_md, f_md2 = np.fft.rfft(m), np.fft.rfft(md), np.fft.rfft(md * md)
+
+    def corr(a, b):  # sum_i a[i] * b[i + k]
+        return np.fft.irfft(np.conj(a) * b, n)[: max_lag + 1]
+
+    pairs = np.rint(corr(f_m, f_m))
+    num = corr(f_md2, f_m) + corr(f_m, f_md2) - 2.0 * corr(f_md, f_md)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        gam = np.where(pairs > 0, 0.5 * num / np.maximum(pairs, 1.0), np.nan)
+    gam[0] = 0.0
+    return np.maximum(gam, 0.0), pairs
+
+
+def auto_contour_sigma(d: np.ndarray, ok: np.ndarray, *, noise_points: int = 9,
+                       sigmas: Sequence[float] = AUTO_SIGMAS, min_points: int = AUTO_MIN_POINTS,
+                       default: float = AUTO_DEFAULT) -> tuple[float, dict[str, float]]:
+    """Along-contour smoothing for one closed contour, chosen from its own displacements.
+
+    The raw edge displacements ``d`` (kept points ``ok``; the contour is closed) are
+    the true edge ``s`` (line-edge roughness, corner rounding, ...) plus position noise
+    ``n`` from the SEM signal. Their semivariogram is ``gamma(k) = N(0) (1 - rho(k)) +
+    gamma_s(k)``: the noise is correlated only over the ``noise_points`` profiles that
+    share data (the larger of ``along_points``, averaged into each profile, and
+    ``level_points``, which set its threshold level; triangular ``rho``), so for lags
+    ``k >= k0 = noise_points // 2 + 2`` it adds the constant *nugget* ``N(0)``,
+    estimated by linear extrapolation
+    ``2 gamma(k0) - gamma(2 k0)`` (conservative: it underestimates the noise when the
+    roughness is smooth at small lags). For each candidate Gaussian ``g`` of width
+    ``sigma`` the mean-square error of ``g * d`` against ``s`` is then
+    ``-h' Gamma_s h + N(0) g' R g`` with ``h = g - delta`` (the roughness term needs only
+    the variogram because ``h`` sums to zero); the candidate with the smallest error is
+    returned. Noisy images get longer smoothing, clean rough edges keep their roughness.
+
+    Returns ``(sigma, info)`` with ``info`` = ``nugget`` (position-noise variance, px^2),
+    ``rough`` (roughness variance seen at lag ``2 k0``, px^2) and ``points``; ``default``
+    when fewer than ``min_points`` points are kept or the contour is too short.
+    """
+    d = np.asarray(d, dtype=np.float64)
+    ok = np.asarray(ok, dtype=bool) & np.isfinite(d)
+    sig = sorted(float(s) for s in sigmas if s > 0)
+    n_ok = int(ok.sum())
+    info = {"nugget": float("nan"), "rough": float("nan"), "points": float(n_ok)}
+    if not sig:
+        return float(default), info
+    k0 = int(noise_points) // 2 + 2
+    radius = [int(4.0 * s + 0.5) for s in sig]
+    max_lag = 2 * max(radius)
+    if n_ok < min_points or len(d) < 2 * max_lag + 1:
+        return float(default), info
+    gam, pairs = _masked_variogram(d, ok, max_lag)
+    if pairs[2 * k0] < 20:
+        return float(default), info
+    nugget = max(0.0, 2.0 * gam[k0] - gam[2 * k0])
+    gs = np.empty(max_lag + 1)
+    gs[k0:] = np.maximum(gam[k0:] - nugget, 0.0)
+    # lags with too few pairs (long lags on a sparse contour) hold the last reliable value
+    bad = ~(pairs[k0:] >= 20) | ~np.isfinite(gs[k0:])
+    if bad.any():
+        g = gs[k0:]
+        good = np.flatnonzero(~bad)
+        g[bad] = g[good[np.searchsorted(good, np.flatnonzero(bad), side="right") - 1]]
+    gs[:k0] = gs[k0] * np.arange(k0) / k0
+    lag_idx = np.arange(2 * max(radius) + 1)
+    rho = np.clip(1.0 - lag_idx / max(int(noise_points), 1), 0.0, 1.0)
+    best, best_mse = float(default), float("inf")
+    for s, r in zip(sig, radius):
+        g = _gauss_taps(s)
+        h = g.copy()
+        h[r] -= 1.0
+        idx = np.abs(np.subtract.outer(np.arange(2 * r + 1), np.arange(2 * r + 1)))
+        mse = -float(h @ gs[idx] @ h) + nugget * float(g @ rho[idx] @ g)
+        if mse < best_mse - 1e-12:
+            best, best_mse = s, mse
+    info.update(nugget=float(nugget), rough=float(gs[2 * k0]))
+    return best, info
+
+
+def _auto_sigma(d: np.ndarray, keep: np.ndarray, contour_sigma: float, straight, nrm, noise_points: int):
+    """``contour_sigma < 0`` (auto): the contour's own choice (:func:`auto_contour_sigma` on its
+    kept points away from corners) and its corner taper; otherwise the given values."""
+    if contour_sigma >= 0 or nrm is None:
+        return contour_sigma, straight
+    # corners (rounded print vs. sharp design) would read as noise: straight points only
+    n = np.array([len(nrm)])
+    base = _straightness(nrm, n, AUTO_DEFAULT)
+    ok = keep & (base >= 1.0)
+    cs, _ = auto_contour_sigma(np.where(ok, d, 0.0), ok, noise_points=noise_points)
+    # The corner taper needs +/- 3 sigma of straight contour: on a short side a long sigma
+    # would fall back to 1 sample almost everywhere. Longest candidate <= the choice that
+    # keeps at least AUTO_KEEP_STRAIGHT of the points that are straight at the default.
+    full = max(float(np.sum(base >= 1.0)), 1.0)
+    for c in sorted((c for c in AUTO_SIGMAS if AUTO_DEFAULT < c <= cs), reverse=True):
+        st = _straightness(nrm, n, c)
+        if np.sum(st >= 1.0) >= AUTO_KEEP_STRAIGHT * full:
+            return c, st
+    return AUTO_DEFAULT, _straightness(nrm, n, AUTO_DEFAULT)
+
+
 def _regularise(d: np.ndarray, found: np.ndarray, med: np.ndarray, *, outlier_k: float,
                 contour_sigma: float, min_mad: float,
-                straight: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                straight: np.ndarray | None = None, nrm: np.ndarray | None = None,
+                noise_points: int = 9) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
     """Reject outliers by MAD about the running median ``med``, fill by interpolation, smooth along the contour.
 
-    Returns (smoothed displacement, kept mask, residual of raw minus smoothed).
+    ``contour_sigma < 0`` chooses it from the kept displacements (needs the contour's
+    normals ``nrm`` for the corner taper). Returns (smoothed displacement, kept mask,
+    residual of raw minus smoothed, contour_sigma used).
     """
     from scipy.ndimage import gaussian_filter1d
 
@@ -836,12 +954,13 @@ def _regularise(d: np.ndarray, found: np.ndarray, med: np.ndarray, *, outlier_k:
             lim = outlier_k * max(mad, min_mad)
             keep = finite & (np.abs(r) <= lim)
     if not keep.any():
-        return np.zeros_like(d), keep, np.zeros_like(d)
+        return np.zeros_like(d), keep, np.zeros_like(d), max(contour_sigma, AUTO_DEFAULT)
+    contour_sigma, straight = _auto_sigma(d, keep, contour_sigma, straight, nrm, noise_points)
     filled = _circular_fill(np.where(keep, d, 0.0), keep)
     smooth = _smooth_displacements(filled, contour_sigma, straight,
                                    lambda x, sg: gaussian_filter1d(x, min(sg, max(len(x) / 6.0, 0.5)), mode="wrap"))
     resid = np.where(keep, d - smooth, 0.0)
-    return smooth, keep, resid
+    return smooth, keep, resid, contour_sigma
 
 
 # ----------------------------------------------------------------------------- public API
@@ -888,6 +1007,19 @@ def _decide_substrate(arr: np.ndarray, pts: np.ndarray, nrm: np.ndarray, counts:
         else:
             out.append("inside" if float(np.median(mean_diff[sl][ok])) > 0 else "outside")
     return out
+
+
+def _contour_sigma_value(v: float | str) -> float:
+    """``contour_sigma``: a number >= 0, or ``"auto"`` (returned as -1, chosen per contour)."""
+    if isinstance(v, str) and v.strip().lower() == "auto":
+        return -1.0
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        raise SegsemError(f"contour_sigma must be a number >= 0 or 'auto', got {v!r}") from None
+    if not (np.isfinite(f) and f >= 0):
+        raise SegsemError(f"contour_sigma must be a number >= 0 or 'auto', got {v!r}")
+    return f
 
 
 def _check_params(edge: str, threshold: float, search_px: float, step_px: float, sample_px: float,
@@ -988,7 +1120,8 @@ def _run_normals(c: np.ndarray, border: np.ndarray, smooth: float) -> np.ndarray
 
 def _regularise_runs(d: np.ndarray, found: np.ndarray, med: np.ndarray, border: np.ndarray, *, outlier_k: float,
                      contour_sigma: float, min_mad: float,
-                     straight: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                     straight: np.ndarray | None = None, nrm: np.ndarray | None = None,
+                     noise_points: int = 9) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
     """:func:`_regularise` for a contour with border points: rejected points are filled within
     their own run (held constant towards its ends), smoothing does not cross onto the border,
     and border points keep a zero displacement."""
@@ -1000,7 +1133,8 @@ def _regularise_runs(d: np.ndarray, found: np.ndarray, med: np.ndarray, border: 
             mad = 1.4826 * np.median(np.abs(r[finite]))
             keep = finite & (np.abs(r) <= outlier_k * max(mad, min_mad))
     if not keep.any():
-        return np.zeros_like(d), keep, np.zeros_like(d)
+        return np.zeros_like(d), keep, np.zeros_like(d), max(contour_sigma, AUTO_DEFAULT)
+    contour_sigma, straight = _auto_sigma(d, keep, contour_sigma, straight, nrm, noise_points)
     filled = np.zeros_like(d)
     for run in border_runs(border):
         k = keep[run]
@@ -1008,7 +1142,7 @@ def _regularise_runs(d: np.ndarray, found: np.ndarray, med: np.ndarray, border: 
             filled[run] = np.interp(np.arange(len(run)), np.nonzero(k)[0], d[run][k])
     smooth = _smooth_displacements(filled, contour_sigma, straight, lambda x, sg: _masked_gauss_wrap(x, ~border, sg))
     smooth[border] = 0.0
-    return smooth, keep, np.where(keep, d - smooth, 0.0)
+    return smooth, keep, np.where(keep, d - smooth, 0.0), contour_sigma
 
 
 def _ray_to_border(p: np.ndarray, d: np.ndarray, shape: tuple[int, int]) -> tuple[float, int, float]:
@@ -1222,7 +1356,7 @@ def refine_contours(
     outlier_k: float = 3.0,
     outlier_window: int = 3,
     min_mad: float = 0.1,
-    contour_sigma: float = 3.0,
+    contour_sigma: float | str = "auto",
     centre_weight: float = 0.3,
     passes: int = 2,
     base_sigma: float = 3.0,
@@ -1259,12 +1393,17 @@ def refine_contours(
     outlier_k, outlier_window, min_mad : reject points whose displacement differs from the
         running median of ``2*outlier_window+1`` neighbours by more than
         ``outlier_k * max(1.4826 MAD, min_mad)``.
-    contour_sigma : circular Gaussian (samples, default 3 = 3 px at ``step_px=1``) smoothing of
-        the displacements along the contour. It averages the per-point position noise over
-        about 7 profiles; line-edge roughness with a correlation length of 15 px keeps 93 %
-        of its variance. At corners (the contour turning by more than 20-45 degrees within
-        +/- 3 contour_sigma samples) it tapers to 1 sample so corner rounding is not smeared
-        onto the edges next to it. 0 keeps every point's own position.
+    contour_sigma : circular Gaussian (samples; 3 = 3 px at ``step_px=1``) smoothing of the
+        displacements along the contour, or ``"auto"`` (default): each contour with at least
+        :data:`AUTO_MIN_POINTS` kept points chooses from :data:`AUTO_SIGMAS` (3 to 10) the
+        smoothing that minimises the predicted error of its own displacements
+        (:func:`auto_contour_sigma`: position noise from the nugget of their variogram,
+        edge roughness from the rest), others use 3. Three samples average the per-point
+        noise over about 7 profiles while line-edge roughness with a correlation length of
+        15 px keeps 93 % of its variance; noisy images need longer. At corners (the contour
+        turning by more than 20-45 degrees within +/- 3 contour_sigma samples) it tapers to
+        1 sample so corner rounding is not smeared onto the edges next to it. 0 keeps every
+        point's own position. The value used is ``RefineResult.params["contour_sigma"]``.
     centre_weight : in [0, 1); prefers rims near the coarse contour when several are in the window.
     passes : refinement passes; later passes re-take the normals from the refined contour
         smoothed along its length with a Gaussian of ``base_sigma`` samples.
@@ -1315,6 +1454,7 @@ def refine_contours(
         raise SegsemError(f"level_points must be an odd number >= 1, got {level_points}")
     if not (np.isfinite(border_px) and border_px >= 0):
         raise SegsemError(f"border_px must be >= 0, got {border_px}")
+    contour_sigma = _contour_sigma_value(contour_sigma)
     subs = [substrate] * len(contours_uv) if isinstance(substrate, str) else list(substrate)
     if len(subs) != len(contours_uv):
         raise SegsemError(f"substrate: got {len(subs)} values for {len(contours_uv)} contours")
@@ -1485,6 +1625,7 @@ def _refine_batch(img: EdgeImage, current: list[np.ndarray], bnd: list[np.ndarra
         d_all = np.where(found, s_out, 0.0)
         med_all = _running_median(d_all, found, counts, int(outlier_window))
         straight_all = _straightness(nrm, counts, contour_sigma) if contour_sigma > 1.0 else None
+        auto = contour_sigma < 0
         new: list[np.ndarray] = []
         new_b: list[np.ndarray] = []
         results = []
@@ -1492,13 +1633,15 @@ def _refine_batch(img: EdgeImage, current: list[np.ndarray], bnd: list[np.ndarra
             sl = slice(starts[i], starts[i] + counts[i])
             f_i, b_i = found[sl], border[sl]
             if b_i.any():
-                d, keep, resid = _regularise_runs(d_all[sl], f_i, med_all[sl], b_i, outlier_k=outlier_k,
-                                                  contour_sigma=contour_sigma, min_mad=min_mad,
-                                                  straight=None if straight_all is None else straight_all[sl])
+                d, keep, resid, cs_i = _regularise_runs(d_all[sl], f_i, med_all[sl], b_i, outlier_k=outlier_k,
+                                                        contour_sigma=contour_sigma, min_mad=min_mad,
+                                                        straight=None if straight_all is None else straight_all[sl],
+                                                        nrm=nrm[sl] if auto else None, noise_points=max(along_points, level_points))
             else:
-                d, keep, resid = _regularise(d_all[sl], f_i, med_all[sl], outlier_k=outlier_k,
-                                             contour_sigma=contour_sigma, min_mad=min_mad,
-                                             straight=None if straight_all is None else straight_all[sl])
+                d, keep, resid, cs_i = _regularise(d_all[sl], f_i, med_all[sl], outlier_k=outlier_k,
+                                                   contour_sigma=contour_sigma, min_mad=min_mad,
+                                                   straight=None if straight_all is None else straight_all[sl],
+                                                   nrm=nrm[sl] if auto else None, noise_points=max(along_points, level_points))
             c_new = pts[sl] + d[:, None] * nrm[sl] if keep.any() else current[i]
             cols = {"valid": keep, "found": f_i.copy(), "displacement": d, "snr": np.where(f_i, snr[sl], 0.0),
                     "inside": inside[sl].copy(), "resid": resid, "raw": np.where(f_i, s_out[sl], np.nan)}
@@ -1511,7 +1654,7 @@ def _refine_batch(img: EdgeImage, current: list[np.ndarray], bnd: list[np.ndarra
                 contour_uv=c_new, valid=cols["valid"], found=cols["found"], displacement=cols["displacement"],
                 snr=cols["snr"], substrate=decided[i], inside=cols["inside"],
                 params={"edge": edge, "threshold": threshold, "search_px": sp, "noise": img.noise,
-                        "profile_noise": noise_prof, "_residual": cols["resid"], "_raw_displacement": cols["raw"],
+                        "profile_noise": noise_prof, "contour_sigma": float(cs_i), "_residual": cols["resid"], "_raw_displacement": cols["raw"],
                         "image_shape": img.shape},
                 border=b_i.copy(),
             ))
@@ -1597,7 +1740,8 @@ def parse_refine_options(options: Mapping[str, Any]) -> dict[str, Any]:
 
     Keys: ``edge``, ``threshold``, ``search_px``, ``step_px``, ``sample_px``,
     ``smooth_sigma`` (alias ``sigma``), ``along_points``, ``level_points``, ``image_sigma``,
-    ``substrate``, ``min_snr``, ``outlier_k``, ``contour_sigma``, ``passes``, ``border``
+    ``substrate``, ``min_snr``, ``outlier_k``, ``contour_sigma`` (a number or ``auto``, the default),
+    ``passes``, ``border``
     (``true``/``false``: keep contour parts on the image border fixed, default true),
     ``border_px`` and ``frame_px`` (outer pixel ring ignored, default 1), ``matched_filter``
     (``true``/``false``, default false) and ``template_points`` (default 15).
@@ -1618,7 +1762,8 @@ def parse_refine_options(options: Mapping[str, Any]) -> dict[str, Any]:
         "image_sigma": opt_float(o, "image_sigma", 0.0, lo=0.0, hi=50.0),
         "min_snr": opt_float(o, "min_snr", 5.0, lo=0.0),
         "outlier_k": opt_float(o, "outlier_k", 3.0, lo=0.5),
-        "contour_sigma": opt_float(o, "contour_sigma", 3.0, lo=0.0, hi=100.0),
+        "contour_sigma": ("auto" if str(o.get("contour_sigma", "auto")).strip().lower() == "auto"
+                          else opt_float(o, "contour_sigma", 3.0, lo=0.0, hi=100.0)),
         "passes": opt_int(o, "passes", 2, lo=1, hi=10),
         "border": opt_bool(o, "border", True),
         "border_px": opt_float(o, "border_px", 2.0, lo=0.0, hi=10.0),
