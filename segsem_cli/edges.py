@@ -880,8 +880,8 @@ def auto_contour_sigma(d: np.ndarray, ok: np.ndarray, *, noise_points: int = 9,
     if not sig:
         return float(default), info
     k0 = int(noise_points) // 2 + 2
-    radius = [int(4.0 * s + 0.5) for s in sig]
-    max_lag = 2 * max(radius)
+    taps = [_gauss_taps(s) for s in sig]
+    max_lag = max(len(g) for g in taps) - 1  # twice the widest kernel's radius
     if n_ok < min_points or len(d) < 2 * max_lag + 1:
         return float(default), info
     gam, pairs = _masked_variogram(d, ok, max_lag)
@@ -897,14 +897,12 @@ def auto_contour_sigma(d: np.ndarray, ok: np.ndarray, *, noise_points: int = 9,
         good = np.flatnonzero(~bad)
         g[bad] = g[good[np.searchsorted(good, np.flatnonzero(bad), side="right") - 1]]
     gs[:k0] = gs[k0] * np.arange(k0) / k0
-    lag_idx = np.arange(2 * max(radius) + 1)
-    rho = np.clip(1.0 - lag_idx / max(int(noise_points), 1), 0.0, 1.0)
+    rho = np.clip(1.0 - np.arange(max_lag + 1) / max(int(noise_points), 1), 0.0, 1.0)
     best, best_mse = float(default), float("inf")
-    for s, r in zip(sig, radius):
-        g = _gauss_taps(s)
+    for s, g in zip(sig, taps):
         h = g.copy()
-        h[r] -= 1.0
-        idx = np.abs(np.subtract.outer(np.arange(2 * r + 1), np.arange(2 * r + 1)))
+        h[len(g) // 2] -= 1.0
+        idx = np.abs(np.subtract.outer(np.arange(len(g)), np.arange(len(g))))
         mse = -float(h @ gs[idx] @ h) + nugget * float(g @ rho[idx] @ g)
         if mse < best_mse - 1e-12:
             best, best_mse = s, mse
@@ -930,7 +928,7 @@ def _auto_sigma(d: np.ndarray, keep: np.ndarray, contour_sigma: float, straight,
         st = _straightness(nrm, n, c)
         if np.sum(st >= 1.0) >= AUTO_KEEP_STRAIGHT * full:
             return c, st
-    return AUTO_DEFAULT, _straightness(nrm, n, AUTO_DEFAULT)
+    return AUTO_DEFAULT, base
 
 
 def _regularise(d: np.ndarray, found: np.ndarray, med: np.ndarray, *, outlier_k: float,
