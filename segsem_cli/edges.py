@@ -910,6 +910,15 @@ def auto_contour_sigma(d: np.ndarray, ok: np.ndarray, *, noise_points: int = 9,
     return best, info
 
 
+def _sigma_used(contour_sigma: float) -> float:
+    """The smoothing reported for a contour that had nothing to choose from: auto means the default."""
+    return AUTO_DEFAULT if contour_sigma < 0 else contour_sigma
+
+
+def _is_auto(v: Any) -> bool:
+    return isinstance(v, str) and v.strip().lower() == "auto"
+
+
 def _auto_sigma(d: np.ndarray, keep: np.ndarray, contour_sigma: float, straight, nrm, noise_points: int):
     """``contour_sigma < 0`` (auto): the contour's own choice (:func:`auto_contour_sigma` on its
     kept points away from corners) and its corner taper; otherwise the given values."""
@@ -952,7 +961,7 @@ def _regularise(d: np.ndarray, found: np.ndarray, med: np.ndarray, *, outlier_k:
             lim = outlier_k * max(mad, min_mad)
             keep = finite & (np.abs(r) <= lim)
     if not keep.any():
-        return np.zeros_like(d), keep, np.zeros_like(d), max(contour_sigma, AUTO_DEFAULT)
+        return np.zeros_like(d), keep, np.zeros_like(d), _sigma_used(contour_sigma)
     contour_sigma, straight = _auto_sigma(d, keep, contour_sigma, straight, nrm, noise_points)
     filled = _circular_fill(np.where(keep, d, 0.0), keep)
     smooth = _smooth_displacements(filled, contour_sigma, straight,
@@ -1009,7 +1018,7 @@ def _decide_substrate(arr: np.ndarray, pts: np.ndarray, nrm: np.ndarray, counts:
 
 def _contour_sigma_value(v: float | str) -> float:
     """``contour_sigma``: a number >= 0, or ``"auto"`` (returned as -1, chosen per contour)."""
-    if isinstance(v, str) and v.strip().lower() == "auto":
+    if _is_auto(v):
         return -1.0
     try:
         f = float(v)
@@ -1131,7 +1140,7 @@ def _regularise_runs(d: np.ndarray, found: np.ndarray, med: np.ndarray, border: 
             mad = 1.4826 * np.median(np.abs(r[finite]))
             keep = finite & (np.abs(r) <= outlier_k * max(mad, min_mad))
     if not keep.any():
-        return np.zeros_like(d), keep, np.zeros_like(d), max(contour_sigma, AUTO_DEFAULT)
+        return np.zeros_like(d), keep, np.zeros_like(d), _sigma_used(contour_sigma)
     contour_sigma, straight = _auto_sigma(d, keep, contour_sigma, straight, nrm, noise_points)
     filled = np.zeros_like(d)
     for run in border_runs(border):
@@ -1760,7 +1769,7 @@ def parse_refine_options(options: Mapping[str, Any]) -> dict[str, Any]:
         "image_sigma": opt_float(o, "image_sigma", 0.0, lo=0.0, hi=50.0),
         "min_snr": opt_float(o, "min_snr", 5.0, lo=0.0),
         "outlier_k": opt_float(o, "outlier_k", 3.0, lo=0.5),
-        "contour_sigma": ("auto" if str(o.get("contour_sigma", "auto")).strip().lower() == "auto"
+        "contour_sigma": ("auto" if o.get("contour_sigma") is None or _is_auto(o["contour_sigma"])
                           else opt_float(o, "contour_sigma", 3.0, lo=0.0, hi=100.0)),
         "passes": opt_int(o, "passes", 2, lo=1, hi=10),
         "border": opt_bool(o, "border", True),

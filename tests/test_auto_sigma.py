@@ -80,6 +80,7 @@ def test_noisy_image_smooths_longer_and_lands_closer_to_the_edge():
 def test_option_parsing():
     assert parse_refine_options({})["contour_sigma"] == "auto"
     assert parse_refine_options({"contour_sigma": "AUTO"})["contour_sigma"] == "auto"
+    assert parse_refine_options({"contour_sigma": None})["contour_sigma"] == "auto"  # None = the default
     assert parse_refine_options({"contour_sigma": "4.5"})["contour_sigma"] == 4.5
     with pytest.raises(SegsemError, match="contour_sigma"):
         parse_refine_options({"contour_sigma": "wide"})
@@ -87,3 +88,12 @@ def test_option_parsing():
     coarse = resample_closed(np.array([[22, 22], [59, 22], [59, 69], [22, 69.0]]), 1.0)
     with pytest.raises(SegsemError, match="contour_sigma must be a number >= 0 or 'auto'"):
         refine_contour(img, coarse, contour_sigma=-2)
+
+
+@pytest.mark.parametrize("cs,used", [(1.0, 1.0), (0.0, 0.0), ("auto", 3.0)])
+def test_a_contour_without_edges_reports_the_smoothing_it_was_given(cs, used):
+    img = np.full((64, 64), 0.3)  # blank: no edge is found anywhere
+    coarse = resample_closed(np.array([[20, 20], [44, 20], [44, 44], [20, 44.0]]), 1.0)
+    res = refine_contour(img, coarse, contour_sigma=cs, passes=1)
+    assert not res.valid.any()
+    assert res.params["contour_sigma"] == used
