@@ -21,6 +21,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from bench_extract import align_errors  # same folder: the run's errors, as bench_extract scores them
 from segsem_cli.edge_align import refine_offset
 from segsem_cli.layout import load_layout
 from segsem_cli.metrics import read_truth
@@ -53,17 +54,6 @@ def bound(dataset: Path, layout: Path) -> dict[str, dict[str, float]]:
     return out
 
 
-def extract_errors(dataset: Path, run: Path) -> dict[str, float]:
-    truth = json.loads((dataset / "truth.json").read_text())["images"]
-    e = {}
-    for name, t in truth.items():
-        p = run / "images" / f"{name}.json"
-        if p.exists():
-            r = json.loads(p.read_text())
-            e[name] = float(np.hypot(*(np.subtract(r["offset_nm"], t["offset_nm"]) / r["pixel_nm"])))
-    return e
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("dataset", type=Path, nargs="+", help="segsem synth output folder(s)")
@@ -79,7 +69,7 @@ def main() -> None:
         e1 = np.array([v["drift"] for v in b.values()])
         ours = "-"
         if i < len(a.run):
-            ex = np.array(list(extract_errors(d, a.run[i]).values()))
+            ex = np.array(align_errors(a.run[i], d))
             ours = f"{ex.mean():.3f} / {ex.max():.3f}" if len(ex) else "-"
         tab.add_row(d.name, str(len(b)), f"{e0.mean():.3f} / {e0.max():.3f}", f"{e1.mean():.3f} / {e1.max():.3f}", ours)
     Console(width=150).print(tab)
