@@ -15,7 +15,18 @@ Stages (all vectorised; one pass over the image, one batched refinement):
    best (IoU of filled shapes, at least ``min_iou``);
 4. :func:`segsem_cli.edges.refine_contours` moves every associated contour
    onto the physical edge (``edge``/``threshold`` rule, see docs/edge-convention.md);
-   border segments stay fixed and do not count in the confidence.
+   border segments stay fixed and do not count in the confidence;
+5. layout-seeded retry (``seed_layout``, on by default): a feature that came out
+   ``not_found`` or ``low_contrast``, or ``ok`` but overlapping its layout polygon
+   with IoU below ``retry_iou`` (0.75), is refined again starting from its aligned
+   layout polygon. On noisy or charging images the Otsu iso-line of a large shape
+   can wander into its interior or follow a charging boundary; the layout polygon
+   lies within the search window of the printed edge. The retry replaces the first
+   result only when it has a clean edge on at least 80 % of its normals and, for an
+   ``ok`` first result, overlaps the layout by at least 0.1 more IoU with as many
+   clean edges; otherwise the first result stands (``extra["seed"] = "layout"`` and
+   ``extra["first_status"]`` mark a replaced result). An unprinted feature finds no
+   edges from the layout either, so it stays unreported.
 
 A shape cut by the image border (a line crossing the field of view) is
 returned ``ok`` with its part inside the image, ``extra["clipped"] = True``
@@ -27,7 +38,8 @@ shape covers several layout features, e.g. a bridge; the refined shape is in
 ``low_contrast`` (fewer than ``min_valid`` of the normals found a clean edge).
 
 Options (``--fallback-opt key=value``): ``coarse_sigma`` (2.0), ``level``
-(Otsu), ``min_iou`` (0.2), ``min_valid`` (0.5), ``min_area`` (4 px^2), and the
+(Otsu), ``min_iou`` (0.2), ``min_valid`` (0.5), ``min_area`` (4 px^2),
+``seed_layout`` (1; 0 turns the retry off), ``retry_iou`` (0.75), and the
 refinement options of :func:`segsem_cli.edges.parse_refine_options` (here
 ``passes`` defaults to 1: the iso-lines already run parallel to the edge).
 """
@@ -201,6 +213,19 @@ def _coarse_contours(image: np.ndarray, level: float, *, min_area: float = 4.0,
     return coarse_contours(image, level, min_area=min_area, min_points=min_points, tracer=iso_lines)
 
 
+#: First statuses that get a second try seeded with the layout polygon.
+RETRY_STATUSES = ("low_contrast", "not_found")
+#: An ``ok`` result overlapping its layout polygon less than this is retried too ...
+RETRY_IOU = 0.75
+#: ... and replaced when the layout-seeded result overlaps it by at least this much more
+#: and found a clean edge on at least as many of its normals.
+RETRY_GAIN = 0.1
+#: A layout-seeded result counts only with a clean edge on this share of its normals: where
+#: the print differs from the layout beyond the search window (a disc printed from a square),
+#: the seed finds edges only where the two happen to be close.
+RETRY_MIN_VALID = 0.8
+
+
 class ThresholdFallback:
     name = "threshold"
     description = "Otsu iso-contours of the smoothed image + sub-pixel edge refinement (fast)"
@@ -217,6 +242,8 @@ class ThresholdFallback:
         min_iou = opt_float(options, "min_iou", 0.2, lo=0.0, hi=1.0)
         min_valid = opt_float(options, "min_valid", 0.5, lo=0.0, hi=1.0)
         min_area = opt_float(options, "min_area", 4.0, lo=0.0)
+        seed_layout = bool(opt_float(options, "seed_layout", 1.0, lo=0.0, hi=1.0))
+        retry_iou = opt_float(options, "retry_iou", RETRY_IOU, lo=0.0, hi=1.0)
 
         frame_px = ropt.pop("frame_px")
         eimg = EdgeImage(image.pixels, image_sigma=ropt.pop("image_sigma"), frame_px=frame_px)
@@ -268,10 +295,50 @@ class ThresholdFallback:
                 continue
             out.append(feature_result(f, res, source=self.name, image_shape=image.shape, min_valid=min_valid,
                                       layout_iou=ious[i], extra=extra))
+        if seed_layout:
+            self._layout_retry(eimg, features, out, ropt, min_valid=min_valid, image_shape=image.shape,
+                               retry_iou=retry_iou)
         t5 = time.perf_counter()
         self.last_timings = {"smooth": t1 - t0, "coarse_contours": t2 - t1, "association": t3 - t2,
                              "refinement": t4 - t3, "results": t5 - t4, "total": t5 - t0}
         return out
+
+    def _layout_retry(self, eimg: EdgeImage, features: Sequence[Feature], out: list[FeatureResult],
+                      ropt: dict[str, Any], *, min_valid: float, image_shape: tuple[int, int],
+                      retry_iou: float) -> None:
+        """Re-extract features the iso-lines served badly, seeded with their aligned layout polygon.
+
+        On noisy images the iso-line of a large shape can wander into its interior (or
+        miss a shape the coarse smoothing merged into its neighbour); the refinement
+        then finds no edge along those detours and the feature comes out
+        ``low_contrast`` or ``not_found``. The aligned layout polygon is a second seed
+        within the search window of the printed edge (bias, corner rounding and
+        line-end pullback are a few pixels). The retry replaces the first result only
+        when it passes the same checks (``min_valid`` of its normals with a clean edge);
+        otherwise the first status stands, so an unprinted feature stays unreported.
+        """
+        def poor(r: FeatureResult) -> bool:
+            return r.status in RETRY_STATUSES or (r.ok and r.extra.get("layout_iou", 1.0) < retry_iou)
+
+        retry = [i for i, r in enumerate(out) if poor(r) and usable_polygon(features[i].pixels)]
+        if not retry:
+            return
+        opts = dict(ropt)
+        opts["passes"] = max(int(opts.get("passes", 1)), 2)  # the layout runs less parallel to the print
+        polys = [np.asarray(features[i].pixels, dtype=np.float64) for i in retry]
+        results = refine_contours(eimg, polys, **opts)
+        ious = polygon_ious([r.contour_uv for r in results], polys)
+        for i, res, iou in zip(retry, results, ious):
+            f = features[i]
+            extra = {**out[i].extra, "seed": "layout", "first_status": out[i].status}
+            r = feature_result(f, res, source=self.name, image_shape=image_shape, min_valid=min_valid,
+                               layout_iou=float(iou), extra=extra)
+            if not r.ok or r.extra["valid_fraction"] < max(min_valid, RETRY_MIN_VALID):
+                continue
+            first = out[i]
+            if not first.ok or (float(iou) >= first.extra.get("layout_iou", 0.0) + RETRY_GAIN
+                                and r.extra["valid_fraction"] >= first.extra.get("valid_fraction", 0.0)):
+                out[i] = r
 
 
 @hookimpl

@@ -84,6 +84,8 @@ def test_gds_readable_by_klayout_with_feature_count(extracted):
     n = sum(1 for _ in top.begin_shapes_rec(ly.layer(100, 0)))
     assert n >= n_ok  # long contours may be split, never dropped
     assert all(f["source"] == "threshold" for f in feats if f["status"] == "ok")
+    # a layout-seeded retry is marked with the status it replaced; others leave both empty
+    assert all(f["seed"] in ("", "layout") and (f["seed"] == "") == (f["first_status"] == "") for f in feats)
 
 
 def test_contours_match_truth(extracted):

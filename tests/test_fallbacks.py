@@ -149,6 +149,56 @@ def test_threshold_not_found_when_feature_missing():
     assert r[0].ok and r[1].status == "not_found" and r[2].status == "not_found"
 
 
+def charged_pad(depth):
+    """A resist pad whose interior charges dark towards its right (a smooth dip, ``depth`` of the contrast)."""
+    pad = rect(20.3, 30.6, 108.4, 96.2)
+    img = render([pad], SHAPE, rim=RIM, blur=BLUR, noise=0.03, seed=3)
+    u, v = np.arange(SHAPE[1])[None, :], np.arange(SHAPE[0])[:, None]
+    dip = depth * np.clip((u - 40) / 50, 0, 1) * np.exp(-(((v - 63) / 22.0) ** 2))
+    image = make_image((img - dip * (img > 0)).astype(np.float32))
+    return pad, image, make_features(image, [pad.polygon() + [0.6, -0.4]])
+
+
+def pad_edges(c, pad):
+    u0, v0, u1, v1 = pad.params
+    mid_u, mid_v = (u0 + u1) / 2, (v0 + v1) / 2
+    top = (c[:, 0] > u0 + 10) & (c[:, 0] < u1 - 10) & (c[:, 1] < mid_v)
+    left = (c[:, 1] > v0 + 10) & (c[:, 1] < v1 - 10) & (c[:, 0] < mid_u)
+    right = (c[:, 1] > v0 + 10) & (c[:, 1] < v1 - 10) & (c[:, 0] > mid_u)
+    return c[top, 1].mean() - v0, c[left, 0].mean() - u0, c[right, 0].mean() - u1
+
+
+def test_threshold_layout_seed_recovers_a_charged_pad():
+    # The dark interior pulls the Otsu iso-line inside the pad: its best coarse contour
+    # follows the charging, not the edge (layout IoU ~0.59). Seeded with the aligned
+    # layout polygon the refinement finds the real edges.
+    pad, img, feats = charged_pad(0.7)
+    first = fallback("threshold").extract(img, feats, seed_layout=0)[0]
+    assert first.ok and first.extra["layout_iou"] < 0.65
+    assert max(abs(e) for e in pad_edges(first.contour_px, pad)) > 5.0
+    r = fallback("threshold").extract(img, feats)[0]
+    assert r.ok and r.extra["seed"] == "layout" and r.extra["first_status"] == "ok"
+    assert r.extra["layout_iou"] > 0.95 and r.extra["valid_fraction"] > 0.95
+    assert max(abs(e) for e in pad_edges(r.contour_px, pad)) < 0.1
+    # without the dip, the iso-line result stands and no retry happens
+    pad, img, feats = charged_pad(0.0)
+    r = fallback("threshold").extract(img, feats)[0]
+    assert r.ok and "seed" not in r.extra and max(abs(e) for e in pad_edges(r.contour_px, pad)) < 0.1
+
+
+def test_threshold_layout_seed_never_invents_a_missing_print():
+    # Layout polygons with nothing printed under them (one disc printed of three, and a
+    # pure-noise image): the layout-seeded retry finds no edges, so the first status stands.
+    img = make_image(render(SCENE[:1], SHAPE, rim=RIM, blur=BLUR, noise=0.08, seed=5))
+    r = fallback("threshold").extract(img, make_features(img, LAYOUT))
+    assert r[0].ok and [x.status for x in r[1:]] == ["not_found", "not_found"]
+    noise = make_image((0.4 + 0.08 * np.random.default_rng(2).standard_normal(SHAPE)).astype(np.float32))
+    r = fallback("threshold").extract(noise, make_features(noise, LAYOUT))
+    assert all(not x.ok and x.contour_px is None for x in r)
+    with pytest.raises(SegsemError, match="retry_iou"):
+        fallback("threshold").extract(noise, make_features(noise, LAYOUT), retry_iou="2")
+
+
 def test_threshold_options_strings_and_unknown_keys():
     results, _ = run("threshold", threshold="0.3", edge="threshold", search_px="7", bogus="1")
     base, _ = run("threshold")
