@@ -23,10 +23,12 @@ Stages (all vectorised; one pass over the image, one batched refinement):
    can wander into its interior or follow a charging boundary; the layout polygon
    lies within the search window of the printed edge. The retry replaces the first
    result only when it has a clean edge on at least 80 % of its normals and, for an
-   ``ok`` first result, overlaps the layout by at least 0.1 more IoU with as many
-   clean edges; otherwise the first result stands (``extra["seed"] = "layout"`` and
-   ``extra["first_status"]`` mark a replaced result). An unprinted feature finds no
-   edges from the layout either, so it stays unreported.
+   ``ok`` first result, is no worse in layout IoU nor in clean normals and better by
+   0.1 IoU or by 0.2 of its normals (:func:`retry_wins`); an ``ok`` result with clean
+   edges on fewer than 80 % of its normals is retried too. Otherwise the first
+   result stands. ``extra["seed"] = "layout"`` and ``extra["first_status"]`` mark a
+   replaced result. An unprinted feature finds no edges from the layout either, so
+   it stays unreported.
 
 A shape cut by the image border (a line crossing the field of view) is
 returned ``ok`` with its part inside the image, ``extra["clipped"] = True``
@@ -224,6 +226,26 @@ RETRY_GAIN = 0.1
 #: the print differs from the layout beyond the search window (a disc printed from a square),
 #: the seed finds edges only where the two happen to be close.
 RETRY_MIN_VALID = 0.8
+#: An ``ok`` result with clean edges on fewer than RETRY_MIN_VALID of its normals is retried
+#: too, and replaced when the retry finds clean edges on this much larger a share (no lower IoU).
+RETRY_VALID_GAIN = 0.2
+
+
+def retry_wins(first: FeatureResult, valid: float, iou: float, *, min_valid: float = 0.5) -> bool:
+    """Does a layout-seeded result (``valid`` share of clean normals, layout ``iou``) replace ``first``?
+
+    It needs clean edges on at least ``max(min_valid, RETRY_MIN_VALID)`` of its normals.
+    Against a first result that is not ``ok`` that is enough; against an ``ok`` one it
+    must be no worse on either count and clearly better on one: ``RETRY_GAIN`` more
+    IoU or ``RETRY_VALID_GAIN`` more clean normals.
+    """
+    if valid < max(min_valid, RETRY_MIN_VALID):
+        return False
+    if not first.ok:
+        return True
+    d_iou = iou - float(first.extra.get("layout_iou", 0.0))
+    d_valid = valid - float(first.extra.get("valid_fraction", 0.0))
+    return d_iou >= 0 and d_valid >= 0 and (d_iou >= RETRY_GAIN or d_valid >= RETRY_VALID_GAIN)
 
 
 class ThresholdFallback:
@@ -318,7 +340,8 @@ class ThresholdFallback:
         otherwise the first status stands, so an unprinted feature stays unreported.
         """
         def poor(r: FeatureResult) -> bool:
-            return r.status in RETRY_STATUSES or (r.ok and r.extra.get("layout_iou", 1.0) < retry_iou)
+            return r.status in RETRY_STATUSES or (r.ok and (r.extra.get("layout_iou", 1.0) < retry_iou
+                                                             or r.extra.get("valid_fraction", 1.0) < RETRY_MIN_VALID))
 
         retry = [i for i, r in enumerate(out) if poor(r) and usable_polygon(features[i].pixels)]
         if not retry:
@@ -333,11 +356,7 @@ class ThresholdFallback:
             extra = {**out[i].extra, "seed": "layout", "first_status": out[i].status}
             r = feature_result(f, res, source=self.name, image_shape=image_shape, min_valid=min_valid,
                                layout_iou=float(iou), extra=extra)
-            if not r.ok or r.extra["valid_fraction"] < max(min_valid, RETRY_MIN_VALID):
-                continue
-            first = out[i]
-            if not first.ok or (float(iou) >= first.extra.get("layout_iou", 0.0) + RETRY_GAIN
-                                and r.extra["valid_fraction"] >= first.extra.get("valid_fraction", 0.0)):
+            if r.ok and retry_wins(out[i], r.extra["valid_fraction"], float(iou), min_valid=min_valid):
                 out[i] = r
 
 

@@ -199,6 +199,25 @@ def test_threshold_layout_seed_never_invents_a_missing_print():
         fallback("threshold").extract(noise, make_features(noise, LAYOUT), retry_iou="2")
 
 
+def test_threshold_retry_wins_only_when_no_worse_and_clearly_better():
+    from segsem_plugins.threshold import retry_wins
+    from segsem_cli.types import FeatureResult
+
+    ok = FeatureResult("f", np.zeros((4, 2)), "threshold", 0.5, status="ok",
+                       extra={"layout_iou": 0.6, "valid_fraction": 0.7})
+    lost = FeatureResult("f", None, "threshold", 0.0, status="low_contrast", extra={})
+    assert retry_wins(lost, 0.85, 0.2)              # any clean retry beats no result
+    assert not retry_wins(lost, 0.79, 0.99)         # ... if it found edges on >= 80 % of its normals
+    assert not retry_wins(lost, 0.85, 0.9, min_valid=0.9)
+    assert retry_wins(ok, 0.80, 0.71)               # +0.11 IoU, more clean normals
+    assert retry_wins(ok, 0.91, 0.60)               # +0.21 clean normals, same IoU
+    assert not retry_wins(ok, 0.85, 0.69)           # better, but not clearly
+    assert not retry_wins(ok, 0.95, 0.59)           # many more clean normals, lower IoU
+    ok_hi = FeatureResult("f", np.zeros((4, 2)), "threshold", 0.5, status="ok",
+                          extra={"layout_iou": 0.5, "valid_fraction": 0.95})
+    assert not retry_wins(ok_hi, 0.9, 0.9)          # much better IoU, fewer clean normals
+
+
 def test_threshold_options_strings_and_unknown_keys():
     results, _ = run("threshold", threshold="0.3", edge="threshold", search_px="7", bogus="1")
     base, _ = run("threshold")
