@@ -454,6 +454,20 @@ def _fail(transform: PixelTransform, message: str, score: float = 0.0) -> AlignR
     )
 
 
+#: Default alignment search: this many pixels or this many nm, whichever is more pixels.
+DEFAULT_SEARCH_PX = 40.0
+DEFAULT_SEARCH_NM = 40.0
+
+
+def search_range_px(search_px: float | None, pixel_nm: float) -> float:
+    """The search range in pixels: ``search_px`` when given, else the larger of
+    :data:`DEFAULT_SEARCH_PX` and :data:`DEFAULT_SEARCH_NM` / ``pixel_nm`` (a stage error is a
+    physical length: at 0.5 nm/px, 40 nm is 80 px)."""
+    if search_px is not None:
+        return float(search_px)
+    return max(DEFAULT_SEARCH_PX, DEFAULT_SEARCH_NM / float(pixel_nm))
+
+
 def _content_shift_to_offset(t: PixelTransform, d_uv) -> tuple[float, float]:
     """Offset (nm) of a transform under which the layout content appears moved by
     ``d_uv`` pixels relative to where ``t`` puts it (same rotation)."""

@@ -236,6 +236,35 @@ def end_samples(contour: np.ndarray, design: np.ndarray, shape: tuple[int, int],
     return v, f
 
 
+def design_evidence(designs: Sequence[np.ndarray], shape: tuple[int, int], *, clear_px: float = 8.0,
+                    border_px: float = 2.0, min_samples: int = 30, min_end_samples: int = 8) -> tuple[str, str]:
+    """What in the design itself can fix the offset along each axis ``(u, v)``.
+
+    ``"sides"``: straight feature sides cross that axis (bias-free midlines,
+    :func:`refine_offset`); ``"ends"``: only line ends, facing both ways (their
+    pullback cancels); ``"one-sided"``: only line ends (or corners) facing one way,
+    so the printed pullback shifts any estimate along that axis by up to the
+    pullback length; ``"none"``: nothing (the pattern is invariant along it).
+    Computed from the design polygons alone (each taken as its own print).
+    """
+    ds = [np.asarray(d, dtype=np.float64) for d in designs if d is not None and len(d) >= 3]
+    out = []
+    for axis in (0, 1):
+        v, _ = _midlines(ds, ds, shape, axis, clear_px=clear_px, max_dev_px=0.5, border_px=border_px)
+        if len(v) >= min_samples:
+            out.append("sides")
+            continue
+        _, face, _ = _ends(ds, ds, shape, axis, max_dev_px=0.5, border_px=border_px)
+        n_plus, n_minus = int((face > 0).sum()), int((face < 0).sum())
+        if min(n_plus, n_minus) >= min_end_samples:
+            out.append("ends")
+        elif max(n_plus, n_minus) > 0:
+            out.append("one-sided")
+        else:
+            out.append("none")
+    return out[0], out[1]
+
+
 def refine_offset(contours: Sequence[np.ndarray | None], designs: Sequence[np.ndarray], shape: tuple[int, int], *,
                   clear_px: float = 8.0, max_dev_px: float = 6.0, border_px: float = 2.0,
                   min_samples: int = 30, min_features: int = 2, max_shift_px: float = 5.0,
@@ -307,4 +336,4 @@ def refine_offset(contours: Sequence[np.ndarray | None], designs: Sequence[np.nd
                            tuple(basis))
 
 
-__all__ = ["EdgeAlignResult", "end_samples", "midline_samples", "refine_offset", "scan_crossings"]
+__all__ = ["EdgeAlignResult", "design_evidence", "end_samples", "midline_samples", "refine_offset", "scan_crossings"]

@@ -54,7 +54,7 @@ class ExtractConfig:
     mode: str = "hybrid"
     device: str = "cpu"
     gauges: Path | None = None
-    search_px: float = 40.0
+    search_px: float | None = None  # None: align.search_range_px (40 px or 40 nm, whichever is more)
     polarity: str = "auto"
     align: bool = True
     edge_align: bool = True
@@ -146,7 +146,7 @@ def resolve_threshold(threshold: float | None, model) -> float:
 
 def process_image(row: ManifestRow, state: _State) -> dict:
     """Run the whole pipeline on one image. Returns the per-image record (JSON-ready)."""
-    from .align import align_image
+    from .align import align_image, search_range_px
     from .hybrid import combine
     from .images import read_sem
     from .layout import features_in_view
@@ -170,9 +170,10 @@ def process_image(row: ManifestRow, state: _State) -> dict:
 
     t0 = time.perf_counter()
     if cfg.align:
-        fov = transform.field_of_view_nm(cfg.search_px)
+        search = search_range_px(cfg.search_px, px)
+        fov = transform.field_of_view_nm(search)
         polys = [state.layout.polygons[i] for i in state.layout.query(fov)]
-        ar = align_image(pixels, transform, polys, search_px=cfg.search_px, polarity=cfg.polarity)
+        ar = align_image(pixels, transform, polys, search_px=search, polarity=cfg.polarity)
         rec.update(
             offset_nm=list(ar.offset_nm),
             offset_px=list(ar.offset_px),
@@ -225,6 +226,25 @@ def process_image(row: ManifestRow, state: _State) -> dict:
             rec["offset_nm"] = [float(x) for x in transform.offset_nm]
             rec["offset_px"] = [float(a + b) for a, b in zip(rec["offset_px"], ea.shift_px)]
         timings["edge_align"] = time.perf_counter() - t0
+
+    if cfg.align:
+        # What in the design can fix each axis at all: an axis held only by line ends facing one
+        # way is biased by the printed pullback (a few nm, whatever the image quality).
+        from .edge_align import design_evidence
+
+        ev = design_evidence([f.pixels for f in feats], pixels.shape)
+        rec["align_evidence"] = list(ev)
+        weak_axes = [ax for ax, e in zip("xy", ev) if e in ("one-sided", "none")]
+        if weak_axes:
+            what = " and ".join(f"{ax} ({e})" for ax, e in zip("xy", ev) if ax in weak_axes)
+            note = (f"no straight feature sides fix {what}: only line ends or corners facing one way, "
+                    f"which print pulled back, or nothing at all")
+            if rec.get("ambiguous"):
+                rec["align_message"] = f"{rec['align_message']}; also {note}"
+            else:
+                rec["align_message"] = f"ambiguous alignment: {note}"
+            rec["ambiguous"] = True
+            rec["align_status"] = "ambiguous"
 
     t0 = time.perf_counter()
     out_feats = []

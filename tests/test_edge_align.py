@@ -113,3 +113,29 @@ def test_along_line_axis_from_line_ends_facing_both_ways():
              for d in designs]
     r2 = refine_offset(small, designs, SHAPE)
     assert r2.applied == (False, True) and r2.measured_px[0] == pytest.approx(0.8, abs=0.05)
+
+
+def test_design_evidence_names_what_fixes_each_axis():
+    from segsem_cli.edge_align import design_evidence
+
+    h, w = SHAPE
+    crossing = [rect(40, 0, 70, h), rect(120, 0, 160, h)]            # vertical lines through the field
+    assert design_evidence(crossing, SHAPE) == ("sides", "none")      # nothing fixes v
+    top_ends = [rect(40, 60, 70, h), rect(120, 60, 160, h)]          # their upper ends in view
+    assert design_evidence(top_ends, SHAPE) == ("sides", "one-sided")  # pullback shifts v
+    both_ends = [rect(40, 60, 70, 200), rect(120, 60, 160, 200)]     # whole lines in view
+    assert design_evidence(both_ends, SHAPE) == ("sides", "ends")      # pullback cancels
+    bars = both_ends + [rect(180, 40, 250, 60)]                       # a horizontal bar's long sides
+    assert design_evidence(bars, SHAPE) == ("sides", "sides")
+    assert design_evidence([], SHAPE) == ("none", "none")
+    rows = [rect(0, 40, w, 70)]                                       # one horizontal line through the field
+    assert design_evidence(rows, SHAPE) == ("none", "sides")
+
+
+def test_search_range_is_physical_by_default():
+    from segsem_cli.align import search_range_px
+
+    assert search_range_px(None, 1.0) == 40.0
+    assert search_range_px(None, 0.5) == 80.0   # 40 nm of stage error is 80 px at 0.5 nm/px
+    assert search_range_px(None, 2.0) == 40.0   # never fewer than 40 px
+    assert search_range_px(25.0, 0.5) == 25.0   # an explicit --search-px wins

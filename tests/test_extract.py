@@ -58,6 +58,16 @@ def test_outputs_written(extracted):
     assert summary["counts"]["ok"] + summary["counts"]["ambiguous"] == 2
 
 
+def test_alignment_evidence_is_reported_and_weak_axes_flag_the_image(extracted):
+    m, out = extracted
+    for p in sorted((out / "images").glob("*.json")):
+        rec = json.loads(p.read_text())
+        ev = rec["align_evidence"]
+        assert len(ev) == 2 and set(ev) <= {"sides", "ends", "one-sided", "none"}
+        if set(ev) & {"one-sided", "none"}:  # an axis only line ends facing one way can fix
+            assert rec["status"] == "ambiguous" and "no straight feature sides fix" in rec["align_message"]
+
+
 def test_alignment_recovers_stage_error(extracted):
     m, out = extracted
     truth = json.loads((m.parent / "truth.json").read_text())["images"]
