@@ -330,14 +330,14 @@ class ThresholdFallback:
                       retry_iou: float) -> None:
         """Re-extract features the iso-lines served badly, seeded with their aligned layout polygon.
 
-        On noisy images the iso-line of a large shape can wander into its interior (or
-        miss a shape the coarse smoothing merged into its neighbour); the refinement
-        then finds no edge along those detours and the feature comes out
-        ``low_contrast`` or ``not_found``. The aligned layout polygon is a second seed
-        within the search window of the printed edge (bias, corner rounding and
-        line-end pullback are a few pixels). The retry replaces the first result only
-        when it passes the same checks (``min_valid`` of its normals with a clean edge);
-        otherwise the first status stands, so an unprinted feature stays unreported.
+        On noisy or charging images the iso-line of a large shape can wander into its
+        interior or follow a charging boundary; the feature then comes out
+        ``low_contrast`` or ``not_found``, or ``ok`` with a poor layout overlap
+        (< ``retry_iou``) or few clean normals (< ``RETRY_MIN_VALID``). The aligned
+        layout polygon is a second seed within the search window of the printed edge
+        (bias, corner rounding and line-end pullback are a few pixels). The retry
+        replaces the first result only as :func:`retry_wins` decides; otherwise the
+        first result stands, so an unprinted feature stays unreported.
         """
         def poor(r: FeatureResult) -> bool:
             return r.status in RETRY_STATUSES or (r.ok and (r.extra.get("layout_iou", 1.0) < retry_iou
