@@ -156,10 +156,13 @@ class _Scan:
 
 
 def _midlines(contours, designs, shape, axis, *, clear_px, max_dev_px, border_px, aspect=2.0):
-    """Midline samples of all features at once: ``(values, feature index)``."""
-    D, C = _Scan(designs, axis), _Scan(contours, axis)
+    """Midline samples of all features at once: ``(values, feature index)``.
+
+    ``contours`` may be ``designs`` itself (:func:`design_evidence`): its crossings are then taken once."""
+    D = _Scan(designs, axis)
+    C = D if contours is designs else _Scan(contours, axis)
     k, lo, hi, i, j = _pairs(D.key, D.pos)
-    kc, clo, chi, _, _ = _pairs(C.key, C.pos)
+    kc, clo, chi, _, _ = (k, lo, hi, i, j) if C is D else _pairs(C.key, C.pos)
     common, a_, b_ = np.intersect1d(k, kc, assume_unique=True, return_indices=True)
     if len(common) == 0:
         return np.zeros(0), np.zeros(0, np.int64)
@@ -176,7 +179,8 @@ def _midlines(contours, designs, shape, axis, *, clear_px, max_dev_px, border_px
 
 def _ends(contours, designs, shape, axis, *, max_dev_px, border_px, aspect=2.0):
     """Line-end samples of all features at once: ``(values, facing, feature index)``."""
-    D, C = _Scan(designs, axis), _Scan(contours, axis)
+    D = _Scan(designs, axis)
+    C = D if contours is designs else _Scan(contours, axis)
     k, lo, hi, i, j = _pairs(D.key, D.pos)
     empty = (np.zeros(0), np.zeros(0), np.zeros(0, np.int64))
     if len(k) == 0 or len(C.key) == 0:
