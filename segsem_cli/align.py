@@ -55,7 +55,7 @@ from shapely.geometry.base import BaseGeometry
 from .errors import SegsemError
 from .transform import PixelTransform
 
-__all__ = ["AlignResult", "render_layout", "sem_channels", "align_image"]
+__all__ = ["AlignResult", "render_layout", "sem_channels", "align_image", "align_to_layout", "search_range_px"]
 
 _SCRATCH = threading.local()
 _SCRATCH_MAX_ARRAY = 40 << 20  # larger work arrays (images beyond ~3000 px) are not kept
@@ -466,6 +466,17 @@ def search_range_px(search_px: float | None, pixel_nm: float) -> float:
     if search_px is not None:
         return float(search_px)
     return max(DEFAULT_SEARCH_PX, DEFAULT_SEARCH_NM / float(pixel_nm))
+
+
+def align_to_layout(pixels: np.ndarray, transform: PixelTransform, layout, *, search_px: float | None = None,
+                    polarity: str = "auto") -> AlignResult:
+    """:func:`align_image` against the layout polygons around the image's nominal field of view.
+
+    ``layout`` has ``polygons`` and ``query(bbox_nm)`` (:class:`segsem_cli.layout.Layout`); the
+    clip is the field of view grown by the search range (:func:`search_range_px`)."""
+    search = search_range_px(search_px, transform.pixel_nm)
+    polys = [layout.polygons[i] for i in layout.query(transform.field_of_view_nm(search))]
+    return align_image(pixels, transform, polys, search_px=search, polarity=polarity)
 
 
 def _content_shift_to_offset(t: PixelTransform, d_uv) -> tuple[float, float]:

@@ -175,17 +175,14 @@ def truth_contours_px(row: ManifestRow, pixels_shape, pixel_nm: float, truth: di
 
 def _prepare(row: ManifestRow, state, truth: dict | None):
     """Read, align and list the features of one image, with its truth rings in px (None if alignment failed)."""
-    from .align import align_image, search_range_px
+    from .align import align_to_layout
     from .images import read_sem
     from .layout import features_in_view
 
     cfg = state.cfg
     pixels, px = read_sem(row.image, row.pixel_nm)
     transform = PixelTransform((row.x_nm, row.y_nm), px, pixels.shape)
-    search = search_range_px(cfg.search_px, px)
-    fov = transform.field_of_view_nm(search)
-    polys = [state.layout.polygons[i] for i in state.layout.query(fov)]
-    ar = align_image(pixels, transform, polys, search_px=search, polarity=cfg.polarity)
+    ar = align_to_layout(pixels, transform, state.layout, search_px=cfg.search_px, polarity=cfg.polarity)
     if ar.status == "failed":
         return None
     feats = features_in_view(state.layout, ar.transform)

@@ -146,7 +146,7 @@ def resolve_threshold(threshold: float | None, model) -> float:
 
 def process_image(row: ManifestRow, state: _State) -> dict:
     """Run the whole pipeline on one image. Returns the per-image record (JSON-ready)."""
-    from .align import align_image, search_range_px
+    from .align import align_to_layout
     from .hybrid import combine
     from .images import read_sem
     from .layout import features_in_view
@@ -170,10 +170,7 @@ def process_image(row: ManifestRow, state: _State) -> dict:
 
     t0 = time.perf_counter()
     if cfg.align:
-        search = search_range_px(cfg.search_px, px)
-        fov = transform.field_of_view_nm(search)
-        polys = [state.layout.polygons[i] for i in state.layout.query(fov)]
-        ar = align_image(pixels, transform, polys, search_px=search, polarity=cfg.polarity)
+        ar = align_to_layout(pixels, transform, state.layout, search_px=cfg.search_px, polarity=cfg.polarity)
         rec.update(
             offset_nm=list(ar.offset_nm),
             offset_px=list(ar.offset_px),
@@ -234,9 +231,9 @@ def process_image(row: ManifestRow, state: _State) -> dict:
 
         ev = design_evidence([f.pixels for f in feats], pixels.shape)
         rec["align_evidence"] = list(ev)
-        weak_axes = [ax for ax, e in zip("xy", ev) if e in ("one-sided", "none")]
-        if weak_axes:
-            what = " and ".join(f"{ax} ({e})" for ax, e in zip("xy", ev) if ax in weak_axes)
+        weak = [f"{ax} ({e})" for ax, e in zip("xy", ev) if e in ("one-sided", "none")]
+        if weak:
+            what = " and ".join(weak)
             note = (f"no straight feature sides fix {what}: only line ends or corners facing one way, "
                     f"which print pulled back, or nothing at all")
             if rec.get("ambiguous"):
