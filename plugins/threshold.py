@@ -216,7 +216,7 @@ def _coarse_contours(image: np.ndarray, level: float, *, min_area: float = 4.0,
 
 
 #: First statuses that get a second try seeded with the layout polygon.
-RETRY_STATUSES = ("low_contrast", "not_found")
+RETRY_STATUSES = ("low_contrast", "not_found", "partial")
 #: An ``ok`` result overlapping its layout polygon less than this is retried too ...
 RETRY_IOU = 0.75
 #: ... and replaced when the layout-seeded result overlaps it by at least this much more

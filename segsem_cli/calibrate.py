@@ -178,9 +178,11 @@ def _prepare(row: ManifestRow, state, truth: dict | None):
     from .align import align_to_layout
     from .images import read_sem
     from .layout import features_in_view
+    from .scanlines import correct_scan_lines
 
     cfg = state.cfg
     pixels, px = read_sem(row.image, row.pixel_nm)
+    pixels, _ = correct_scan_lines(pixels, mode=cfg.scan_lines)
     transform = PixelTransform((row.x_nm, row.y_nm), px, pixels.shape)
     ar = align_to_layout(pixels, transform, state.layout, search_px=cfg.search_px, polarity=cfg.polarity)
     if ar.status == "failed":

@@ -29,6 +29,8 @@ from .errors import SegsemError
 
 __all__ = [
     "as_contour",
+    "border_coverage",
+    "border_length",
     "usable_polygon",
     "polygon_iou",
     "polygon_ious",
@@ -292,6 +294,38 @@ def border_fraction(contour: np.ndarray, shape: tuple[int, int], *, tol: float =
     seg = np.hypot(*(np.roll(c, -1, axis=0) - c).T)
     total = float(seg.sum())
     return float(seg[same].sum() / total) if total > 0 else 0.0
+
+
+def border_length(contour: np.ndarray, shape: tuple[int, int], *, tol: float = BORDER_TOL) -> float:
+    """Length (px) of a closed contour's segments lying on the image border (see :func:`border_fraction`)."""
+    c = np.asarray(contour, dtype=np.float64)
+    if len(c) < 2:
+        return 0.0
+    on = _border_lines(c, shape, tol)
+    same = np.any(on & np.roll(on, -1, axis=0), axis=1)
+    return float(np.hypot(*(np.roll(c, -1, axis=0) - c)[same].T).sum())
+
+
+def border_coverage(contour: np.ndarray, layout: np.ndarray, shape: tuple[int, int], *,
+                    min_layout_px: float = 8.0, tol: float = 1e-6) -> float | None:
+    """Share of the image border covered by a feature's layout polygon that its contour covers too.
+
+    A shape cut by the field of view is traced along the border where it leaves
+    the image. If the contour runs along much less of the border than the layout
+    polygon (clipped to the image) does, only part of the cut shape was traced
+    (e.g. a sliver along the border whose noisy iso-line broke up). ``None`` when
+    the layout runs along less than ``min_layout_px`` of the border.
+    """
+    import shapely
+
+    h, w = shape
+    lay = _shapely_polys([np.asarray(layout, np.float64)])[0]
+    clipped = shapely.clip_by_rect(lay, 0.0, 0.0, float(w), float(h))
+    along = sum(border_length(np.asarray(g.exterior.coords)[:-1], shape, tol=tol)
+                for g in getattr(clipped, "geoms", [clipped]) if isinstance(g, shapely.Polygon) and not g.is_empty)
+    if along < min_layout_px:
+        return None
+    return border_length(contour, shape, tol=tol) / along
 
 
 def border_runs(border: np.ndarray) -> list[np.ndarray]:

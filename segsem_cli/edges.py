@@ -47,8 +47,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from .contours import (as_contour, border_fraction, border_mask, border_runs, normals, orient, resample_closed,
-                       signed_area)
+from .contours import (as_contour, border_coverage, border_fraction, border_mask, border_runs, normals, orient,
+                       resample_closed, signed_area, usable_polygon)
 from .errors import SegsemError
 
 __all__ = [
@@ -1782,6 +1782,11 @@ def parse_refine_options(options: Mapping[str, Any]) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------- results for plugins
 
+#: A contour cut by the image border must cover at least this share of the border stretch its
+#: layout polygon covers (:func:`feature_result`); less means only part of the shape was traced.
+MIN_BORDER_COVERAGE = 0.5
+
+
 def border_extra(res: RefineResult) -> dict[str, Any]:
     """``{"clipped": True, "border_fraction": f}`` for a refined contour running along the image border, else ``{}``.
 
@@ -1798,7 +1803,7 @@ def feature_result(feature: Any, res: RefineResult | None, *, source: str, image
                    min_valid: float = 0.5, border_px: float = 0.5, status: str | None = None,
                    confidence_scale: float = 1.0, layout_px: np.ndarray | None = None,
                    layout_iou: float | None = None, extra: dict[str, Any] | None = None,
-                   max_outside: float = 0.2):
+                   max_outside: float = 0.2, min_border_coverage: float = MIN_BORDER_COVERAGE):
     """Turn one refinement into a :class:`~segsem_cli.types.FeatureResult` (shared by fallbacks and backbones).
 
     * ``status`` given (e.g. ``"not_found"``): that status, no contour, confidence 0.
@@ -1810,6 +1815,10 @@ def feature_result(feature: Any, res: RefineResult | None, *, source: str, image
       edge hugging the border, which cannot be measured), or, for a contour
       without border points, a vertex closer than ``border_px`` to the border:
       ``"clipped"``, no contour;
+    * a contour along the border that covers less than ``min_border_coverage`` of
+      the border stretch its layout polygon covers
+      (:func:`segsem_cli.contours.border_coverage`, in ``extra["border_coverage"]``):
+      only part of the cut shape was traced, ``"partial"``, no contour;
     * fewer than ``min_valid`` of the real-edge normals with a clean edge: ``"low_contrast"``.
     * otherwise ``"ok"`` with confidence ``res.quality * confidence_scale``,
       times ``min(1, IoU / 0.5)`` with ``layout_px`` (the feature's layout
@@ -1839,6 +1848,13 @@ def feature_result(feature: Any, res: RefineResult | None, *, source: str, image
                           | (c[:, 1] < border_px) | (c[:, 1] > h - border_px))) or np.mean(~res.inside) > max_outside
     if bad:
         return FeatureResult(fid, None, source, 0.0, status="clipped", extra=ex)
+    lay = getattr(feature, "pixels", None)
+    if res.clipped and lay is not None and usable_polygon(lay):
+        cov = border_coverage(c, lay, image_shape)
+        if cov is not None:
+            ex["border_coverage"] = cov
+            if cov < min_border_coverage:
+                return FeatureResult(fid, None, source, 0.0, status="partial", extra=ex)
     if vf < min_valid:
         return FeatureResult(fid, None, source, 0.0, status="low_contrast", extra=ex)
     if layout_iou is None and layout_px is not None:

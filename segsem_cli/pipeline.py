@@ -56,6 +56,7 @@ class ExtractConfig:
     gauges: Path | None = None
     search_px: float | None = None  # None: align.search_range_px (40 px or 40 nm, whichever is more)
     polarity: str = "auto"
+    scan_lines: str = "auto"  # scan-line offset correction (segsem_cli.scanlines): auto | off
     align: bool = True
     edge_align: bool = True
     workers: int = 1
@@ -79,6 +80,7 @@ class ExtractConfig:
             mode=self.mode,
             search_px=self.search_px,
             polarity=self.polarity,
+            scan_lines=self.scan_lines,
             align=self.align,
             edge_align=self.edge_align,
             refine=self.refine,
@@ -150,6 +152,7 @@ def process_image(row: ManifestRow, state: _State) -> dict:
     from .hybrid import combine
     from .images import read_sem
     from .layout import features_in_view
+    from .scanlines import correct_scan_lines
 
     cfg = state.cfg
     timings: dict[str, float] = {}
@@ -158,6 +161,9 @@ def process_image(row: ManifestRow, state: _State) -> dict:
     if float(pixels.std()) == 0.0:
         raise SegsemError(f"{row.image}: blank image (all pixels {float(pixels.flat[0])})")
     timings["read"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    pixels, scan = correct_scan_lines(pixels, mode=cfg.scan_lines)
+    timings["scan_lines"] = time.perf_counter() - t0
     transform = PixelTransform((row.x_nm, row.y_nm), px, pixels.shape)
     rec: dict[str, Any] = dict(
         image=row.name,
@@ -166,6 +172,7 @@ def process_image(row: ManifestRow, state: _State) -> dict:
         pixel_nm=px,
         shape=list(pixels.shape),
         meta=row.extra,
+        scan_lines=scan.to_dict(),
     )
 
     t0 = time.perf_counter()

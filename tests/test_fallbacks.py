@@ -446,3 +446,35 @@ def test_clipped_line_hugging_the_border_is_not_an_edge():
         e = ~b
         assert abs(c[e & (c[:, 1] > 20) & (c[:, 0] < 50), 1].mean() - 30.4) < 0.1
         assert abs(c[e & (c[:, 0] > 50) & (c[:, 1] > 8) & (c[:, 1] < 24), 0].mean() - 60.2) < 0.1
+
+
+def test_border_coverage():
+    from segsem_cli.contours import border_coverage, border_length
+
+    shape = (100, 120)
+    lay = np.array([[10.0, -20.0], [40.0, -20.0], [40.0, 50.0], [10.0, 50.0]])  # leaves through v = 0
+    full = np.array([[10.5, 0.0], [39.5, 0.0], [39.5, 49.0], [10.5, 49.0]])
+    third = np.array([[10.5, 0.0], [20.5, 0.0], [20.5, 49.0], [10.5, 49.0]])
+    assert border_length(full, shape) == pytest.approx(29.0)
+    assert border_coverage(full, lay, shape) == pytest.approx(29.0 / 30.0)
+    assert border_coverage(third, lay, shape) == pytest.approx(10.0 / 30.0)
+    # the closing segment counts too (contour starting mid-border)
+    assert border_coverage(np.roll(full, 1, axis=0), lay, shape) == pytest.approx(29.0 / 30.0)
+    inside = np.array([[10.0, 5.0], [40.0, 5.0], [40.0, 50.0], [10.0, 50.0]])
+    assert border_coverage(full, inside, shape) is None  # the layout does not reach the border
+
+
+def test_partly_traced_border_feature_is_reported_partial():
+    # the layout bar leaves the image through the top; only a third of its width printed there,
+    # so no contour along the border can stand for it: `partial`, never a made-up shape
+    printed = [rect(20.3, -10.0, 40.6, 60.4)]
+    lay = [rect(20.3, -10.0, 80.6, 60.4).polygon()]
+    img = make_image(render(printed, SHAPE, rim=RIM, blur=BLUR, noise=0.02, seed=3))
+    feats = make_features(img, lay, clipped=[True])
+    r, = fallback("threshold").extract(img, feats)
+    assert r.status == "partial" and r.contour_px is None
+    assert r.extra["border_coverage"] == pytest.approx(20.3 / 60.3, abs=0.05)
+    # the same print against a matching layout is an ordinary clipped result
+    feats = make_features(img, [printed[0].polygon()], clipped=[True])
+    r, = fallback("threshold").extract(img, feats)
+    assert r.ok and r.extra["clipped"] and r.extra["border_coverage"] > 0.9

@@ -24,6 +24,7 @@ def register(app: typer.Typer) -> None:
         penalty_px: float = typer.Option(3.0, "--penalty-px", min=0.0, help="Cost of a feature left without contour, in px of EPE."),
         device: str = typer.Option("cpu", "--device", help="Torch device."),
         polarity: str = typer.Option("auto", "--polarity", help="Layout polygons print bright (resist lines) or dark (holes): auto|bright|dark. Resolves line/space ambiguity in alignment."),
+        scan_lines: str = typer.Option("auto", "--scan-lines", help="Scan-line (row) offset correction before alignment: auto (applied when the rows' offsets are significant over pixel noise) or off."),
         search_px: Optional[float] = typer.Option(None, "--search-px", min=0.0, help="Largest stage error searched by alignment (pixels; default 40 px or 40 nm, whichever is more pixels)."),
         out: Optional[Path] = typer.Option(None, "--out", help="Write the calibrated model here instead of updating MODEL in place."),
         json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the curves as JSON."),
@@ -48,14 +49,15 @@ def register(app: typer.Typer) -> None:
         from ..atomic import write_json
         from ..errors import SegsemError
         from ..calibrate import calibrate, store_threshold
-        from ..commands.extract import _polarity, parse_kv
+        from ..commands.extract import _choice, _polarity, parse_kv
+        from ..scanlines import SCAN_LINE_MODES
         from ..layout import parse_layer
         from ..pipeline import ExtractConfig
 
         cfg = ExtractConfig(
             manifest=manifest, layout=layout, out=Path("."), cell=cell, layer=parse_layer(layer), fallback=fallback,
             fallback_options=parse_kv(fallback_opt, "--fallback-opt"), backbone=backbone, model=model,
-            backbone_options=parse_kv(backbone_opt, "--backbone-opt"), device=device, search_px=search_px, polarity=_polarity(polarity),
+            backbone_options=parse_kv(backbone_opt, "--backbone-opt"), device=device, search_px=search_px, polarity=_polarity(polarity), scan_lines=_choice(scan_lines, "--scan-lines", SCAN_LINE_MODES),
             edge_options=parse_kv(edge_opt, "--edge-opt"), overlays=False,
         )
         console = Console()

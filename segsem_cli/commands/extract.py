@@ -43,6 +43,7 @@ def register(app: typer.Typer) -> None:
         edge_opt: Optional[list[str]] = typer.Option(None, "--edge-opt", help="Edge refinement option key=value, e.g. threshold=0.5, edge=peak."),
         no_refine: bool = typer.Option(False, "--no-refine", help="Keep the backbone's raw mask contours (no sub-pixel refinement)."),
         polarity: str = typer.Option("auto", "--polarity", help="Layout polygons print bright (resist lines) or dark (holes): auto|bright|dark. Resolves line/space ambiguity in alignment."),
+        scan_lines: str = typer.Option("auto", "--scan-lines", help="Scan-line (row) offset correction before alignment: auto (applied when the rows' offsets are significant over pixel noise) or off."),
         search_px: Optional[float] = typer.Option(None, "--search-px", min=0.0, help="Largest stage error searched by alignment (pixels; default 40 px or 40 nm, whichever is more pixels)."),
         no_align: bool = typer.Option(False, "--no-align", help="Trust the nominal centres (no alignment)."),
         no_edge_align: bool = typer.Option(False, "--no-edge-align", help="Keep the appearance alignment (no sub-pixel refinement from the midlines of the extracted straight features)."),
@@ -69,6 +70,7 @@ def register(app: typer.Typer) -> None:
 
         from ..layout import parse_layer
         from ..pipeline import ExtractConfig, run_extract
+        from ..scanlines import SCAN_LINE_MODES
 
         console = Console(stderr=True)
         out_l, out_d = parse_layer(out_layer, what="--out-layer")
@@ -91,7 +93,7 @@ def register(app: typer.Typer) -> None:
             mode=_choice(mode, "--mode", ("hybrid", "backbone", "fallback")),
             device=device,
             gauges=gauges,
-            search_px=search_px, polarity=_polarity(polarity),
+            search_px=search_px, polarity=_polarity(polarity), scan_lines=_choice(scan_lines, "--scan-lines", SCAN_LINE_MODES),
             align=not no_align,
             edge_align=not no_edge_align,
             workers=workers,

@@ -1,0 +1,162 @@
+"""Scan-line offset correction: remove the line-to-line grey-level jitter of a raster-scanned SEM image.
+
+A CD-SEM image is written one scan line at a time (rows: the fast scan runs
+along ``u``). Beam-current and detector fluctuations between lines add an offset
+to each whole row. That noise is constant along a row, so the along-edge
+averaging that beats pixel noise on vertical edges cannot reduce it on
+horizontal edges: it shifts their threshold crossings together, row by row.
+
+Estimate (:func:`scan_line_offsets`):
+
+1. *flat pixels*: a pixel counts where the 2-D smoothed image (Gaussian, 2 px)
+   changes little along ``v`` anywhere within ``+/- 2 * sigma_lines`` rows (at
+   or below the image's median of that change). Horizontal edges, rims and
+   line ends are excluded, so a row that lies along an edge (a horizontal
+   line/space array) is not mistaken for an offset;
+2. each row's offset is the robust mean (clipped at 3 noise sigma, two
+   iterations) over its flat pixels of the row minus a Gaussian average of its
+   neighbouring rows (``sigma_lines``); applied twice, the second time on the
+   corrected image. Rows with fewer than ``min_flat`` flat pixels get 0;
+3. only the line-to-line part is estimated: offsets that drift slowly over
+   many rows look like a smooth background, which the edge rule (local
+   minimum and peak per profile) already ignores.
+
+Decision (:func:`correct_scan_lines`, ``mode="auto"``): the offsets' mean square
+is compared with what pixel noise alone gives the estimator
+(``(1.1 * noise)^2 / flat pixels``, per row). Only when it exceeds that
+``significance`` (2) times are the offsets subtracted, and then shrunk by
+``1 - expected / observed`` (the estimator's noise is not added back as
+stripes). Images without scan-line jitter are returned unchanged. Offsets are
+rounded to 1/4 grey level. ``mode="off"`` skips the step.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from .errors import SegsemError
+
+SCAN_LINE_MODES = ("auto", "off")
+
+
+@dataclass(frozen=True)
+class ScanLineCorrection:
+    """What :func:`correct_scan_lines` measured and did (JSON-ready with :meth:`to_dict`)."""
+
+    applied: bool
+    rms_grey: float  # RMS of the estimated line offsets (grey levels)
+    noise_floor_grey: float  # RMS the estimator gives on pixel noise alone
+    shrink: float  # factor applied to the offsets (0 when not applied)
+    lines_measured: int  # rows with enough flat pixels
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in asdict(self).items()}
+
+
+def _gauss_kernel(sigma: float) -> np.ndarray:
+    r = max(1, int(np.ceil(3.0 * sigma)))
+    x = np.arange(-r, r + 1, dtype=np.float64)
+    k = np.exp(-0.5 * (x / sigma) ** 2)
+    return (k / k.sum()).astype(np.float32)
+
+
+#: Flatness test: Gaussian smoothing (px) along u and v before the vertical change is taken, and the
+#: multiple of that change's noise-and-stripe sigma below which a pixel counts as flat.
+FLAT_SIGMA_U, FLAT_SIGMA_V, FLAT_K = 4.0, 3.0, 4.5
+
+
+def _vertical_sigma(pixels: np.ndarray, stride: int = 4) -> float:
+    """Robust sigma of vertical neighbour differences / sqrt(2) (pixel noise plus line-to-line offsets)."""
+    from .edges import _median
+
+    a = np.asarray(pixels)[:, ::max(1, int(stride))].astype(np.float32)
+    if a.shape[0] < 2:
+        return 0.0
+    d = (a[1:] - a[:-1]).ravel()
+    return float(1.4826 * _median(np.abs(d - _median(d))) / np.sqrt(2.0))
+
+
+def scan_line_offsets(pixels: np.ndarray, *, sigma_lines: float = 3.0, min_flat: int = 32,
+                      col_step: int = 2, iterations: int = 2) -> tuple[np.ndarray, np.ndarray, float]:
+    """Per-row additive offsets of an image (grey levels), see the module docstring.
+
+    Returns ``(offsets, flat_counts, noise)``: offsets (float32, length H; 0 for rows
+    with fewer than ``min_flat`` flat pixels), the number of flat pixels used per row
+    (every ``col_step``-th column is used), and the per-pixel noise sigma
+    (:func:`segsem_cli.edges.estimate_noise`).
+    """
+    import cv2
+
+    from .edges import estimate_noise
+
+    a0 = np.asarray(pixels)
+    if a0.ndim != 2:
+        raise SegsemError(f"scan_line_offsets: expected a 2-D image, got shape {a0.shape}")
+    if sigma_lines <= 0 or col_step < 1 or min_flat < 1:
+        raise SegsemError("scan_line_offsets: sigma_lines must be > 0, col_step and min_flat >= 1")
+    h = a0.shape[0]
+    a = np.ascontiguousarray(a0[:, ::col_step], dtype=np.float32)
+    noise = float(estimate_noise(a0))
+    if h < 3 or a.shape[1] < min_flat or noise <= 0:
+        return np.zeros(h, np.float32), np.zeros(h, np.int64), noise
+    # flatness: vertical change of a smoothed copy, against what noise and stripes alone give it
+    kx = _gauss_kernel(FLAT_SIGMA_U / col_step)
+    ky = _gauss_kernel(FLAT_SIGMA_V)
+    kd = (np.r_[ky, 0.0, 0.0] - np.r_[0.0, 0.0, ky]).astype(np.float32) / np.float32(2.0)
+    gy = np.abs(cv2.sepFilter2D(a, -1, kx, kd, borderType=cv2.BORDER_REFLECT))
+    reach = int(2 * np.ceil(2.0 * sigma_lines) + 1)
+    gy = cv2.dilate(gy, np.ones((reach, 1), np.uint8), borderType=cv2.BORDER_REPLICATE)
+    stripe_var = max(0.0, _vertical_sigma(a0) ** 2 - noise ** 2)  # line-to-line variance, roughly
+    gy_sigma = float(np.sqrt(np.sum(kd.astype(np.float64) ** 2)
+                             * (noise ** 2 * np.sum(kx.astype(np.float64) ** 2) + stripe_var)))
+    flat = (gy <= np.float32(FLAT_K * gy_sigma)).astype(np.float32)
+    counts = flat.sum(axis=1)
+    kern = _gauss_kernel(sigma_lines)
+    one = np.ones(1, np.float32)
+    clip = np.float32(3.0 * noise)
+    total = np.zeros(h, np.float32)
+    cur = a
+    use = counts >= min_flat
+    for _ in range(max(1, int(iterations))):
+        resid = cur - cv2.sepFilter2D(cur, -1, one, kern, borderType=cv2.BORDER_REFLECT)
+        o = np.zeros(h, np.float32)
+        for _k in range(2):  # robust mean: residuals clipped at 3 sigma around the current estimate
+            rc = np.clip(resid - o[:, None], -clip, clip)
+            o += np.einsum("ij,ij->i", rc, flat) / np.maximum(counts, 1.0)
+        o[~use] = 0.0
+        cur = cur - o[:, None]
+        total += o
+    return total, np.where(use, counts, 0).astype(np.int64), noise
+
+
+def correct_scan_lines(pixels: np.ndarray, *, mode: str = "auto", significance: float = 2.0,
+                       **kwargs: Any) -> tuple[np.ndarray, ScanLineCorrection]:
+    """Subtract significant scan-line offsets (see the module docstring).
+
+    Returns ``(pixels_out, report)``: the input array itself when nothing is
+    applied, else a float32 copy with the (shrunk, 1/4-grey-rounded) offsets removed.
+    """
+    if mode not in SCAN_LINE_MODES:
+        raise SegsemError(f"scan-line correction: mode must be one of {', '.join(SCAN_LINE_MODES)}, got {mode!r}")
+    if mode == "off":
+        return pixels, ScanLineCorrection(False, 0.0, 0.0, 0.0, 0)
+    off, counts, noise = scan_line_offsets(pixels, **kwargs)
+    used = counts > 0
+    n_used = int(used.sum())
+    if n_used < 8:
+        return pixels, ScanLineCorrection(False, 0.0, 0.0, 0.0, n_used)
+    observed = float(np.mean(off[used].astype(np.float64) ** 2))
+    expected = float(np.mean((1.1 * noise) ** 2 / counts[used]))  # variance of a clipped mean of n pixels
+    applied = observed > significance * expected
+    shrink = 1.0 - expected / observed if applied else 0.0
+    report = ScanLineCorrection(bool(applied), float(np.sqrt(observed)), float(np.sqrt(expected)),
+                                float(shrink), n_used)
+    if not applied:
+        return pixels, report
+    step = np.rint(off * np.float32(4.0 * shrink)) / np.float32(4.0)  # multiples of 1/4 grey level
+    return np.asarray(pixels, dtype=np.float32) - step[:, None], report
+
+
+__all__ = ["SCAN_LINE_MODES", "ScanLineCorrection", "correct_scan_lines", "scan_line_offsets"]
