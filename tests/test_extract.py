@@ -68,6 +68,19 @@ def test_alignment_evidence_is_reported_and_weak_axes_flag_the_image(extracted):
             assert rec["status"] == "ambiguous" and "no straight feature sides fix" in rec["align_message"]
 
 
+def test_scan_line_report(extracted):
+    # the report is there whether or not the offsets were significant enough to be removed
+    m, out = extracted
+    for p in sorted((out / "images").glob("*.json")):
+        sl = json.loads(p.read_text())["scan_lines"]
+        assert set(sl) == {"applied", "rms_grey", "noise_floor_grey", "shrink", "lines_measured"}
+        assert sl["lines_measured"] > 0 and sl["noise_floor_grey"] > 0
+        if sl["applied"]:
+            assert sl["rms_grey"] ** 2 > 1.99 * sl["noise_floor_grey"] ** 2 and 0 < sl["shrink"] < 1
+        else:
+            assert sl["shrink"] == 0
+
+
 def test_alignment_recovers_stage_error(extracted):
     m, out = extracted
     truth = json.loads((m.parent / "truth.json").read_text())["images"]
@@ -177,6 +190,7 @@ def test_workers_give_the_same_contours(tmp_path):
         (["--fallback-opt", "threshold"], "--fallback-opt: 'threshold' is not key=value"),
         (["--no-such-option"], "No such option: --no-such-option"),  # a usage error, not a traceback
         (["--workers", "many"], "Invalid value for '--workers'"),
+        (["--scan-lines", "rows"], "--scan-lines: 'rows' is not one of auto, off"),
     ],
 )
 def test_bad_options_one_line_error(tmp_path, capsys, args, message):
