@@ -307,20 +307,31 @@ def border_length(contour: np.ndarray, shape: tuple[int, int], *, tol: float = B
 
 
 def border_coverage(contour: np.ndarray, layout: np.ndarray, shape: tuple[int, int], *,
-                    min_layout_px: float = 8.0, tol: float = 1e-6) -> float | None:
-    """Share of the image border covered by a feature's layout polygon that its contour covers too.
+                    min_layout_px: float = 8.0, sliver_px: float = 12.0, tol: float = 1e-6) -> float | None:
+    """For a border *sliver*: the share of the image border its layout polygon covers that its contour covers too.
 
-    A shape cut by the field of view is traced along the border where it leaves
-    the image. If the contour runs along much less of the border than the layout
-    polygon (clipped to the image) does, only part of the cut shape was traced
-    (e.g. a sliver along the border whose noisy iso-line broke up). ``None`` when
-    the layout runs along less than ``min_layout_px`` of the border.
+    A sliver is a layout polygon whose part inside the image reaches at most
+    ``sliver_px`` in from the border side(s) it touches (a line running along the
+    edge of the field of view). On noisy images its iso-line breaks up and only a
+    piece of it may be traced; a contour running along much less of the border
+    than the layout (clipped to the image) does is such a piece. ``None`` for any
+    other polygon (a shape reaching deep into the image is judged by its real
+    edges; a rounded corner that barely crosses the border legitimately covers
+    less of it than its layout) and when the layout runs along less than
+    ``min_layout_px`` of the border.
     """
     import shapely
 
     h, w = shape
     lay = _shapely_polys([np.asarray(layout, np.float64)])[0]
     clipped = shapely.clip_by_rect(lay, 0.0, 0.0, float(w), float(h))
+    if clipped.is_empty:
+        return None
+    u0, v0, u1, v1 = clipped.bounds
+    depth = [d for touches, d in ((v0 <= tol, v1), (v1 >= h - tol, h - v0), (u0 <= tol, u1), (u1 >= w - tol, w - u0))
+             if touches]
+    if not depth or min(depth) > sliver_px:
+        return None
     along = sum(border_length(np.asarray(g.exterior.coords)[:-1], shape, tol=tol)
                 for g in getattr(clipped, "geoms", [clipped]) if isinstance(g, shapely.Polygon) and not g.is_empty)
     if along < min_layout_px:

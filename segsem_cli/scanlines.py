@@ -98,7 +98,7 @@ def scan_line_offsets(pixels: np.ndarray, *, sigma_lines: float = 3.0, min_flat:
         raise SegsemError("scan_line_offsets: sigma_lines must be > 0, col_step and min_flat >= 1")
     h = a0.shape[0]
     a = np.ascontiguousarray(a0[:, ::col_step], dtype=np.float32)
-    noise = float(estimate_noise(a0))
+    noise = float(estimate_noise(a0, stride=8))
     if h < 3 or a.shape[1] < min_flat or noise <= 0:
         return np.zeros(h, np.float32), np.zeros(h, np.int64), noise
     # flatness: vertical change of a smoothed copy, against what noise and stripes alone give it
@@ -108,26 +108,28 @@ def scan_line_offsets(pixels: np.ndarray, *, sigma_lines: float = 3.0, min_flat:
     gy = np.abs(cv2.sepFilter2D(a, -1, kx, kd, borderType=cv2.BORDER_REFLECT))
     reach = int(2 * np.ceil(2.0 * sigma_lines) + 1)
     gy = cv2.dilate(gy, np.ones((reach, 1), np.uint8), borderType=cv2.BORDER_REPLICATE)
-    stripe_var = max(0.0, _vertical_sigma(a0) ** 2 - noise ** 2)  # line-to-line variance, roughly
+    stripe_var = max(0.0, _vertical_sigma(a0, stride=8) ** 2 - noise ** 2)  # line-to-line variance, roughly
     gy_sigma = float(np.sqrt(np.sum(kd.astype(np.float64) ** 2)
                              * (noise ** 2 * np.sum(kx.astype(np.float64) ** 2) + stripe_var)))
     flat = (gy <= np.float32(FLAT_K * gy_sigma)).astype(np.float32)
     counts = flat.sum(axis=1)
     kern = _gauss_kernel(sigma_lines)
-    one = np.ones(1, np.float32)
     clip = np.float32(3.0 * noise)
     total = np.zeros(h, np.float32)
-    cur = a
     use = counts >= min_flat
+    inv = np.float32(1.0) / np.maximum(counts, np.float32(1.0))
+    # row minus the Gaussian average of its neighbours; after removing offsets o the same
+    # residual is resid - (o - gauss(o)) per row (the filter is linear), so it is computed once
+    resid = a - cv2.sepFilter2D(a, -1, np.ones(1, np.float32), kern, borderType=cv2.BORDER_REFLECT)
+    shift = np.zeros(h, np.float32)  # (total - gauss(total)) per row
     for _ in range(max(1, int(iterations))):
-        resid = cur - cv2.sepFilter2D(cur, -1, one, kern, borderType=cv2.BORDER_REFLECT)
         o = np.zeros(h, np.float32)
         for _k in range(2):  # robust mean: residuals clipped at 3 sigma around the current estimate
-            rc = np.clip(resid - o[:, None], -clip, clip)
-            o += np.einsum("ij,ij->i", rc, flat) / np.maximum(counts, 1.0)
+            rc = np.clip(resid - (shift + o)[:, None], -clip, clip)
+            o += np.einsum("ij,ij->i", rc, flat) * inv
         o[~use] = 0.0
-        cur = cur - o[:, None]
         total += o
+        shift = total - np.convolve(np.pad(total, len(kern) // 2, mode="reflect"), kern, mode="valid")
     return total, np.where(use, counts, 0).astype(np.int64), noise
 
 

@@ -452,29 +452,37 @@ def test_border_coverage():
     from segsem_cli.contours import border_coverage, border_length
 
     shape = (100, 120)
-    lay = np.array([[10.0, -20.0], [40.0, -20.0], [40.0, 50.0], [10.0, 50.0]])  # leaves through v = 0
-    full = np.array([[10.5, 0.0], [39.5, 0.0], [39.5, 49.0], [10.5, 49.0]])
-    third = np.array([[10.5, 0.0], [20.5, 0.0], [20.5, 49.0], [10.5, 49.0]])
-    assert border_length(full, shape) == pytest.approx(29.0)
-    assert border_coverage(full, lay, shape) == pytest.approx(29.0 / 30.0)
-    assert border_coverage(third, lay, shape) == pytest.approx(10.0 / 30.0)
+    lay = np.array([[10.0, -6.0], [70.0, -6.0], [70.0, 8.0], [10.0, 8.0]])  # a sliver along v = 0, 8 px deep
+    full = np.array([[10.5, 0.0], [69.5, 0.0], [69.5, 7.5], [10.5, 7.5]])
+    third = np.array([[10.5, 0.0], [30.5, 0.0], [30.5, 7.5], [10.5, 7.5]])
+    assert border_length(full, shape) == pytest.approx(59.0)
+    assert border_coverage(full, lay, shape) == pytest.approx(59.0 / 60.0)
+    assert border_coverage(third, lay, shape) == pytest.approx(20.0 / 60.0)
     # the closing segment counts too (contour starting mid-border)
-    assert border_coverage(np.roll(full, 1, axis=0), lay, shape) == pytest.approx(29.0 / 30.0)
-    inside = np.array([[10.0, 5.0], [40.0, 5.0], [40.0, 50.0], [10.0, 50.0]])
-    assert border_coverage(full, inside, shape) is None  # the layout does not reach the border
+    assert border_coverage(np.roll(full, 1, axis=0), lay, shape) == pytest.approx(59.0 / 60.0)
+    # the same along the bottom edge (v = H)
+    flip = lambda p: np.c_[p[:, 0], 100.0 - p[:, 1]]  # noqa: E731
+    assert border_coverage(flip(third), flip(lay), shape) == pytest.approx(20.0 / 60.0)
+    # not a sliver (reaches 50 px in) or not on the border: nothing to judge
+    deep = np.array([[10.0, -6.0], [70.0, -6.0], [70.0, 50.0], [10.0, 50.0]])
+    assert border_coverage(third, deep, shape) is None
+    inside = lay + [0.0, 20.0]
+    assert border_coverage(full, inside, shape) is None
 
 
-def test_partly_traced_border_feature_is_reported_partial():
-    # the layout bar leaves the image through the top; only a third of its width printed there,
-    # so no contour along the border can stand for it: `partial`, never a made-up shape
-    printed = [rect(20.3, -10.0, 40.6, 60.4)]
-    lay = [rect(20.3, -10.0, 80.6, 60.4).polygon()]
+def test_partly_traced_border_sliver_is_reported_partial():
+    # a line running along the top of the field of view, 9 px of it inside; only 45 % of it
+    # printed: no contour along the border can stand for the whole sliver, so `partial`
+    lay = [rect(10.3, -6.0, 110.6, 9.2).polygon()]
+    printed = [rect(10.3, -6.0, 55.6, 9.2)]
     img = make_image(render(printed, SHAPE, rim=RIM, blur=BLUR, noise=0.02, seed=3))
     feats = make_features(img, lay, clipped=[True])
     r, = fallback("threshold").extract(img, feats)
-    assert r.status == "partial" and r.contour_px is None
-    assert r.extra["border_coverage"] == pytest.approx(20.3 / 60.3, abs=0.05)
-    # the same print against a matching layout is an ordinary clipped result
-    feats = make_features(img, [printed[0].polygon()], clipped=[True])
+    assert r.status == "partial" and r.contour_px is None, (r.status, r.extra)
+    assert r.extra["border_coverage"] == pytest.approx(45.3 / 100.3, abs=0.04)
+    # the whole sliver printed: an ordinary clipped result along its full length
+    img = make_image(render([rect(10.3, -6.0, 110.6, 9.2)], SHAPE, rim=RIM, blur=BLUR, noise=0.02, seed=3))
     r, = fallback("threshold").extract(img, feats)
-    assert r.ok and r.extra["clipped"] and r.extra["border_coverage"] > 0.9
+    assert r.ok and r.extra["clipped"] and r.extra["border_coverage"] > 0.95, (r.status, r.extra)
+    assert np.abs(r.contour_px[(r.contour_px[:, 0] > 20) & (r.contour_px[:, 0] < 100)
+                               & (r.contour_px[:, 1] > 1), 1] - 9.2).max() < 0.6
