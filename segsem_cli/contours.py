@@ -289,11 +289,8 @@ def border_fraction(contour: np.ndarray, shape: tuple[int, int], *, tol: float =
     c = np.asarray(contour, dtype=np.float64)
     if len(c) < 2:
         return 0.0
-    on = _border_lines(c, shape, tol)
-    same = np.any(on & np.roll(on, -1, axis=0), axis=1)
-    seg = np.hypot(*(np.roll(c, -1, axis=0) - c).T)
-    total = float(seg.sum())
-    return float(seg[same].sum() / total) if total > 0 else 0.0
+    total = perimeter(c)
+    return border_length(c, shape, tol=tol) / total if total > 0 else 0.0
 
 
 def border_length(contour: np.ndarray, shape: tuple[int, int], *, tol: float = BORDER_TOL) -> float:

@@ -77,17 +77,20 @@ SUBSTRATE_SIDES = ("auto", "inside", "outside")
 
 # ----------------------------------------------------------------------------- image prep
 
-def estimate_noise(pixels: np.ndarray, *, stride: int = 4) -> float:
+def estimate_noise(pixels: np.ndarray, *, stride: int = 4, axis: int = 1) -> float:
     """Robust per-pixel noise sigma of an image (grey levels).
 
-    ``1.4826 * MAD`` of horizontal neighbour differences divided by
-    ``sqrt(2)``; edges occupy few pixels, so the median ignores them. Rows are
-    subsampled with ``stride`` for speed.
+    ``1.4826 * MAD`` of neighbour differences along ``axis`` (1: horizontal,
+    within scan lines; 0: vertical, which also sees line-to-line offsets) divided
+    by ``sqrt(2)``; edges occupy few pixels, so the median ignores them. Lines
+    across ``axis`` are subsampled with ``stride`` for speed.
     """
-    a = np.asarray(np.asarray(pixels)[::max(1, int(stride))], dtype=np.float32)  # convert only the rows used
-    if a.shape[1] < 2:
+    p = np.asarray(pixels)
+    step = max(1, int(stride))
+    a = np.asarray(p[::step] if axis == 1 else p[:, ::step], dtype=np.float32)  # convert only the lines used
+    if a.shape[axis] < 2:
         return 0.0
-    d = (a[:, 1:] - a[:, :-1]).ravel()
+    d = (a[:, 1:] - a[:, :-1] if axis == 1 else a[1:] - a[:-1]).ravel()
     med = _median(d)
     return float(1.4826 * _median(np.abs(d - med)) / np.sqrt(2.0))
 

@@ -67,17 +67,6 @@ def _gauss_kernel(sigma: float) -> np.ndarray:
 FLAT_SIGMA_U, FLAT_SIGMA_V, FLAT_K = 4.0, 3.0, 4.5
 
 
-def _vertical_sigma(pixels: np.ndarray, stride: int = 4) -> float:
-    """Robust sigma of vertical neighbour differences / sqrt(2) (pixel noise plus line-to-line offsets)."""
-    from .edges import _median
-
-    a = np.asarray(pixels)[:, ::max(1, int(stride))].astype(np.float32)
-    if a.shape[0] < 2:
-        return 0.0
-    d = (a[1:] - a[:-1]).ravel()
-    return float(1.4826 * _median(np.abs(d - _median(d))) / np.sqrt(2.0))
-
-
 def scan_line_offsets(pixels: np.ndarray, *, sigma_lines: float = 3.0, min_flat: int = 32,
                       col_step: int = 2, iterations: int = 2) -> tuple[np.ndarray, np.ndarray, float]:
     """Per-row additive offsets of an image (grey levels), see the module docstring.
@@ -108,7 +97,7 @@ def scan_line_offsets(pixels: np.ndarray, *, sigma_lines: float = 3.0, min_flat:
     gy = np.abs(cv2.sepFilter2D(a, -1, kx, kd, borderType=cv2.BORDER_REFLECT))
     reach = int(2 * np.ceil(2.0 * sigma_lines) + 1)
     gy = cv2.dilate(gy, np.ones((reach, 1), np.uint8), borderType=cv2.BORDER_REPLICATE)
-    stripe_var = max(0.0, _vertical_sigma(a0, stride=8) ** 2 - noise ** 2)  # line-to-line variance, roughly
+    stripe_var = max(0.0, estimate_noise(a0, stride=8, axis=0) ** 2 - noise ** 2)  # line-to-line variance, roughly
     gy_sigma = float(np.sqrt(np.sum(kd.astype(np.float64) ** 2)
                              * (noise ** 2 * np.sum(kx.astype(np.float64) ** 2) + stripe_var)))
     flat = (gy <= np.float32(FLAT_K * gy_sigma)).astype(np.float32)
