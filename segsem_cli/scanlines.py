@@ -108,7 +108,8 @@ def scan_line_offsets(pixels: np.ndarray, *, sigma_lines: float = 3.0, min_flat:
     use = counts >= min_flat
     inv = np.float32(1.0) / np.maximum(counts, np.float32(1.0))
     # row minus the Gaussian average of its neighbours; after removing offsets o the same
-    # residual is resid - (o - gauss(o)) per row (the filter is linear), so it is computed once
+    # residual is resid - (o - gauss(o)) per row (the filter is linear; numpy 'symmetric' is cv2's
+    # BORDER_REFLECT), so it is computed once
     resid = a - cv2.sepFilter2D(a, -1, np.ones(1, np.float32), kern, borderType=cv2.BORDER_REFLECT)
     shift = np.zeros(h, np.float32)  # (total - gauss(total)) per row
     for _ in range(max(1, int(iterations))):
@@ -118,7 +119,7 @@ def scan_line_offsets(pixels: np.ndarray, *, sigma_lines: float = 3.0, min_flat:
             o += np.einsum("ij,ij->i", rc, flat) * inv
         o[~use] = 0.0
         total += o
-        shift = total - np.convolve(np.pad(total, len(kern) // 2, mode="reflect"), kern, mode="valid")
+        shift = total - np.convolve(np.pad(total, len(kern) // 2, mode="symmetric"), kern, mode="valid")
     return total, np.where(use, counts, 0).astype(np.int64), noise
 
 
