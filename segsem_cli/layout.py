@@ -87,6 +87,64 @@ class Layout:
         return out
 
 
+BORDER_MARGIN_PX = 6.0  # design polygons this close outside the field of view are border candidates
+BORDER_SEED_PX = 4.0  # depth of a candidate's seed strip inside the image
+BORDER_KEEPOUT_PX = 2.0  # the seed strip keeps this far from every other design polygon
+
+
+def border_candidates(layout: Layout, transform: PixelTransform, *, margin_px: float = BORDER_MARGIN_PX,
+                      seed_px: float = BORDER_SEED_PX) -> list[Feature]:
+    """Design polygons just outside the field of view whose print may still reach into it.
+
+    A printed shape is not its design polygon: bias, line-edge roughness,
+    corner rounding and the residual stage error move its edges by a few
+    pixels, so a polygon ending up to ``margin_px`` outside the image can
+    print a sliver along the image border. :func:`features_in_view` does not
+    return such polygons (nothing of the design is in view); this function
+    does, as seeds for the extraction.
+
+    Each candidate is a :class:`Feature` ``p<index>`` (the design reference)
+    whose polygon is a *seed strip*: the design polygon grown by its gap to
+    the field of view plus ``seed_px``, clipped to the field of view (so the
+    strip reaches ``seed_px`` into the image, within the fallbacks' edge
+    search of a print that protrudes up to about ``margin_px + seed_px``),
+    minus every other design polygon grown by ``BORDER_KEEPOUT_PX`` (a
+    neighbour's print is never taken for the candidate's). ``clipped`` is
+    True. A candidate is kept in the output only when its extraction finds a
+    clean edge (see :func:`segsem_cli.pipeline.process_image`); otherwise it
+    is dropped without a report, since nothing of it was expected in view.
+    """
+    if not margin_px > 0:
+        return []
+    px = float(transform.pixel_nm)
+    fov_bb = transform.field_of_view_nm()
+    h, w = transform.shape
+    fov = Polygon(transform.to_layout(np.array([[0.0, 0.0], [w, 0.0], [w, h], [0.0, h]])))
+    near = layout.query(transform.field_of_view_nm(margin_px + BORDER_KEEPOUT_PX))
+    inside = set(layout.query(fov_bb))
+    ids = [i for i in near if i not in inside]
+    if not ids:
+        return []
+    keepout = {i: layout.polygons[i].buffer(BORDER_KEEPOUT_PX * px, join_style="mitre") for i in near}
+    out = []
+    for i in ids:
+        poly = layout.polygons[i]
+        gap = float(poly.distance(fov))
+        if gap > margin_px * px:
+            continue
+        seed = poly.buffer(gap + seed_px * px, join_style="mitre").intersection(fov)
+        others = [keepout[j] for j in near if j != i and keepout[j].intersects(seed)]
+        if others:
+            seed = seed.difference(shapely.union_all(others))
+        parts = [g for g in getattr(seed, "geoms", [seed]) if isinstance(g, Polygon) and g.area >= 2.0 * px * px]
+        if not parts:
+            continue
+        part = max(parts, key=lambda g: g.area)
+        ext = np.asarray(part.exterior.coords, dtype=float)[:-1]
+        out.append(Feature(f"p{i}", ext, transform.to_pixel(ext), True))
+    return out
+
+
 def _read_library(path: Path):
     import gdstk
 

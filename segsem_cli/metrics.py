@@ -182,6 +182,27 @@ def epe_samples(
 
 # --------------------------------------------------------------------------- per image
 
+SLIVER_DEPTH_PX = 3.0  # border slivers reaching on average less than this into the image are not scored
+
+
+def _border_depth(feature: Any, fov_nm: Any) -> float:
+    """Mean depth (nm) to which a feature cut by the field of view reaches into it: the area of its
+    part inside over the length of the field-of-view border that part lies on; ``inf`` for a
+    feature not cut by the border."""
+    import shapely
+
+    reg = _region([feature])
+    if reg is None or shapely.within(reg, fov_nm):
+        return math.inf
+    vis = shapely.intersection(reg, fov_nm)
+    along = shapely.length(shapely.intersection(vis.boundary, fov_nm.exterior))
+    if not along > 0:  # a rotated field of view: its edges and the clipped ones may differ by rounding
+        along = shapely.length(shapely.intersection(vis.boundary, fov_nm.exterior.buffer(1e-9 * fov_nm.length)))
+    if not along > 0:
+        return math.inf
+    return float(vis.area / along)
+
+
 
 def _stats(d: np.ndarray) -> dict[str, float | None]:
     if len(d) == 0:
@@ -220,6 +241,8 @@ class ImageScore:
     missing_ids: list[str] = field(default_factory=list)
     extra_ids: list[str] = field(default_factory=list)
     match_dist_nm: float = 0.0
+    n_sliver: int = 0
+    sliver_ids: list[str] = field(default_factory=list)
     samples_nm: np.ndarray = field(default_factory=lambda: np.zeros(0), repr=False)
 
     def _px(self, v: float | None) -> float | None:
@@ -257,6 +280,8 @@ class ImageScore:
             "match_dist_nm": self.match_dist_nm,
             "missing_ids": list(self.missing_ids),
             "extra_ids": list(self.extra_ids),
+            "n_sliver": self.n_sliver,
+            "sliver_ids": list(self.sliver_ids),
         }
 
 
@@ -278,6 +303,7 @@ def evaluate_image(
     step_nm: float = 0.5,
     fov_nm: Any = None,
     border_nm: float | None = None,
+    sliver_depth_px: float = SLIVER_DEPTH_PX,
     name: str = "",
 ) -> ImageScore:
     """Score predicted contours of one image against the true features.
@@ -297,6 +323,12 @@ def evaluate_image(
         closer than ``border_nm`` (default ``2 * pixel_nm``) to its edge or
         outside it are ignored (contours cut by the image border are not
         scored on the cut), and features with no sample left are not counted.
+    sliver_depth_px : with ``fov_nm``, a true feature cut by the field of view
+        whose part inside reaches on average less than this far into the image
+        (visible area / visible length of the image border it covers) is a
+        *border sliver*: its sidewall top, the rim that every edge rule needs,
+        is not in view, so it is counted in ``n_sliver`` / ``sliver_ids`` and
+        neither scored nor counted missing. 0 turns this off.
     name : the image name reported.
     """
     if not (pixel_nm > 0 and math.isfinite(pixel_nm)):
@@ -337,9 +369,13 @@ def evaluate_image(
 
     n_true = n_missing = 0
     missing_ids: list[str] = []
+    sliver_ids: list[str] = []
     kept: list[np.ndarray] = []
     for i, (f, pts) in enumerate(zip(truth_features, samples_of(truth_features))):
         if len(pts) == 0:
+            continue
+        if fov_nm is not None and sliver_depth_px > 0 and _border_depth(f, fov_nm) < sliver_depth_px * pixel_nm:
+            sliver_ids.append(_feature_id(f, i))
             continue
         n_true += 1
         d = pred_boundary.distance(pts)
@@ -377,6 +413,8 @@ def evaluate_image(
         missing_ids=missing_ids,
         extra_ids=extra_ids,
         match_dist_nm=match,
+        n_sliver=len(sliver_ids),
+        sliver_ids=sliver_ids,
         samples_nm=samples,
     )
 
@@ -397,6 +435,7 @@ def aggregate(scores: Iterable[ImageScore]) -> dict[str, Any]:
         "n_matched": sum(s.n_matched for s in scores),
         "n_missing": sum(s.n_missing for s in scores),
         "n_extra": sum(s.n_extra for s in scores),
+        "n_sliver": sum(s.n_sliver for s in scores),
         "n_samples": int(len(nm)),
         "epe_rms_nm": st["rms"],
         "epe_p95_nm": st["p95"],
@@ -738,6 +777,7 @@ def evaluate_run(
     match_dist_nm: float | None = None,
     missing_frac: float = 0.5,
     step_nm: float = 0.5,
+    sliver_depth_px: float = SLIVER_DEPTH_PX,
     overlays_dir=None,
 ) -> dict[str, Any]:
     """Score a contour file against a truth directory (what ``segsem evaluate`` runs).
@@ -752,6 +792,8 @@ def evaluate_run(
         compared with ``gauges_truth.csv`` (``true_cd_nm``).
     assign : ``"auto"`` (CSV: by image name, falling back to field of view;
         layout files: by field of view), ``"name"`` or ``"fov"``.
+    sliver_depth_px : border slivers shallower than this are counted apart,
+        not scored (see :func:`evaluate_image`); 0 scores every feature.
     overlays_dir : if given, write ``<image>.png`` overlays there (truth
         green, prediction red).
 
@@ -791,6 +833,7 @@ def evaluate_run(
             match_dist_nm=match_dist_nm,
             step_nm=step_nm,
             fov_nm=im.fov_nm,
+            sliver_depth_px=sliver_depth_px,
             name=im.name,
         )
         for im in images
@@ -829,6 +872,7 @@ def evaluate_run(
             "match_dist_px": DEFAULT_MATCH_PX if match_dist_nm is None else None,
             "missing_frac": missing_frac,
             "step_nm": step_nm,
+            "sliver_depth_px": sliver_depth_px,
         },
         "n_pred_records": len(records),
         "unassigned": unassigned,

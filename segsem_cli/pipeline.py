@@ -57,6 +57,7 @@ class ExtractConfig:
     search_px: float | None = None  # None: align.search_range_px (40 px or 40 nm, whichever is more)
     polarity: str = "auto"
     scan_lines: str = "off"  # scan-line offset correction (segsem_cli.scanlines): auto | off
+    border_margin_px: float = 6.0  # design polygons this close outside the image are tried (layout.border_candidates)
     align: bool = True
     edge_align: bool = True
     workers: int = 1
@@ -81,6 +82,7 @@ class ExtractConfig:
             search_px=self.search_px,
             polarity=self.polarity,
             scan_lines=self.scan_lines,
+            border_margin_px=self.border_margin_px,
             align=self.align,
             edge_align=self.edge_align,
             refine=self.refine,
@@ -151,7 +153,7 @@ def process_image(row: ManifestRow, state: _State) -> dict:
     from .align import align_to_layout
     from .hybrid import combine
     from .images import read_sem
-    from .layout import features_in_view
+    from .layout import border_candidates, features_in_view
     from .scanlines import correct_scan_lines
 
     cfg = state.cfg
@@ -201,18 +203,21 @@ def process_image(row: ManifestRow, state: _State) -> dict:
         rec.update(status="failed", message="no layout features in the field of view", features=[], timings=timings)
         return rec
     image = SEMImage(Path(row.image), pixels, transform, dict(row.extra))
+    near = border_candidates(state.layout, transform, margin_px=cfg.border_margin_px)
 
-    results, stage_times = combine(
-        image,
-        feats,
-        fallback=state.fallback,
-        fallback_options=state.fallback_options,
-        model=state.model,
-        threshold=state.threshold,
-        refine=cfg.refine,
-        edge_options=state.edge_options,
-        mode=cfg.mode,
-    )
+    def run(fs):
+        return combine(image, fs, fallback=state.fallback, fallback_options=state.fallback_options, model=state.model,
+                       threshold=state.threshold, refine=cfg.refine, edge_options=state.edge_options, mode=cfg.mode)
+
+    results, stage_times = run(feats + near)
+    near_results = results[len(feats):]
+    results = results[:len(feats)]
+    near_ids = {f.feature_id for f in near}
+    if any(near_ids.intersection(r.extra.get("merged_with") or ()) for r in results):
+        # a border candidate shared a printed shape with a feature in view: that shape is the
+        # in-view feature's alone, so extract the in-view features again without candidates
+        results, stage_times = run(feats)
+        near_results = []
     timings.update(stage_times)
 
     if cfg.align and cfg.edge_align:
@@ -250,6 +255,13 @@ def process_image(row: ManifestRow, state: _State) -> dict:
             rec["ambiguous"] = True
             rec["align_status"] = "ambiguous"
 
+    # border candidates enter the output only with a clean extracted edge (nothing of them was expected)
+    kept = [(f, r) for f, r in zip(near, near_results) if r.ok]
+    rec["border_candidates"] = {"tried": len(near), "kept": len(kept)}
+    feats = feats + [f for f, _ in kept]
+    results = list(results) + [r for _, r in kept]
+    kept_ids = {f.feature_id for f, _ in kept}
+
     t0 = time.perf_counter()
     out_feats = []
     for f, r in zip(feats, results):
@@ -260,6 +272,8 @@ def process_image(row: ManifestRow, state: _State) -> dict:
             status=r.status,
             clipped=bool(f.clipped or r.extra.get("clipped")),
         )
+        if f.feature_id in kept_ids:
+            item["design_outside"] = True  # its design polygon lies outside the image; only the print reaches in
         for k, v in r.extra.items():
             if isinstance(v, (int, float, str, bool)) and k not in item:
                 item[k] = round(v, 4) if isinstance(v, float) else v

@@ -195,6 +195,7 @@ def test_workers_give_the_same_contours(tmp_path):
         (["--no-such-option"], "No such option: --no-such-option"),  # a usage error, not a traceback
         (["--workers", "many"], "Invalid value for '--workers'"),
         (["--scan-lines", "rows"], "--scan-lines: 'rows' is not one of auto, off"),
+        (["--border-margin", "-1"], "--border-margin: must be between 0 and 64 pixels, got -1.0"),
     ],
 )
 def test_bad_options_one_line_error(tmp_path, capsys, args, message):
@@ -244,3 +245,45 @@ def test_edge_alignment_corrects_a_residual_misalignment(tmp_path, monkeypatch):
     for axis in (0, 1):
         if ea["applied"][axis]:
             assert abs(errs[True][axis]) < 0.25, (axis, errs[True], ea)
+
+
+def test_print_reaching_in_from_a_design_polygon_outside_the_image(tmp_path):
+    """A design polygon 2 px beyond the top border prints 7 px into the image (a biased print):
+    it is extracted as a border candidate, carries its design reference and `design_outside`.
+    A polygon 3 px beyond the left border that did not print is tried and dropped, unreported."""
+    import gdstk
+    import tifffile
+
+    from segsem_cli.pipeline import ExtractConfig, run_extract
+    from synthetic_helpers import Rim, convention_edge, rect, render
+
+    rim, blur = Rim(rim=4.0), 0.8
+    # 128 x 128 px at 1 nm/px centred on (0, 0) nm: u = x + 64, v = 64 - y
+    printed = [rect(34, 44, 74, 104), rect(44, -36, 104, 7.0)]
+    img = render(printed, (128, 128), rim=rim, blur=blur, noise=0.01, seed=1)
+    tifffile.imwrite(tmp_path / "a.tif", np.round(img * 40000).astype(np.uint16))
+    (tmp_path / "m.csv").write_text("image,x_nm,y_nm,pixel_nm\na.tif,0,0,1.0\n")
+    lib = gdstk.Library(unit=1e-9, precision=1e-12)
+    top = lib.new_cell("TOP")
+    top.add(gdstk.rectangle((-30, -40), (10, 20), layer=1))  # in view, printed as drawn
+    top.add(gdstk.rectangle((-20, 66), (40, 100), layer=1))  # 2 px beyond the top border; its print reaches v = 7
+    top.add(gdstk.rectangle((-100, -30), (-67, 30), layer=1))  # 3 px beyond the left border, not printed
+    lib.write_gds(tmp_path / "l.gds")
+    outs = {}
+    for margin in (0.0, 6.0):
+        out = tmp_path / f"out{margin:g}"
+        run_extract(ExtractConfig(manifest=tmp_path / "m.csv", layout=tmp_path / "l.gds", out=out, export="csv",
+                                  overlays=False, align=False, border_margin_px=margin))
+        outs[margin] = json.loads((out / "images" / "a.json").read_text())
+    ids = {p: [f["feature_id"] for f in rec["features"]] for p, rec in outs.items()}
+    lay = __import__("segsem_cli.layout", fromlist=["load_layout"]).load_layout(tmp_path / "l.gds")
+    top_id = next(f"p{i}" for i, p in enumerate(lay.polygons) if p.bounds[1] == 66.0)
+    assert top_id not in ids[0.0] and len(ids[0.0]) == 1
+    assert outs[6.0]["border_candidates"] == {"tried": 2, "kept": 1}
+    f = next(f for f in outs[6.0]["features"] if f["feature_id"] == top_id)
+    assert f["status"] == "ok" and f["design_outside"] and f["clipped"]
+    xy = np.asarray(f["exterior_nm"])
+    edge_y = 64.0 - (7.0 + convention_edge(rim, blur=blur))  # where the rule puts the printed edge
+    inner = xy[(xy[:, 1] < 62.0) & (xy[:, 0] > -15) & (xy[:, 0] < 35)]
+    assert len(inner) > 20 and np.abs(inner[:, 1] - edge_y).max() < 0.3, (inner[:, 1].min(), inner[:, 1].max(), edge_y)
+    assert xy[:, 1].max() == pytest.approx(64.0)  # closed along the top border

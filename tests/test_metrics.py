@@ -131,6 +131,28 @@ def test_fov_border_samples_are_ignored():
     assert outside.n_true == 0 and outside.n_missing == 0 and outside.epe_rms_nm is None
 
 
+def test_border_slivers_are_counted_apart():
+    fov = box(0, 0, 100, 100)
+    # a print reaching 1-4 px into the top of the image (sawtooth inner edge, mean depth 2.5 px):
+    # some of its samples lie beyond the 2 px border band, but its sidewall top is out of view
+    saw = [(20 + 5 * k, 96.0 if k % 2 else 99.0) for k in range(13)]
+    sliver = np.array(saw + [(80, 130), (20, 130)], dtype=float)
+    s = evaluate_image([sliver], [], pixel_nm=1.0, fov_nm=fov)
+    assert (s.n_sliver, s.n_true, s.n_missing) == (1, 0, 0) and s.sliver_ids == ["0"]
+    assert s.to_dict()["n_sliver"] == 1 and aggregate([s])["n_sliver"] == 1
+    # the same feature scored when the rule is off: nothing predicted, so missing
+    s0 = evaluate_image([sliver], [], pixel_nm=1.0, fov_nm=fov, sliver_depth_px=0)
+    assert (s0.n_sliver, s0.n_true, s0.n_missing) == (0, 1, 1)
+    # a 2 nm pixel halves the depth in pixels: 5 nm deep is a sliver at 2 nm/px, not at 1 nm/px
+    five = rect(20, 95, 80, 130)
+    assert evaluate_image([five], [], pixel_nm=1.0, fov_nm=fov).n_missing == 1
+    assert evaluate_image([five], [], pixel_nm=2.0, fov_nm=fov).n_sliver == 1
+    # a feature cut at a corner: depth = area inside / border length covered = 400 / 40 nm
+    from segsem_cli.metrics import _border_depth
+    assert _border_depth({"exterior": rect(-10, -10, 20, 20)}, fov) == pytest.approx(10.0)
+    assert _border_depth({"exterior": rect(10, 10, 20, 20)}, fov) == float("inf")
+
+
 def test_aggregate_pools_samples():
     a = evaluate_image([circle(20, 20000)], [circle(21, 20000)], pixel_nm=1.0)
     b = evaluate_image([circle(40, 20000)], [circle(43, 20000)], pixel_nm=2.0)

@@ -25,13 +25,13 @@ def print_report(result: dict[str, Any], console=None) -> None:
         title_justify="left", box=box.SIMPLE_HEAD, padding=(0, 0, 0, 1), pad_edge=False,
     )
     t.add_column("image", no_wrap=True, overflow="fold")
-    for col in ("true", "ok", "miss", "extra", "rms", "p95", "max", "bias", "rms px", "max px"):
+    for col in ("true", "ok", "miss", "extra", "sliver", "rms", "p95", "max", "bias", "rms px", "max px"):
         t.add_column(col, justify="right", no_wrap=True)
 
     def add(name, d, **kw):
         t.add_row(
             name, str(d["n_true"]), str(d["n_matched"]), str(d["n_missing"]), str(d["n_extra"]),
-            _f(d["epe_rms_nm"]), _f(d["epe_p95_nm"]), _f(d["epe_max_nm"]), _f(d["epe_bias_nm"]),
+            str(d.get("n_sliver", 0)), _f(d["epe_rms_nm"]), _f(d["epe_p95_nm"]), _f(d["epe_max_nm"]), _f(d["epe_bias_nm"]),
             _f(d["epe_rms_px"], 2), _f(d["epe_max_px"], 2), **kw,
         )
 
@@ -64,6 +64,7 @@ def register(app: typer.Typer) -> None:
         match_dist_nm: Optional[float] = typer.Option(None, "--match-dist-nm", help="Distance beyond which an edge counts as unmatched (default 4 pixels)."),
         missing_frac: float = typer.Option(0.5, "--missing-frac", help="A feature is missing/extra when more than this fraction of its contour is unmatched."),
         step_nm: float = typer.Option(0.5, "--step-nm", help="Sample spacing along the true contours (nm)."),
+        sliver_depth: float = typer.Option(3.0, "--sliver-depth", help="True features cut by the image border that reach on average less than this many pixels into the image (their sidewall top is out of view) are counted as slivers, not scored; 0 scores them all."),
     ):
         """Score extracted contours against ground truth: EPE per image and overall, missing and
         extra features, and (with --gauges) gauge CD bias, 3 sigma and max error.
@@ -84,6 +85,7 @@ def register(app: typer.Typer) -> None:
             match_dist_nm=match_dist_nm,
             missing_frac=missing_frac,
             step_nm=step_nm,
+            sliver_depth_px=sliver_depth,
             overlays_dir=overlays,
         )
         if not result["images"]:

@@ -1,6 +1,7 @@
 """``segsem extract``: SEM images in, contours in layout coordinates out."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Optional
 
@@ -43,6 +44,7 @@ def register(app: typer.Typer) -> None:
         edge_opt: Optional[list[str]] = typer.Option(None, "--edge-opt", help="Edge refinement option key=value, e.g. threshold=0.5, edge=peak."),
         no_refine: bool = typer.Option(False, "--no-refine", help="Keep the backbone's raw mask contours (no sub-pixel refinement)."),
         polarity: str = typer.Option("auto", "--polarity", help="Layout polygons print bright (resist lines) or dark (holes): auto|bright|dark. Resolves line/space ambiguity in alignment."),
+        border_margin: float = typer.Option(6.0, "--border-margin", help="Design polygons up to this many pixels outside the image are tried too: their print can still reach in (bias, roughness); kept only when a clean edge is found, flagged design_outside. 0 turns this off."),
         scan_lines: str = typer.Option("off", "--scan-lines", help="Scan-line (row) offset correction before alignment: auto (applied when the rows' offsets are significant over pixel noise; about 10 ms per 1024² image) or off."),
         search_px: Optional[float] = typer.Option(None, "--search-px", min=0.0, help="Largest stage error searched by alignment (pixels; default 40 px or 40 nm, whichever is more pixels)."),
         no_align: bool = typer.Option(False, "--no-align", help="Trust the nominal centres (no alignment)."),
@@ -94,6 +96,7 @@ def register(app: typer.Typer) -> None:
             device=device,
             gauges=gauges,
             search_px=search_px, polarity=_polarity(polarity), scan_lines=_choice(scan_lines, "--scan-lines", SCAN_LINE_MODES),
+            border_margin_px=_border_margin(border_margin),
             align=not no_align,
             edge_align=not no_edge_align,
             workers=workers,
@@ -167,3 +170,9 @@ def _choice(value: str, option: str, choices: tuple[str, ...]) -> str:
 
 def _polarity(value: str) -> str:
     return _choice(value, "--polarity", ("auto", "bright", "dark"))
+
+
+def _border_margin(value: float) -> float:
+    if not (math.isfinite(value) and 0.0 <= value <= 64.0):
+        raise SegsemError(f"--border-margin: must be between 0 and 64 pixels, got {value!r}")
+    return float(value)
