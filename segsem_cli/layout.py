@@ -122,18 +122,22 @@ def border_candidates(layout: Layout, transform: PixelTransform, *, margin_px: f
     fov = Polygon(transform.to_layout(np.array([[0.0, 0.0], [w, 0.0], [w, h], [0.0, h]])))
     near = layout.query(transform.field_of_view_nm(margin_px + BORDER_KEEPOUT_PX))
     inside = set(layout.query(fov_bb))
-    ids = [i for i in near if i not in inside]
-    if not ids:
-        return []
-    keepout = {i: layout.polygons[i].buffer(BORDER_KEEPOUT_PX * px, join_style="mitre") for i in near}
+    keep = BORDER_KEEPOUT_PX * px
     out = []
-    for i in ids:
+    for i in near:
+        if i in inside:
+            continue
         poly = layout.polygons[i]
         gap = float(poly.distance(fov))
         if gap > margin_px * px:
             continue
         seed = poly.buffer(gap + seed_px * px, join_style="mitre").intersection(fov)
-        others = [keepout[j] for j in near if j != i and keepout[j].intersects(seed)]
+        if seed.is_empty:
+            continue
+        x0, y0, x1, y1 = seed.bounds
+        others = [layout.polygons[j].buffer(keep, join_style="mitre")
+                  for j in layout.query((x0 - keep, y0 - keep, x1 + keep, y1 + keep)) if j != i]
+        others = [o for o in others if o.intersects(seed)]
         if others:
             seed = seed.difference(shapely.union_all(others))
         parts = [g for g in getattr(seed, "geoms", [seed]) if isinstance(g, Polygon) and g.area >= 2.0 * px * px]

@@ -203,7 +203,6 @@ def _border_depth(feature: Any, fov_nm: Any) -> float:
     return float(vis.area / along)
 
 
-
 def _stats(d: np.ndarray) -> dict[str, float | None]:
     if len(d) == 0:
         return {"rms": None, "p95": None, "max": None, "mean": None}
@@ -241,9 +240,13 @@ class ImageScore:
     missing_ids: list[str] = field(default_factory=list)
     extra_ids: list[str] = field(default_factory=list)
     match_dist_nm: float = 0.0
-    n_sliver: int = 0
     sliver_ids: list[str] = field(default_factory=list)
     samples_nm: np.ndarray = field(default_factory=lambda: np.zeros(0), repr=False)
+
+    @property
+    def n_sliver(self) -> int:
+        """True features left out as border slivers (see :func:`evaluate_image`)."""
+        return len(self.sliver_ids)
 
     def _px(self, v: float | None) -> float | None:
         return None if v is None else v / self.pixel_nm
@@ -413,7 +416,6 @@ def evaluate_image(
         missing_ids=missing_ids,
         extra_ids=extra_ids,
         match_dist_nm=match,
-        n_sliver=len(sliver_ids),
         sliver_ids=sliver_ids,
         samples_nm=samples,
     )
