@@ -430,6 +430,11 @@ class AlignResult:
     edge_bias_px : fitted outward offset (pixels) of the image edges from the
         design edges: printed CD bias plus the SEM edge signature's own
         offset. A nuisance parameter, not a CD measurement.
+    tone_ambiguous : True when, with ``polarity="auto"``, the image could not
+        tell the polygon tone (the swapped tone matched nearly as well at
+        another position) and ``polarity`` is the prior's choice, not the
+        data's. ``segsem extract`` then takes the tone of the batch
+        (:func:`segsem_cli.pipeline.batch_polarity`).
     """
 
     transform: PixelTransform
@@ -444,6 +449,7 @@ class AlignResult:
     candidates_px: tuple[tuple[float, float], ...] = field(default_factory=tuple)
     polarity: str = ""
     edge_bias_px: float = 0.0
+    tone_ambiguous: bool = False
 
 
 def _fail(transform: PixelTransform, message: str, score: float = 0.0) -> AlignResult:
@@ -1606,4 +1612,5 @@ def align_image(
         transform=t, offset_nm=(float(offset_nm[0]), float(offset_nm[1])), offset_px=(float(d[0]), float(d[1])),
         score=float(score), residual_px=float(res_px), ambiguous=bool(ambiguous), status=status, message=msg,
         rotation_rad=float(t.rotation_rad), candidates_px=cand_px, polarity=pol, edge_bias_px=float(edge_bias),
+        tone_ambiguous=bool(tone_ambiguous),
     )

@@ -148,8 +148,11 @@ def resolve_threshold(threshold: float | None, model) -> float:
 # ----------------------------------------------------------------------------- one image
 
 
-def process_image(row: ManifestRow, state: _State) -> dict:
-    """Run the whole pipeline on one image. Returns the per-image record (JSON-ready)."""
+def process_image(row: ManifestRow, state: _State, polarity: str | None = None) -> dict:
+    """Run the whole pipeline on one image. Returns the per-image record (JSON-ready).
+
+    ``polarity`` overrides ``cfg.polarity`` for this image (the batch's tone, see :func:`batch_polarity`).
+    """
     from .align import align_to_layout
     from .hybrid import combine
     from .images import read_sem
@@ -179,7 +182,8 @@ def process_image(row: ManifestRow, state: _State) -> dict:
 
     t0 = time.perf_counter()
     if cfg.align:
-        ar = align_to_layout(pixels, transform, state.layout, search_px=cfg.search_px, polarity=cfg.polarity)
+        ar = align_to_layout(pixels, transform, state.layout, search_px=cfg.search_px,
+                             polarity=polarity or cfg.polarity)
         rec.update(
             offset_nm=list(ar.offset_nm),
             offset_px=list(ar.offset_px),
@@ -188,6 +192,8 @@ def process_image(row: ManifestRow, state: _State) -> dict:
             ambiguous=bool(ar.ambiguous),
             align_status=ar.status,
             align_message=ar.message,
+            polarity=ar.polarity or None,
+            tone_ambiguous=bool(ar.tone_ambiguous),
         )
         if ar.status == "failed":
             rec.update(status="failed", message=f"alignment failed: {ar.message}", features=[], timings=timings)
@@ -318,11 +324,11 @@ def _write_overlay(path: Path, pixels, feats, results) -> None:
     draw_overlay(pixels, layers, path, scale=2 if max(pixels.shape) <= 512 else 1)
 
 
-def _safe_process(row: ManifestRow, state: _State) -> dict:
+def _safe_process(row: ManifestRow, state: _State, polarity: str | None = None) -> dict:
     """process_image that never raises: one bad image never sinks a batch."""
     t0 = time.perf_counter()
     try:
-        rec = process_image(row, state)
+        rec = process_image(row, state, polarity)
     except SegsemError as exc:
         rec = dict(image=row.name, path=str(row.image), status="error", message=str(exc), features=[])
     except Exception as exc:  # noqa: BLE001
@@ -334,9 +340,37 @@ def _safe_process(row: ManifestRow, state: _State) -> dict:
     return rec
 
 
-def _worker_task(row: ManifestRow) -> dict:
+def _worker_task(row: ManifestRow, polarity: str | None = None) -> dict:
     assert _STATE is not None
-    return _safe_process(row, _STATE)
+    return _safe_process(row, _STATE, polarity)
+
+
+#: The batch's polygon tone needs at least this many images whose own data fixed their tone,
+#: and this share of them agreeing (:func:`batch_polarity`).
+BATCH_TONE_MIN_VOTES = 2
+BATCH_TONE_SHARE = 0.75
+
+
+def batch_polarity(images: list[dict]) -> dict | None:
+    """The polygon tone of a batch, from the images whose own data fixed it.
+
+    All images of a run show one layer, so they share its tone (resist lines print bright;
+    holes and trenches print dark). An image whose alignment could not tell the tone
+    (``tone_ambiguous``: lines and spaces, or holes and the resist between them, swapped
+    match nearly as well) takes the tone the other images found, when at least
+    :data:`BATCH_TONE_MIN_VOTES` of them found one and :data:`BATCH_TONE_SHARE` agree.
+    Returns ``{"polarity", "votes", "of"}`` or None.
+    """
+    votes = [r["polarity"] for r in images
+             if r.get("status") in DONE_STATUSES and r.get("polarity") in ("bright", "dark")
+             and not r.get("tone_ambiguous")]
+    if len(votes) < BATCH_TONE_MIN_VOTES:
+        return None
+    top = max(("bright", "dark"), key=votes.count)
+    n = votes.count(top)
+    if n < BATCH_TONE_SHARE * len(votes):
+        return None
+    return {"polarity": top, "votes": n, "of": len(votes)}
 
 
 # ----------------------------------------------------------------------------- the batch
@@ -353,6 +387,10 @@ class ExtractSummary:
     #: Seconds spent writing outputs in this run: ``image_records`` (the per-image JSON
     #: files, all images together), ``contours`` (the exporter), ``features`` and ``gauges``.
     timings: dict[str, float] = field(default_factory=dict)
+    #: With ``--polarity auto``: the batch's polygon tone (:func:`batch_polarity`) or None, and
+    #: the images re-run with it in this run because their own data could not tell it.
+    batch_polarity: dict | None = None
+    polarity_from_batch: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -406,37 +444,22 @@ def run_extract(cfg: ExtractConfig, *, progress: Callable[[dict], None] | None =
         on_start(len(todo), len(done))
 
     results: dict[str, dict] = dict(done)
-    state: _State | None = None
     out_times = {"image_records": 0.0}
-    if todo:
-        if cfg.workers <= 1 or len(todo) == 1:
-            state = _State(cfg)
-            for row in todo:
-                rec = _safe_process(row, state)
-                t0 = time.perf_counter()
-                rec = _finish(cfg, row, rec, fp)
-                out_times["image_records"] += time.perf_counter() - t0
-                results[row.name] = rec
-                if progress:
-                    progress(rec)
-        else:
-            import multiprocessing as mp
+    state = _process_rows(cfg, todo, fp, results, out_times, None, progress)
 
-            ctx = mp.get_context("spawn" if cfg.model is not None else "fork")
-            with ProcessPoolExecutor(max_workers=cfg.workers, mp_context=ctx, initializer=_init_worker, initargs=(cfg,)) as pool:
-                futs = {pool.submit(_worker_task, row): row for row in todo}
-                for fut in as_completed(futs):
-                    row = futs[fut]
-                    try:
-                        rec = fut.result()
-                    except Exception as exc:  # noqa: BLE001 - a worker died
-                        rec = dict(image=row.name, path=str(row.image), status="error", message=f"worker failed: {exc}", features=[])
-                    t0 = time.perf_counter()
-                    rec = _finish(cfg, row, rec, fp)
-                    out_times["image_records"] += time.perf_counter() - t0
-                    results[row.name] = rec
-                    if progress:
-                        progress(rec)
+    # second pass: images that could not tell the polygon tone take the batch's (one layer, one tone)
+    tone = None
+    retoned: list[str] = []
+    if cfg.align and cfg.polarity == "auto":
+        tone = batch_polarity([results[r.name] for r in rows if r.name in results])
+        if tone is not None:
+            redo = [r for r in rows if r.name in results and results[r.name].get("tone_ambiguous")
+                    and results[r.name].get("polarity") != tone["polarity"]
+                    and results[r.name].get("status") in DONE_STATUSES
+                    and results[r.name].get("batch_polarity_failed") != tone["polarity"]]
+            if redo:
+                state = _process_rows(cfg, redo, fp, results, out_times, state, None, tone=tone)
+                retoned = [r.name for r in redo]
 
     ordered = [results[r.name] for r in rows if r.name in results]
     threshold = state.threshold if state is not None else next((r.get("threshold") for r in ordered if r.get("threshold") is not None), resolve_threshold(cfg.threshold, None))
@@ -445,10 +468,62 @@ def run_extract(cfg: ExtractConfig, *, progress: Callable[[dict], None] | None =
     counts["features_ok"] = sum(int(r.get("n_ok", 0)) for r in ordered)
     counts["features"] = sum(int(r.get("n_features", 0)) for r in ordered)
     counts["resumed"] = len(done)
+    counts["polarity_from_batch"] = len(retoned)
     summary = ExtractSummary(cfg.out, [_brief(r) for r in ordered], outputs, counts, threshold,
-                             str(cfg.model) if cfg.model else None, {k: round(v, 4) for k, v in out_times.items()})
+                             str(cfg.model) if cfg.model else None, {k: round(v, 4) for k, v in out_times.items()},
+                             tone, retoned)
     write_json(cfg.out / "summary.json", summary.to_json())
     return summary
+
+
+def _process_rows(cfg: ExtractConfig, rows: list[ManifestRow], fp: str, results: dict[str, dict],
+                  out_times: dict[str, float], state: "_State | None", progress, tone: dict | None = None):
+    """Process ``rows`` (in worker processes with ``cfg.workers > 1``), write each record and
+    put it in ``results``. ``tone``: the batch's polarity for images that could not tell theirs.
+    Returns the in-process state (created on first use) for reuse."""
+    if not rows:
+        return state
+    pol = tone["polarity"] if tone else None
+
+    def done(row: ManifestRow, rec: dict) -> None:
+        if tone and rec.get("status") not in DONE_STATUSES:
+            # the batch's tone does not fit this image at all: keep its own result, say so, and
+            # do not try again on the next run
+            msg = rec.get("message", "")
+            rec = dict(results[row.name])
+            rec["batch_polarity_failed"] = pol
+            rec["align_message"] = f"{rec.get('align_message', '')}; the batch's polygon tone '{pol}' failed: {msg}"
+        elif tone:
+            rec["tone_ambiguous"] = True  # its own data could not tell; it never votes
+            rec["polarity_source"] = "batch"
+            note = (f"polygon tone '{pol}' taken from the batch ({tone['votes']} of {tone['of']} images "
+                    f"whose own data fixed the tone)")
+            rec["align_message"] = f"{rec['align_message']}; {note}" if rec.get("align_message") else note
+        t0 = time.perf_counter()
+        rec = _finish(cfg, row, rec, fp)
+        out_times["image_records"] += time.perf_counter() - t0
+        results[row.name] = rec
+        if progress:
+            progress(rec)
+
+    if cfg.workers <= 1 or len(rows) == 1:
+        state = state or _State(cfg)
+        for row in rows:
+            done(row, _safe_process(row, state, pol))
+        return state
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn" if cfg.model is not None else "fork")
+    with ProcessPoolExecutor(max_workers=cfg.workers, mp_context=ctx, initializer=_init_worker, initargs=(cfg,)) as pool:
+        futs = {pool.submit(_worker_task, row, pol): row for row in rows}
+        for fut in as_completed(futs):
+            row = futs[fut]
+            try:
+                rec = fut.result()
+            except Exception as exc:  # noqa: BLE001 - a worker died
+                rec = dict(image=row.name, path=str(row.image), status="error", message=f"worker failed: {exc}", features=[])
+            done(row, rec)
+    return state
 
 
 def _finish(cfg: ExtractConfig, row: ManifestRow, rec: dict, fp: str) -> dict:
@@ -494,7 +569,7 @@ def record_json(rec: dict) -> str:
 
 def _brief(rec: dict) -> dict:
     keys = ("image", "status", "message", "offset_nm", "offset_px", "align_score", "residual_px", "ambiguous",
-            "n_features", "n_ok", "timings", "elapsed_s")
+            "polarity", "polarity_source", "n_features", "n_ok", "timings", "elapsed_s")
     d = {k: rec.get(k) for k in keys if k in rec}
     srcs: dict[str, int] = {}
     for f in rec.get("features", []):

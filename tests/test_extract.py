@@ -287,3 +287,97 @@ def test_print_reaching_in_from_a_design_polygon_outside_the_image(tmp_path):
     inner = xy[(xy[:, 1] < 62.0) & (xy[:, 0] > -15) & (xy[:, 0] < 35)]
     assert len(inner) > 20 and np.abs(inner[:, 1] - edge_y).max() < 0.3, (inner[:, 1].min(), inner[:, 1].max(), edge_y)
     assert xy[:, 1].max() == pytest.approx(64.0)  # closed along the top border
+
+
+def _align_error_px(out, truth, name):
+    rec = json.loads((out / "images" / f"{name}.json").read_text())
+    return float(np.hypot(*np.subtract(rec["offset_nm"], truth[name]["offset_nm"]))) / truth[name]["pixel_nm"], rec
+
+
+def test_images_that_cannot_tell_the_tone_take_the_batch_tone(tmp_path, capsys):
+    """Opening-tone images (polygons print dark): on some the swapped tone also fits, 30-60 px away,
+    and alone they keep the prior (polygons bright). In a batch they take the tone that the images
+    whose own data fixed it agree on, and land within a pixel; a resumed run does not redo them."""
+    from segsem_cli.layout import load_layout
+    from segsem_cli.metrics import evaluate_run
+    from segsem_cli.pipeline import batch_polarity
+    from segsem_cli.synth.dataset import make_dataset
+
+    d = tmp_path / "open"
+    make_dataset(load_layout(LAYOUT), d, count=6, seed=77, image_size=512, noise="medium", tone="opening")
+    truth = json.loads((d / "truth.json").read_text())["images"]
+    out = tmp_path / "out"
+    assert run(["extract", d / "manifest.csv", "--layout", LAYOUT, "--export", "csv", "--out", out,
+                "--no-overlays"]) == 0
+    said = capsys.readouterr().err
+    summary = json.loads((out / "summary.json").read_text())
+    retoned = summary["polarity_from_batch"]
+    assert len(retoned) >= 2 and summary["counts"]["polarity_from_batch"] == len(retoned)
+    assert summary["batch_polarity"]["polarity"] == "dark"
+    assert summary["batch_polarity"]["votes"] == summary["batch_polarity"]["of"] >= 2
+    assert "re-run as 'dark'" in " ".join(said.split())
+    epe = {r["image"]: r for r in evaluate_run(d, out / "contours.csv")["images"]}
+    for name in truth:
+        err, rec = _align_error_px(out, truth, name)
+        assert rec["polarity"] == "dark", name
+        # (an axis fixed only by line ends stays a few px off; the contours do not care, see EPE)
+        assert err < 6.0 and epe[name]["n_missing"] == 0 and epe[name]["epe_rms_px"] < 1.5, (name, err)
+        assert (rec.get("polarity_source") == "batch") == (name in retoned)
+        if name in retoned:
+            assert rec["tone_ambiguous"] and "taken from the batch (" in rec["align_message"]
+    # alone, a re-toned image cannot tell: it keeps the prior and lands a swap away
+    with (d / "manifest.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    one = d / "one.csv"
+    with one.open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows([r for r in rows if Path(r["image"]).stem == retoned[0]])
+    alone = tmp_path / "alone"
+    assert run(["extract", one, "--layout", LAYOUT, "--export", "csv", "--out", alone, "--no-overlays"]) == 0
+    err, rec = _align_error_px(alone, truth, retoned[0])
+    assert rec["polarity"] == "bright" and rec["tone_ambiguous"] and err > 20.0
+    assert json.loads((alone / "summary.json").read_text())["batch_polarity"] is None
+    # resume: nothing to redo, the same tone
+    assert run(["extract", d / "manifest.csv", "--layout", LAYOUT, "--export", "csv", "--out", out,
+                "--no-overlays"]) == 0
+    again = json.loads((out / "summary.json").read_text())
+    assert again["counts"]["resumed"] == 6 and again["polarity_from_batch"] == []
+    assert again["batch_polarity"] == summary["batch_polarity"]
+    # the vote itself
+    ok = {"status": "ok", "polarity": "dark"}
+    assert batch_polarity([ok]) is None  # one image is not a batch
+    assert batch_polarity([ok, ok, {"status": "ok", "polarity": "bright"}]) is None  # 2 of 3 < 75 %
+    assert batch_polarity([ok, ok, ok, {"status": "ambiguous", "polarity": "bright"}]) == {
+        "polarity": "dark", "votes": 3, "of": 4}
+    assert batch_polarity([ok, dict(ok, tone_ambiguous=True), dict(ok, status="failed")]) is None
+
+
+def test_batch_tone_that_fails_on_an_image_keeps_its_own_result(tmp_path, monkeypatch):
+    """The batch's tone is tried once on a tone-ambiguous image; when alignment then fails, the
+    image keeps its own result (marked, so a resumed run does not try again)."""
+    import segsem_cli.pipeline as P
+
+    calls = []
+
+    def fake(row, state, polarity=None):
+        calls.append((row.name, polarity))
+        if polarity == "dark":
+            raise P.SegsemError("alignment failed: no significant match")
+        amb = row.name == "img_0003"
+        return dict(image=row.name, path=str(row.image), status="ambiguous" if amb else "ok",
+                    polarity="bright" if amb else "dark", tone_ambiguous=amb, align_message="m", features=[])
+
+    monkeypatch.setattr(P, "process_image", fake)
+    monkeypatch.setattr(P, "_State", lambda cfg: type("S", (), {"threshold": 0.5})())
+    m = small_manifest(tmp_path, names=("img_0000", "img_0001", "img_0003"))
+    cfg = P.ExtractConfig(manifest=m, layout=LAYOUT, out=tmp_path / "o", export="csv", overlays=False)
+    s = P.run_extract(cfg)
+    assert s.batch_polarity == {"polarity": "dark", "votes": 2, "of": 2}
+    assert calls[-1] == ("img_0003", "dark") and s.polarity_from_batch == ["img_0003"]
+    rec = json.loads((tmp_path / "o" / "images" / "img_0003.json").read_text())
+    assert rec["status"] == "ambiguous" and rec["polarity"] == "bright"
+    assert rec["batch_polarity_failed"] == "dark" and "no significant match" in rec["align_message"]
+    calls.clear()
+    P.run_extract(cfg)
+    assert calls == []  # resumed, and the failed tone is not tried again

@@ -126,6 +126,12 @@ def register(app: typer.Typer) -> None:
 
             summary = run_extract(cfg, progress=on_image, on_start=on_start)
         _print_summary(summary)
+        if summary.polarity_from_batch:
+            tone = summary.batch_polarity
+            console.print(f"polarity: {len(summary.polarity_from_batch)} image(s) whose own data could not tell the "
+                          f"polygon tone re-run as '{tone['polarity']}', the tone of {tone['votes']} of the "
+                          f"{tone['of']} images that could ({', '.join(summary.polarity_from_batch[:5])}"
+                          f"{', ...' if len(summary.polarity_from_batch) > 5 else ''})", highlight=False)
         if report:
             from ..report import write_report
 
