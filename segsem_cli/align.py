@@ -43,7 +43,7 @@ import collections
 import functools
 import math
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterable, Sequence
 
 import cv2
@@ -474,15 +474,42 @@ def search_range_px(search_px: float | None, pixel_nm: float) -> float:
     return max(DEFAULT_SEARCH_PX, DEFAULT_SEARCH_NM / float(pixel_nm))
 
 
+#: With the default search range, a match that fails in a way a larger stage error explains is
+#: tried once more over this many times the range (see :func:`align_to_layout`).
+WIDEN_FACTOR = 2.0
+_WIDEN_ON = ("no significant match", "refinement left the search range", "weak match", "refinement diverged")
+
+
 def align_to_layout(pixels: np.ndarray, transform: PixelTransform, layout, *, search_px: float | None = None,
                     polarity: str = "auto") -> AlignResult:
     """:func:`align_image` against the layout polygons around the image's nominal field of view.
 
     ``layout`` has ``polygons`` and ``query(bbox_nm)`` (:class:`segsem_cli.layout.Layout`); the
-    clip is the field of view grown by the search range (:func:`search_range_px`)."""
+    clip is the field of view grown by the search range (:func:`search_range_px`).
+
+    With the default range (``search_px=None``), a failure a stage error beyond the range
+    explains (no significant match, the refinement leaving the range, a weak or diverging
+    fit) is tried once more over :data:`WIDEN_FACTOR` times the range; a success says so in its
+    message. A blank image or one without layout in view is not retried, and an explicit
+    ``search_px`` is a hard limit."""
     search = search_range_px(search_px, transform.pixel_nm)
-    polys = [layout.polygons[i] for i in layout.query(transform.field_of_view_nm(search))]
-    return align_image(pixels, transform, polys, search_px=search, polarity=polarity)
+
+    def attempt(rng: float) -> AlignResult:
+        polys = [layout.polygons[i] for i in layout.query(transform.field_of_view_nm(rng))]
+        return align_image(pixels, transform, polys, search_px=rng, polarity=polarity)
+
+    res = attempt(search)
+    if search_px is not None or res.status != "failed" or not res.message.startswith(_WIDEN_ON):
+        return res
+    wide = search * WIDEN_FACTOR
+    h, w = transform.shape
+    if wide >= 0.5 * min(h, w):  # the layout clip would be mostly outside the image
+        return res
+    res2 = attempt(wide)
+    if res2.status == "failed":
+        return replace(res, message=f"{res.message} (also with the search widened to +/-{wide:.0f} px: {res2.message})")
+    return replace(res2, message=f"{res2.message}; found with the search widened to +/-{wide:.0f} px "
+                                 f"(the default +/-{search:.0f} px failed: {res.message})")
 
 
 def _content_shift_to_offset(t: PixelTransform, d_uv) -> tuple[float, float]:

@@ -476,3 +476,27 @@ def test_tone_tie_prefers_bright_polygons_over_a_nearer_swap():
     assert r.status == "ambiguous" and "polarity" in r.message
     assert r.polarity == "bright"
     assert r.offset_px[0] == pytest.approx(9.0, abs=0.2)
+
+
+def test_default_search_is_widened_once_when_the_stage_error_exceeds_it():
+    """Content 55 px off (beyond the default +/-40 px): the default search fails, is retried over
+    +/-80 px and finds it; an explicit search range is a hard limit; noise still fails."""
+    from pathlib import Path
+
+    from segsem_cli.align import align_to_layout
+    from segsem_cli.layout import Layout
+
+    t_nom = PixelTransform(CENTER, PIX, SHAPE)
+    polys = mixed_layout()
+    lay = Layout(Path("mixed.gds"), "TOP", (1, 0), polys)
+    img = sem_true(polys, t_nom, 55.0, -12.0, polarity=1, seed=8)
+    r = align_to_layout(img, t_nom, lay)
+    assert r.status == "ok", r.message
+    assert r.offset_px == pytest.approx((55.0, -12.0), abs=0.2)
+    assert "search widened to +/-80 px (the default +/-40 px failed" in r.message
+    r40 = align_to_layout(img, t_nom, lay, search_px=40)
+    assert r40.status == "failed" and "widened" not in r40.message
+    rng = np.random.default_rng(0)
+    noise = (1000 + 30 * rng.standard_normal(SHAPE)).astype(np.float32)
+    rn = align_to_layout(noise, t_nom, lay)
+    assert rn.status == "failed" and "also with the search widened to +/-80 px" in rn.message
