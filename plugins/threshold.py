@@ -41,7 +41,9 @@ shape covers several layout features, e.g. a bridge; the refined shape is in
 
 Options (``--fallback-opt key=value``): ``coarse_sigma`` (2.0), ``level``
 (Otsu), ``min_iou`` (0.2), ``min_valid`` (0.5), ``min_area`` (4 px^2),
-``seed_layout`` (1; 0 turns the retry off), ``retry_iou`` (0.75), and the
+``seed_layout`` (1; 0 turns the retry off), ``retry_iou`` (0.75), ``split_merged``
+(1: features sharing a coarse region that separate at its own Otsu level are retried from
+their layout polygons, see :func:`split_merged_regions`; 0 keeps them merged), and the
 refinement options of :func:`segsem_cli.edges.parse_refine_options` (here
 ``passes`` defaults to 1: the iso-lines already run parallel to the edge).
 """
@@ -215,6 +217,53 @@ def _coarse_contours(image: np.ndarray, level: float, *, min_area: float = 4.0,
     return coarse_contours(image, level, min_area=min_area, min_points=min_points, tracer=iso_lines)
 
 
+#: Margin (px) around a shared coarse region within which its local level is taken.
+SPLIT_PAD_PX = 8
+
+
+def split_merged_regions(coarse: np.ndarray, level: float, assoc: list, cands: list, polys: Sequence[np.ndarray],
+                         *, min_area: float, min_iou: float, pad: int = SPLIT_PAD_PX) -> dict[int, float]:
+    """Which features sharing a coarse region separate at the region's own Otsu level.
+
+    One global level cannot follow charging: where the substrate between two lines charges
+    brighter than the level, their iso-lines join and both features would be reported
+    ``merged``. Each shared region is thresholded again at the Otsu level of its bounding box
+    (``pad`` px larger), only when that level is higher. If every feature sharing it then has
+    a region of its own, overlapping it better than the shared one, the features are returned
+    (index -> local level) to be extracted from their layout polygons; otherwise (a real
+    bridge: the bridging resist is as bright as the lines, so it stays above any level between
+    resist and substrate) they stay merged.
+    """
+    groups: dict[int, list[int]] = {}
+    for i, a in enumerate(assoc):
+        if a.index >= 0 and a.shared_with:
+            groups.setdefault(a.index, []).append(i)
+    split: dict[int, float] = {}
+    h, w = coarse.shape
+    for idx, members in groups.items():
+        c = np.asarray(cands[idx], dtype=np.float64)
+        u0, v0 = np.maximum(np.floor(c.min(axis=0)).astype(int) - pad, 0)
+        u1, v1 = np.minimum(np.ceil(c.max(axis=0)).astype(int) + pad + 1, (w, h))
+        crop = coarse[v0:v1, u0:u1]
+        if min(crop.shape) < 8:
+            continue
+        lv = otsu_level(crop)
+        if not lv > level:
+            continue
+        found = _coarse_contours(np.ascontiguousarray(crop), lv, min_area=min_area)
+        local = [k.points for k in found if k.closed]
+        open_ = [k.points for k in found if not k.closed]
+        if open_:
+            local += close_along_border(open_, crop.shape, min_area=min_area)
+        if not local:
+            continue
+        local = [np.asarray(p, dtype=np.float64) + (u0, v0) for p in local]
+        sub = associate([polys[i] for i in members], local, min_iou=min_iou)
+        if all(a.index >= 0 and not a.shared_with and a.iou > assoc[i].iou for i, a in zip(members, sub)):
+            split.update({i: lv for i in members})
+    return split
+
+
 #: First statuses that get a second try seeded with the layout polygon.
 RETRY_STATUSES = ("low_contrast", "not_found", "partial")
 #: An ``ok`` result overlapping its layout polygon less than this is retried too ...
@@ -266,6 +315,7 @@ class ThresholdFallback:
         min_area = opt_float(options, "min_area", 4.0, lo=0.0)
         seed_layout = bool(opt_float(options, "seed_layout", 1.0, lo=0.0, hi=1.0))
         retry_iou = opt_float(options, "retry_iou", RETRY_IOU, lo=0.0, hi=1.0)
+        split_merged = bool(opt_float(options, "split_merged", 1.0, lo=0.0, hi=1.0))
 
         frame_px = ropt.pop("frame_px")
         eimg = EdgeImage(image.pixels, image_sigma=ropt.pop("image_sigma"), frame_px=frame_px)
@@ -292,6 +342,8 @@ class ThresholdFallback:
             cands += [r for r in close_along_border(open_, image.shape, min_area=min_area)
                       if polygon_area(r) * max(min_iou, 1e-3) <= amax]
         assoc = associate(polys, cands, min_iou=min_iou)
+        split = split_merged_regions(coarse, level, assoc, cands, polys, min_area=min_area,
+                                     min_iou=min_iou) if split_merged and seed_layout else {}
         t3 = time.perf_counter()
 
         # Refine every contour that is some feature's best match.
@@ -311,6 +363,8 @@ class ThresholdFallback:
             res = refined[a.index]
             if a.shared_with:
                 extra["merged_with"] = [features[o].feature_id for o in a.shared_with]
+                if i in split:
+                    extra["split_level"] = split[i]  # separate at the local level: retried from the layout
                 extra["merged_contour_px"] = res.contour_uv
                 out.append(feature_result(f, None, source=self.name, image_shape=image.shape,
                                           status="merged", extra=extra))
@@ -340,7 +394,7 @@ class ThresholdFallback:
         first result stands, so an unprinted feature stays unreported.
         """
         def poor(r: FeatureResult) -> bool:
-            return r.status in RETRY_STATUSES or (r.ok and (r.extra.get("layout_iou", 1.0) < retry_iou
+            return r.status in RETRY_STATUSES or "split_level" in r.extra or (r.ok and (r.extra.get("layout_iou", 1.0) < retry_iou
                                                              or r.extra.get("valid_fraction", 1.0) < RETRY_MIN_VALID))
 
         retry = [i for i, r in enumerate(out) if poor(r) and usable_polygon(features[i].pixels)]

@@ -486,3 +486,40 @@ def test_partly_traced_border_sliver_is_reported_partial():
     assert r.ok and r.extra["clipped"] and r.extra["border_coverage"] > 0.95, (r.status, r.extra)
     assert np.abs(r.contour_px[(r.contour_px[:, 0] > 20) & (r.contour_px[:, 0] < 100)
                                & (r.contour_px[:, 1] > 1), 1] - 9.2).max() < 0.6
+
+
+def charged_bars(bridge: bool):
+    """Two bars whose substrate charges bright between their right ends, above the image's Otsu
+    level (pulled down by a darker lower half): one global level joins their iso-lines."""
+    bars = [rect(12.3, 14.6, 148.2, 30.4), rect(12.3, 44.7, 148.2, 60.5)]
+    pad = rect(30.5, 90.2, 130.4, 140.6)
+    extra = [rect(60.0, 28.0, 72.0, 47.0)] if bridge else []
+    shape = (160, 160)
+    img = render(bars + [pad] + extra, shape, rim=RIM, blur=BLUR, noise=0.03, seed=2)
+    u, v = np.arange(shape[1])[None, :], np.arange(shape[0])[:, None]
+    charge = 0.4 * np.exp(-(((u - 160) / 35.0) ** 2) - ((v - 37) / 20.0) ** 2) - 0.3 * np.exp(-(((v - 125) / 25.0) ** 2))
+    image = make_image((img + charge).astype(np.float32))
+    return bars, image, make_features(image, [b.polygon() for b in bars] + [pad.polygon()])
+
+
+def test_threshold_splits_lines_joined_only_by_charging():
+    bars, image, feats = charged_bars(bridge=False)
+    fb = fallback("threshold")
+    joined = fb.extract(image, feats, split_merged="0")
+    assert [r.status for r in joined] == ["merged", "merged", "ok"]
+    r = fb.extract(image, feats)
+    assert [x.status for x in r] == ["ok", "ok", "ok"]
+    for b, x in zip(bars, r[:2]):
+        u0, v0, u1, v1 = b.params
+        c = x.contour_px
+        assert x.extra["seed"] == "layout" and x.extra["first_status"] == "merged" and x.extra["split_level"] > 0
+        # long sides within 0.15 px of the truth (the edge at mid-sidewall), line ends in view
+        top = c[(c[:, 0] > u0 + 10) & (c[:, 0] < u1 - 10) & (c[:, 1] < (v0 + v1) / 2), 1]
+        bot = c[(c[:, 0] > u0 + 10) & (c[:, 0] < u1 - 10) & (c[:, 1] > (v0 + v1) / 2), 1]
+        assert abs(np.median(top) - v0) < 0.15 and abs(np.median(bot) - v1) < 0.15
+        assert abs(c[:, 0].max() - u1) < 0.5
+    # a real resist bridge stays above any level between resist and substrate: still merged
+    _, image_b, feats_b = charged_bars(bridge=True)
+    rb = fb.extract(image_b, feats_b)
+    assert [x.status for x in rb] == ["merged", "merged", "ok"]
+    assert "split_level" not in rb[0].extra
