@@ -636,7 +636,7 @@ def write_outputs(cfg: ExtractConfig, images: list[dict], exporter, gauges,
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["image", "feature_id", "source", "confidence", "status", "clipped", "border_fraction", "area_nm2",
-                "seed", "first_status"])
+                "seed", "first_status", "split_level"])
     for rec in images:
         for f in rec.get("features", []):
             area = ""
@@ -645,7 +645,8 @@ def write_outputs(cfg: ExtractConfig, images: list[dict], exporter, gauges,
                 area = f"{abs(ring_signed_area(xy)):.2f}"
             bf = f.get("border_fraction")
             w.writerow([rec["image"], f["feature_id"], f["source"], f"{f['confidence']:.4f}", f["status"], int(bool(f.get("clipped"))),
-                        "" if bf is None else f"{float(bf):.4f}", area, f.get("seed", ""), f.get("first_status", "")])
+                        "" if bf is None else f"{float(bf):.4f}", area, f.get("seed", ""), f.get("first_status", ""),
+                        "" if f.get("split_level") is None else f"{float(f['split_level']):.4f}"])
     write_text(cfg.out / "features.csv", buf.getvalue())
     outputs["features"] = str(cfg.out / "features.csv")
     t2 = time.perf_counter()

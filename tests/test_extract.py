@@ -113,6 +113,8 @@ def test_gds_readable_by_klayout_with_feature_count(extracted):
     assert all(f["source"] == "threshold" for f in feats if f["status"] == "ok")
     # a layout-seeded retry is marked with the status it replaced; others leave both empty
     assert all(f["seed"] in ("", "layout") and (f["seed"] == "") == (f["first_status"] == "") for f in feats)
+    # the local-level split of a charging-merged region is marked too (none in these images)
+    assert all(f["split_level"] == "" or (f["first_status"] == "merged" and float(f["split_level"]) > 0) for f in feats)
 
 
 def test_contours_match_truth(extracted):
