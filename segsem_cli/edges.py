@@ -943,6 +943,19 @@ def _auto_sigma(d: np.ndarray, keep: np.ndarray, contour_sigma: float, straight,
     return AUTO_DEFAULT, base
 
 
+def _inliers(d: np.ndarray, found: np.ndarray, med: np.ndarray, *, outlier_k: float, min_mad: float) -> np.ndarray:
+    """The ``found`` points whose displacement lies within ``outlier_k`` MADs (at least ``min_mad``)
+    of the running median ``med``; all of ``found`` when fewer than 3 points or none finite."""
+    keep = found.copy()
+    if keep.sum() >= 3:
+        r = d - med
+        finite = keep & np.isfinite(r)
+        if finite.any():
+            mad = 1.4826 * np.median(np.abs(r[finite]))
+            keep = finite & (np.abs(r) <= outlier_k * max(mad, min_mad))
+    return keep
+
+
 def _regularise(d: np.ndarray, found: np.ndarray, med: np.ndarray, *, outlier_k: float,
                 contour_sigma: float, min_mad: float,
                 straight: np.ndarray | None = None, nrm: np.ndarray | None = None,
@@ -955,14 +968,7 @@ def _regularise(d: np.ndarray, found: np.ndarray, med: np.ndarray, *, outlier_k:
     """
     from scipy.ndimage import gaussian_filter1d
 
-    keep = found.copy()
-    if keep.sum() >= 3:
-        r = d - med
-        finite = keep & np.isfinite(r)
-        if finite.any():
-            mad = 1.4826 * np.median(np.abs(r[finite]))
-            lim = outlier_k * max(mad, min_mad)
-            keep = finite & (np.abs(r) <= lim)
+    keep = _inliers(d, found, med, outlier_k=outlier_k, min_mad=min_mad)
     if not keep.any():
         return np.zeros_like(d), keep, np.zeros_like(d), _sigma_used(contour_sigma)
     contour_sigma, straight = _auto_sigma(d, keep, contour_sigma, straight, nrm, noise_points)
@@ -1135,13 +1141,7 @@ def _regularise_runs(d: np.ndarray, found: np.ndarray, med: np.ndarray, border: 
     """:func:`_regularise` for a contour with border points: rejected points are filled within
     their own run (held constant towards its ends), smoothing does not cross onto the border,
     and border points keep a zero displacement."""
-    keep = found & ~border
-    if keep.sum() >= 3:
-        r = d - med
-        finite = keep & np.isfinite(r)
-        if finite.any():
-            mad = 1.4826 * np.median(np.abs(r[finite]))
-            keep = finite & (np.abs(r) <= outlier_k * max(mad, min_mad))
+    keep = _inliers(d, found & ~border, med, outlier_k=outlier_k, min_mad=min_mad)
     if not keep.any():
         return np.zeros_like(d), keep, np.zeros_like(d), _sigma_used(contour_sigma)
     contour_sigma, straight = _auto_sigma(d, keep, contour_sigma, straight, nrm, noise_points)
