@@ -217,6 +217,22 @@ def _coarse_contours(image: np.ndarray, level: float, *, min_area: float = 4.0,
     return coarse_contours(image, level, min_area=min_area, min_points=min_points, tracer=iso_lines)
 
 
+def _regions(found: Sequence[CoarseContour], shape: tuple[int, int], polys: Sequence[np.ndarray], *,
+             min_area: float, min_iou: float) -> list[np.ndarray]:
+    """Candidate regions for the features ``polys``: the closed iso-lines of ``found``, and the
+    regions its open ones (running out of the image) cut the image into, closed along the border.
+    A region can only reach IoU >= ``min_iou`` with a feature of at least ``min_iou`` times its
+    area, so larger border regions (the background) are left out."""
+    cands = [c.points for c in found if c.closed]
+    open_ = [c.points for c in found if not c.closed]
+    if open_:
+        areas = [polygon_area(np.asarray(p, float)) for p in polys if usable_polygon(p)]
+        amax = max(areas) if areas else 0.0
+        cands += [r for r in close_along_border(open_, shape, min_area=min_area)
+                  if polygon_area(r) * max(min_iou, 1e-3) <= amax]
+    return cands
+
+
 #: Margin (px) around a shared coarse region within which its local level is taken.
 SPLIT_PAD_PX = 8
 
@@ -250,15 +266,13 @@ def split_merged_regions(coarse: np.ndarray, level: float, assoc: list, cands: l
         lv = otsu_level(crop)
         if not lv > level:
             continue
-        found = _coarse_contours(np.ascontiguousarray(crop), lv, min_area=min_area)
-        local = [k.points for k in found if k.closed]
-        open_ = [k.points for k in found if not k.closed]
-        if open_:
-            local += close_along_border(open_, crop.shape, min_area=min_area)
+        mine = [np.asarray(polys[i], dtype=np.float64) for i in members]
+        local = _regions(_coarse_contours(np.ascontiguousarray(crop), lv, min_area=min_area), crop.shape,
+                         mine, min_area=min_area, min_iou=min_iou)  # (areas only: no shift needed)
         if not local:
             continue
         local = [np.asarray(p, dtype=np.float64) + (u0, v0) for p in local]
-        sub = associate([polys[i] for i in members], local, min_iou=min_iou)
+        sub = associate(mine, local, min_iou=min_iou)
         if all(a.index >= 0 and not a.shared_with and a.iou > assoc[i].iou for i, a in zip(members, sub)):
             split.update({i: lv for i in members})
     return split
@@ -330,17 +344,8 @@ class ThresholdFallback:
         found = _coarse_contours(coarse, level, min_area=min_area)
         t2 = time.perf_counter()
 
-        cands = [c.points for c in found if c.closed]
-        open_ = [c.points for c in found if not c.closed]
         polys = [f.pixels for f in features]
-        if open_:
-            # Iso-lines running out of the image: close the regions they cut it into along
-            # the border. A region can only reach IoU >= min_iou with a feature of at least
-            # min_iou times its area, so larger ones (the background) are not candidates.
-            areas = [polygon_area(np.asarray(p, float)) for p in polys if usable_polygon(p)]
-            amax = max(areas) if areas else 0.0
-            cands += [r for r in close_along_border(open_, image.shape, min_area=min_area)
-                      if polygon_area(r) * max(min_iou, 1e-3) <= amax]
+        cands = _regions(found, image.shape, polys, min_area=min_area, min_iou=min_iou)
         assoc = associate(polys, cands, min_iou=min_iou)
         split = split_merged_regions(coarse, level, assoc, cands, polys, min_area=min_area,
                                      min_iou=min_iou) if split_merged and seed_layout else {}
@@ -394,8 +399,10 @@ class ThresholdFallback:
         first result stands, so an unprinted feature stays unreported.
         """
         def poor(r: FeatureResult) -> bool:
-            return r.status in RETRY_STATUSES or "split_level" in r.extra or (r.ok and (r.extra.get("layout_iou", 1.0) < retry_iou
-                                                             or r.extra.get("valid_fraction", 1.0) < RETRY_MIN_VALID))
+            if r.status in RETRY_STATUSES or "split_level" in r.extra:
+                return True
+            return r.ok and (r.extra.get("layout_iou", 1.0) < retry_iou
+                             or r.extra.get("valid_fraction", 1.0) < RETRY_MIN_VALID)
 
         retry = [i for i, r in enumerate(out) if poor(r) and usable_polygon(features[i].pixels)]
         if not retry:
