@@ -453,10 +453,13 @@ def run_extract(cfg: ExtractConfig, *, progress: Callable[[dict], None] | None =
     if cfg.align and cfg.polarity == "auto":
         tone = batch_polarity([results[r.name] for r in rows if r.name in results])
         if tone is not None:
-            redo = [r for r in rows if r.name in results and results[r.name].get("tone_ambiguous")
-                    and results[r.name].get("polarity") != tone["polarity"]
-                    and results[r.name].get("status") in DONE_STATUSES
-                    and results[r.name].get("batch_polarity_failed") != tone["polarity"]]
+            pol = tone["polarity"]
+
+            def takes_tone(rec: dict) -> bool:  # could not tell, took the other tone, not yet tried with this one
+                return (bool(rec.get("tone_ambiguous")) and rec.get("status") in DONE_STATUSES
+                        and rec.get("polarity") != pol and rec.get("batch_polarity_failed") != pol)
+
+            redo = [r for r in rows if r.name in results and takes_tone(results[r.name])]
             if redo:
                 state = _process_rows(cfg, redo, fp, results, out_times, state, None, tone=tone)
                 retoned = [r.name for r in redo]
