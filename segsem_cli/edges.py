@@ -988,9 +988,49 @@ MATCH_STEPS, MATCH_BEFORE_PX, MATCH_AFTER_PX = 2, 1.0, 3.0
 MATCH_ALIGN = False
 
 
+#: A contour whose mean profile peaks farther than this fraction of the reach from it is
+#: re-sampled centred on that peak (the rim) before the substrate decision.
+DECIDE_RECENTRE = 1.0 / 3.0
+
+
+def _centre_on_rim(arr: np.ndarray, pts: np.ndarray, nrm: np.ndarray, counts: np.ndarray, prof: np.ndarray,
+                   inside: np.ndarray, reach_px: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Re-sample the decision profiles of contours lying far off their rim, centred on it.
+
+    The substrate decision compares the two sides of the edge, so it needs both floors
+    in reach. A coarse contour on the resist-side flank of the rim (an iso-line around
+    the dark interior of a wide feature whose top is as dark as the substrate) sees the
+    rim near the end of its profiles and the substrate beyond it out of reach; its
+    decision would then be reversed. Each such contour (mean-profile peak more than
+    ``DECIDE_RECENTRE`` of the reach away) is sampled again with its points moved
+    along the normals onto the peak. Returns the profiles, their inside flags and each
+    point's move along its outward normal (0 where not moved).
+    """
+    half = prof.shape[1] // 2
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+    shift = np.zeros(len(pts))
+    for a, n in zip(starts, counts):
+        if n == 0:
+            continue
+        j = int(np.argmax(prof[a:a + n].mean(axis=0)))
+        off = (j - half) * DECIDE_SAMPLE_PX
+        if abs(off) > DECIDE_RECENTRE * reach_px:
+            shift[a:a + n] = off
+    moved = shift != 0
+    if not moved.any():
+        return prof, inside, shift
+    prof = prof.copy()
+    inside = inside.copy()
+    p2, in2 = _raw_profiles(arr, pts[moved] + shift[moved, None] * nrm[moved], nrm[moved], search_px=reach_px,
+                            sample_px=DECIDE_SAMPLE_PX, smooth_sigma=DECIDE_SIGMA)
+    prof[moved], inside[moved] = p2, in2
+    return prof, inside, shift
+
+
 def _decide_substrate(arr: np.ndarray, pts: np.ndarray, nrm: np.ndarray, counts: np.ndarray,
-                      reach_px: float, exclude: np.ndarray | None = None, raw: np.ndarray | None = None) -> list[str]:
-    """Which side of each contour is the substrate, from the data.
+                      reach_px: float, exclude: np.ndarray | None = None, raw: np.ndarray | None = None
+                      ) -> tuple[list[str], np.ndarray]:
+    """Which side of each contour is the substrate, from the data, and where its rim is.
 
     Profiles reaching ``reach_px`` to each side are compared per contour: the
     side with the clearly lower floor (10th percentile, median over the contour)
@@ -999,9 +1039,12 @@ def _decide_substrate(arr: np.ndarray, pts: np.ndarray, nrm: np.ndarray, counts:
     range (resist top as dark as the substrate), the side with the lower mean
     is the substrate (the bright rim lies on the resist side). Points in
     ``exclude`` (on the image border) do not vote. ``raw``: the profiles' samples, if taken already.
+    The profiles of a contour far off its rim are first centred on it (:func:`_centre_on_rim`);
+    the second value is that move per point (px along the outward normal, 0 where none).
     """
     prof, inside = _raw_profiles(arr, pts, nrm, search_px=reach_px, sample_px=DECIDE_SAMPLE_PX,
                                  smooth_sigma=DECIDE_SIGMA, raw=raw)
+    prof, inside, shift = _centre_on_rim(arr, pts, nrm, counts, prof, inside, reach_px)
     voters = np.ones(len(pts), dtype=bool) if exclude is None else ~exclude
     half = prof.shape[1] // 2
     inner, outer = prof[:, :half], prof[:, half + 1:]
@@ -1022,7 +1065,7 @@ def _decide_substrate(arr: np.ndarray, pts: np.ndarray, nrm: np.ndarray, counts:
             out.append("inside" if fd > 0 else "outside")
         else:
             out.append("inside" if float(np.median(mean_diff[sl][ok])) > 0 else "outside")
-    return out
+    return out, shift
 
 
 def _contour_sigma_value(v: float | str) -> float:
@@ -1549,8 +1592,24 @@ def _refine_batch(img: EdgeImage, current: list[np.ndarray], bnd: list[np.ndarra
         decide = p == 0 and "auto" in decided
         raw_main = raw_dec = None
         if decide:  # the substrate decision's samples are mostly among the edge profiles' ones
-            raw_main, raw_dec = _shared_samples(img.sampled, pts, nrm, _profile_offsets(sp, sample_px, smooth_sigma)[0],
+            main_offsets = _profile_offsets(sp, sample_px, smooth_sigma)[0]
+            raw_main, raw_dec = _shared_samples(img.sampled, pts, nrm, main_offsets,
                                                 _profile_offsets(2.0 * sp, DECIDE_SAMPLE_PX, DECIDE_SIGMA)[0])
+            auto = np.array([d == "auto" for d in decided])
+            sides, shift = _decide_substrate(img.sampled, pts, nrm, counts, 2.0 * sp,
+                                             exclude=border if any_border else None, raw=raw_dec)
+            decided = [sides[i] if auto[i] else decided[i] for i in range(len(decided))]
+            # A contour far from its rim, with the rim towards the substrate, lies on the rim's
+            # resist-side flank: it starts from the rim instead, whose substrate-side flank
+            # (the edge) is within the search window. (Rim far towards the resist: the contour
+            # lies out on the substrate side, and the edge is between the two: no move.)
+            towards = np.repeat(np.array([1.0 if d == "outside" else -1.0 for d in decided]), counts)
+            move = (shift * towards > 0) & np.repeat(auto, counts) & ~border
+            if move.any():
+                pts = pts.copy()
+                pts[move] += shift[move, None] * nrm[move]
+                raw_main[move] = _sample_along(img.sampled, pts[move], nrm[move], main_offsets)
+                current = [pts[a:a + n].copy() for a, n in zip(starts, counts)]
         prof1, _ = _raw_profiles(img.sampled, pts, nrm, search_px=sp, sample_px=sample_px,
                                  smooth_sigma=smooth_sigma, raw=raw_main)
         if any_border:  # border points' profiles are not averaged into their neighbours'
@@ -1562,11 +1621,6 @@ def _refine_batch(img: EdgeImage, current: list[np.ndarray], bnd: list[np.ndarra
         k_ = prof.shape[1]
         half = k_ // 2
 
-        if decide:
-            auto = np.array([d == "auto" for d in decided])
-            sides = _decide_substrate(img.sampled, pts, nrm, counts, 2.0 * sp,
-                                      exclude=border if any_border else None, raw=raw_dec)
-            decided = [sides[i] if auto[i] else decided[i] for i in range(len(decided))]
         flip = np.repeat(np.array([s == "outside" for s in decided]), counts)
         q = np.where(flip[:, None], prof[:, ::-1], prof)  # substrate -> resist
         qw = np.where(flip[:, None], profw[:, ::-1], profw)
