@@ -413,7 +413,7 @@ class ThresholdFallback:
         opts = dict(ropt)
         opts["passes"] = max(int(opts.get("passes", 1)), 2)  # the layout runs less parallel to the print
         polys = [np.asarray(features[i].pixels, dtype=np.float64) for i in retry]
-        results = refine_contours(eimg, polys, **opts)
+        results = refine_contours(eimg, polys, on_edge=True, **opts)
         ious = polygon_ious([r.contour_uv for r in results], polys)
         for i, res, iou in zip(retry, results, ious):
             f = features[i]

@@ -1028,8 +1028,8 @@ def _centre_on_rim(arr: np.ndarray, pts: np.ndarray, nrm: np.ndarray, counts: np
 
 
 def _decide_substrate(arr: np.ndarray, pts: np.ndarray, nrm: np.ndarray, counts: np.ndarray,
-                      reach_px: float, exclude: np.ndarray | None = None, raw: np.ndarray | None = None
-                      ) -> tuple[list[str], np.ndarray]:
+                      reach_px: float, exclude: np.ndarray | None = None, raw: np.ndarray | None = None,
+                      recentre: bool = True) -> tuple[list[str], np.ndarray]:
     """Which side of each contour is the substrate, from the data, and where its rim is.
 
     Profiles reaching ``reach_px`` to each side are compared per contour: the
@@ -1039,12 +1039,17 @@ def _decide_substrate(arr: np.ndarray, pts: np.ndarray, nrm: np.ndarray, counts:
     range (resist top as dark as the substrate), the side with the lower mean
     is the substrate (the bright rim lies on the resist side). Points in
     ``exclude`` (on the image border) do not vote. ``raw``: the profiles' samples, if taken already.
-    The profiles of a contour far off its rim are first centred on it (:func:`_centre_on_rim`);
-    the second value is that move per point (px along the outward normal, 0 where none).
+    The profiles of a contour far off its rim are first centred on it (:func:`_centre_on_rim`,
+    unless not ``recentre``: contours known to run along the edge, whose rim side is the
+    resist side); the second value is that move per point (px along the outward normal, 0
+    where none).
     """
     prof, inside = _raw_profiles(arr, pts, nrm, search_px=reach_px, sample_px=DECIDE_SAMPLE_PX,
                                  smooth_sigma=DECIDE_SIGMA, raw=raw)
-    prof, inside, shift = _centre_on_rim(arr, pts, nrm, counts, prof, inside, reach_px)
+    if recentre:
+        prof, inside, shift = _centre_on_rim(arr, pts, nrm, counts, prof, inside, reach_px)
+    else:
+        shift = np.zeros(len(pts))
     voters = np.ones(len(pts), dtype=bool) if exclude is None else ~exclude
     half = prof.shape[1] // 2
     inner, outer = prof[:, :half], prof[:, half + 1:]
@@ -1418,6 +1423,7 @@ def refine_contours(
     frame_px: int = 1,
     matched_filter: bool = False,
     template_points: int = 15,
+    on_edge: bool = False,
 ) -> list[RefineResult]:
     """Refine many coarse closed contours on one image (all normals sampled in one vectorised pass).
 
@@ -1441,6 +1447,9 @@ def refine_contours(
     image_sigma : optional isotropic pre-smoothing of the image (px; ignored if an
         EdgeImage is given). It shifts curved edges (blur of a curved edge), so it is 0 by default.
     substrate : ``"auto"``, ``"inside"`` or ``"outside"``; one value or one per contour.
+    on_edge : the contours are known to run along the edge (aligned layout polygons), not
+        iso-lines that may lie on the rim's far flank: the ``auto`` substrate decision then
+        takes the rim's side as the resist without looking across it (:func:`_centre_on_rim`).
     normal_smooth : circular Gaussian (samples) on the coordinates before taking normals.
     min_snr : a point's edge counts as found when ``(peak - min) / profile noise >= min_snr``.
     outlier_k, outlier_window, min_mad : reject points whose displacement differs from the
@@ -1528,7 +1537,7 @@ def refine_contours(
               normal_smooth=normal_smooth, min_snr=min_snr, outlier_k=outlier_k, outlier_window=int(outlier_window),
               min_mad=min_mad, contour_sigma=contour_sigma, centre_weight=centre_weight, passes=passes,
               base_sigma=base_sigma, noise_prof=noise_prof, noise_w=noise_w, border_mode=bool(border),
-              matched_filter=bool(matched_filter), template_points=int(template_points))
+              matched_filter=bool(matched_filter), template_points=int(template_points), on_edge=bool(on_edge))
     # Contours along the border go in their own batches: a contour's result never
     # depends on which others it was refined with.
     out: list[RefineResult] = [None] * len(current)  # type: ignore[list-item]
@@ -1559,7 +1568,7 @@ def _refine_batch(img: EdgeImage, current: list[np.ndarray], bnd: list[np.ndarra
                   outlier_k: float, outlier_window: int, min_mad: float, contour_sigma: float,
                   centre_weight: float, passes: int, base_sigma: float, noise_prof: float,
                   noise_w: float, border_mode: bool, matched_filter: bool = False,
-                  template_points: int = 15) -> list[RefineResult]:
+                  template_points: int = 15, on_edge: bool = False) -> list[RefineResult]:
     """:func:`refine_contours` on prepared (resampled, oriented) contours with their border masks."""
     decided = list(decided)
     results: list[RefineResult] = []
@@ -1597,7 +1606,8 @@ def _refine_batch(img: EdgeImage, current: list[np.ndarray], bnd: list[np.ndarra
                                                 _profile_offsets(2.0 * sp, DECIDE_SAMPLE_PX, DECIDE_SIGMA)[0])
             auto = np.array([d == "auto" for d in decided])
             sides, shift = _decide_substrate(img.sampled, pts, nrm, counts, 2.0 * sp,
-                                             exclude=border if any_border else None, raw=raw_dec)
+                                             exclude=border if any_border else None, raw=raw_dec,
+                                             recentre=not on_edge)
             decided = [sides[i] if auto[i] else decided[i] for i in range(len(decided))]
             # A contour far from its rim, with the rim towards the substrate, lies on the rim's
             # resist-side flank: it starts from the rim instead, whose substrate-side flank

@@ -501,3 +501,25 @@ def test_matched_filter_leaves_contours_cut_by_the_border_to_the_plain_rule():
     plain = refine_contour(img, coarse)
     matched = refine_contour(img, coarse, matched_filter=True)
     assert plain.clipped and np.array_equal(plain.contour_uv, matched.contour_uv)
+
+
+def test_contour_on_the_edge_takes_the_rim_side_as_resist_without_looking_across_it():
+    """A sloped sidewall (10 px footprint) under a narrow rim: seen from the edge, the rim
+    peaks ~5.5 px into the resist, beyond which the top is as dark as the substrate. An
+    iso-line that far from its rim could lie on either flank, so its decision profiles are
+    re-centred on the rim; there the long sidewall flank is the brighter side and the
+    substrate would be taken as resist. A contour known to run along the edge (an aligned
+    layout polygon, ``on_edge``) keeps the rim's side as the resist."""
+    rim = Rim(S=0.2, P=1.0, T=0.2, footprint=10.0, rim=1.0, decay=1.5)
+    sq = rect(30.4, 30.2, 97.6, 98.1)
+    px = render([sq], (128, 128), rim=rim, blur=0.8, noise=0.02, seed=3)
+    layout = sq.polygon() + [0.4, -0.3]
+    u0, v0, u1, v1 = sq.params
+    on, off = (refine_contours(px, [layout], on_edge=flag)[0] for flag in (True, False))
+    assert on.substrate == "outside" and off.substrate == "inside"
+    c = on.contour_uv
+    e = (c[:, 1] > v0 + 6) & (c[:, 1] < v1 - 6)
+    # t = 0.5 of a 0.8 px-blurred narrow rim on a long ramp: ~0.5 px down the ramp, both sides alike
+    el, er = c[e & (c[:, 0] < 64), 0].mean() - u0, c[e & (c[:, 0] > 64), 0].mean() - u1
+    assert -0.8 < el < -0.2 and 0.2 < er < 0.8 and abs(el + er) < 0.05
+    assert on.valid_fraction > 0.95
