@@ -580,32 +580,16 @@ def _shift_rows(q: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return out, ok
 
 
-def _fill_ends(t: np.ndarray, ok: np.ndarray) -> np.ndarray:
-    """Samples outside each row's valid span take the value at its first / last valid sample.
-
-    The valid samples of a template row are one contiguous span (rows without any: unchanged).
-    """
-    k_ = t.shape[1]
-    rows = np.arange(len(t))
-    first = np.argmax(ok, axis=1)
-    last = k_ - 1 - np.argmax(ok[:, ::-1], axis=1)
-    idx = np.arange(k_)[None, :]
-    out = np.where(idx < first[:, None], t[rows, first][:, None], t)
-    return np.where(idx > last[:, None], t[rows, last][:, None], out)
-
-
 def _match_template(q: np.ndarray, x: np.ndarray, found: np.ndarray, counts: np.ndarray, *, threshold: float,
                     centre_weight: float, noise_w: float, level_points: int, points: int, exclude: int,
-                    before: int, after: int, align: bool = False, steps: int = 2, max_step: float = 4.0,
+                    before: int, after: int, steps: int = 2, max_step: float = 4.0,
                     min_support: int = 6) -> tuple[np.ndarray, np.ndarray]:
     """Threshold-rule positions measured on a local low-noise template, transferred to each point by a fit.
 
     For every point, the profiles ``q`` (oriented substrate -> resist, float32) of the
     found points of its own contour within ``+/- points`` (except the ``+/- exclude``
-    nearest, whose profiles share data with its own) are averaged: the *template*.
-    With ``align`` they are first shifted so that their along-contour mean edge
-    positions (``x`` averaged over the same window) coincide; without it they are
-    averaged as sampled, which suits a base contour already on the edge (a later pass).
+    nearest, whose profiles share data with its own) are averaged as sampled (the
+    last pass: the base contour already runs along the edge): the *template*.
     The threshold rule (:func:`_locate`) on the template gives its edge. The point's own
     profile is aligned with the template by least squares (Gauss-Newton on the shift,
     ``steps`` steps of at most ``max_step`` samples) over the samples from ``before``
@@ -626,30 +610,12 @@ def _match_template(q: np.ndarray, x: np.ndarray, found: np.ndarray, counts: np.
     if exclude >= 0:
         w_sum = w_sum - _along_sum(fw, counts, win_in)
     n_nb = w_sum[:, 0]  # profiles in each template
-    if align:
-        xf = np.where(found, x, 0.0).astype(np.float32)[:, None]
-        xa = _along_sum(xf, counts, win_out)[:, 0] - (_along_sum(xf, counts, win_in)[:, 0] if exclude >= 0 else 0.0)
-        xa = np.where(n_nb > 0.5, xa / np.maximum(n_nb, 1.0), float(half))
-        r, okr = _shift_rows(q, xa)
-        w = okr & found[:, None]
-        rw = np.where(w, r, np.float32(0.0))
-        wf = w.astype(np.float32)
-        s_sum = _along_sum(rw, counts, win_out)
-        ws = _along_sum(wf, counts, win_out)
-        if exclude >= 0:
-            s_sum -= _along_sum(rw, counts, win_in)
-            ws -= _along_sum(wf, counts, win_in)
-        t_ok = ws >= min_support - 0.5
-        tmpl = _fill_ends(s_sum / np.maximum(ws, np.float32(1.0)), t_ok)
-    else:
-        xa = np.full(m_, float(half))
-        qf = np.where(found[:, None], q, np.float32(0.0))
-        s_sum = _along_sum(qf, counts, win_out)
-        if exclude >= 0:
-            s_sum -= _along_sum(qf, counts, win_in)
-        tmpl = s_sum / np.maximum(n_nb, np.float32(1.0))[:, None]
-        t_ok = np.ones((1, k_), dtype=bool)
-        r, okr = q, np.ones((1, k_), dtype=bool)
+    xa = np.full(m_, float(half))
+    qf = np.where(found[:, None], q, np.float32(0.0))
+    s_sum = _along_sum(qf, counts, win_out)
+    if exclude >= 0:
+        s_sum -= _along_sum(qf, counts, win_in)
+    tmpl = s_sum / np.maximum(n_nb, np.float32(1.0))[:, None]
     # template noise: noise_w is that of a level_points average; the template averages ~n_nb profiles
     scale = np.sqrt(max(float(np.median(n_nb[found])), 1.0) / level_points)
     e, t_found, _, t_lo, t_hi = _locate(tmpl, tmpl, edge="threshold", threshold=threshold,
@@ -658,12 +624,12 @@ def _match_template(q: np.ndarray, x: np.ndarray, found: np.ndarray, counts: np.
     g = np.empty_like(tmpl)  # template slope per sample
     g[:, 1:-1] = 0.5 * (tmpl[:, 2:] - tmpl[:, :-2])
     g[:, 0], g[:, -1] = g[:, 1], g[:, -2]
-    win = t_ok & (idx[None, :] >= (t_lo - before)[:, None]) & (idx[None, :] <= (t_hi + after)[:, None])
+    win = (idx[None, :] >= (t_lo - before)[:, None]) & (idx[None, :] <= (t_hi + after)[:, None])
     gw = np.where(win, g, np.float32(0.0))
     den = np.einsum("ij,ij->i", gw, g)
     ok &= den > 0
     xs = np.array(xa, dtype=np.float64, copy=True)
-    own, own_ok = r, okr
+    own, own_ok = q, np.ones((1, k_), dtype=bool)  # the point's own profile as sampled, then shifted
     for s in range(max(1, steps)):
         if s:
             own, own_ok = _shift_rows(q, xs)
@@ -985,7 +951,6 @@ DECIDE_SAMPLE_PX, DECIDE_SIGMA = 0.5, 1.0  # profiles of the substrate decision
 #: Matched filter (``matched_filter=True``): passes, shift search range and correlation window
 #: (from MATCH_BEFORE_PX ahead of the template's substrate floor to MATCH_AFTER_PX past its rim peak).
 MATCH_STEPS, MATCH_BEFORE_PX, MATCH_AFTER_PX = 2, 1.0, 3.0
-MATCH_ALIGN = False
 
 
 #: A contour whose mean profile peaks farther than this fraction of the reach from it, with
@@ -1688,8 +1653,7 @@ def _refine_batch(img: EdgeImage, current: list[np.ndarray], bnd: list[np.ndarra
                                        noise_w=noise_w, level_points=level_points, points=int(template_points),
                                        exclude=along_points - 1,
                                        before=int(round(MATCH_BEFORE_PX / sample_px)),
-                                       after=int(round(MATCH_AFTER_PX / sample_px)),
-                                       align=MATCH_ALIGN and p == 0, steps=MATCH_STEPS)
+                                       after=int(round(MATCH_AFTER_PX / sample_px)), steps=MATCH_STEPS)
             sm = (xm - half) * sample_px
             sm_out = np.where(flip, -sm, sm)
             # Contours cut by the image border keep the plain rule: their templates would mix
