@@ -1072,8 +1072,13 @@ def _decide_substrate(arr: np.ndarray, pts: np.ndarray, nrm: np.ndarray, counts:
     shift = np.zeros(len(pts))
     if recentre:
         prof, inside, shift = _centre_on_rim(arr, pts, nrm, counts, prof, inside, reach_px, sides, by_floor)
-        if shift.any():
-            sides, _ = _substrate_sides(prof, inside, voters, counts)
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+        moved = np.array([n > 0 and shift[a] != 0 for a, n in zip(starts, counts)], dtype=bool)
+        if moved.any():  # decide the re-centred contours again
+            rows = np.repeat(moved, counts)
+            again, _ = _substrate_sides(prof[rows], inside[rows], voters[rows], np.asarray(counts)[moved])
+            for k, side in zip(np.flatnonzero(moved), again):
+                sides[k] = side
     return sides, shift
 
 
@@ -1608,17 +1613,17 @@ def _refine_batch(img: EdgeImage, current: list[np.ndarray], bnd: list[np.ndarra
             main_offsets = _profile_offsets(sp, sample_px, smooth_sigma)[0]
             raw_main, raw_dec = _shared_samples(img.sampled, pts, nrm, main_offsets,
                                                 _profile_offsets(2.0 * sp, DECIDE_SAMPLE_PX, DECIDE_SIGMA)[0])
-            auto = np.array([d == "auto" for d in decided])
+            auto_side = np.array([d == "auto" for d in decided])
             sides, shift = _decide_substrate(img.sampled, pts, nrm, counts, 2.0 * sp,
                                              exclude=border if any_border else None, raw=raw_dec,
                                              recentre=not on_edge)
-            decided = [sides[i] if auto[i] else decided[i] for i in range(len(decided))]
+            decided = [sides[i] if auto_side[i] else decided[i] for i in range(len(decided))]
             # A contour far from its rim, with the rim towards the substrate, lies on the rim's
             # resist-side flank: it starts from the rim instead, whose substrate-side flank
             # (the edge) is within the search window. (Rim far towards the resist: the contour
             # lies out on the substrate side, and the edge is between the two: no move.)
             towards = np.repeat(np.array([1.0 if d == "outside" else -1.0 for d in decided]), counts)
-            move = (shift * towards > 0) & np.repeat(auto, counts) & ~border
+            move = (shift * towards > 0) & np.repeat(auto_side, counts) & ~border
             if move.any():
                 pts = pts.copy()
                 pts[move] += shift[move, None] * nrm[move]
