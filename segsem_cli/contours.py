@@ -110,6 +110,37 @@ def polygon_ious(a: Sequence[np.ndarray], b: Sequence[np.ndarray]) -> np.ndarray
     return out
 
 
+def edge_offsets(contours: Sequence[np.ndarray], polygons: Sequence[np.ndarray], shape: tuple[int, int], *,
+                 margin_px: float = 1.0) -> np.ndarray:
+    """Per pair, the median signed distance (px) from a contour's points to its polygon's outline.
+
+    Positive where the contour lies outside the polygon (the print is larger), negative inside:
+    the per-edge bias of a print against its design. Points within ``margin_px`` of the image
+    border are left out (where a feature is cut by the border, the contour runs along it);
+    ``nan`` for a pair with no point left or a degenerate polygon.
+    """
+    import shapely
+
+    if len(contours) != len(polygons):
+        raise SegsemError(f"edge_offsets: {len(contours)} contours against {len(polygons)} polygons")
+    h, w = shape
+    out = np.full(len(contours), np.nan)
+    for i, (c, p) in enumerate(zip(contours, polygons)):
+        c = np.asarray(c, dtype=np.float64)
+        if c.ndim != 2 or len(c) == 0 or not usable_polygon(p):
+            continue
+        keep = ((c[:, 0] >= margin_px) & (c[:, 0] <= w - margin_px)
+                & (c[:, 1] >= margin_px) & (c[:, 1] <= h - margin_px))
+        if not keep.any():
+            continue
+        c = c[keep]
+        poly = _shapely_polys([p])[0]
+        d = shapely.distance(poly.exterior, shapely.points(c))
+        inside = shapely.contains_xy(poly, c[:, 0], c[:, 1])
+        out[i] = float(np.median(np.where(inside, -d, d)))
+    return out
+
+
 def same_point(p: np.ndarray, q: np.ndarray, *, rtol: float = 1e-5, atol: float = 1e-8) -> bool:
     """``np.allclose`` for two 2-D points without its overhead (called per contour)."""
     return (abs(float(p[0]) - float(q[0])) <= atol + rtol * abs(float(q[0]))

@@ -639,7 +639,7 @@ def write_outputs(cfg: ExtractConfig, images: list[dict], exporter, gauges,
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["image", "feature_id", "source", "confidence", "status", "clipped", "border_fraction", "area_nm2",
-                "seed", "first_status", "split_level"])
+                "seed", "first_status", "split_level", "substrate", "tone_check"])
     for rec in images:
         for f in rec.get("features", []):
             area = ""
@@ -649,7 +649,8 @@ def write_outputs(cfg: ExtractConfig, images: list[dict], exporter, gauges,
             bf = f.get("border_fraction")
             w.writerow([rec["image"], f["feature_id"], f["source"], f"{f['confidence']:.4f}", f["status"], int(bool(f.get("clipped"))),
                         "" if bf is None else f"{float(bf):.4f}", area, f.get("seed", ""), f.get("first_status", ""),
-                        "" if f.get("split_level") is None else f"{float(f['split_level']):.4f}"])
+                        "" if f.get("split_level") is None else f"{float(f['split_level']):.4f}",
+                        f.get("substrate") or "", f.get("tone_check", "")])
     write_text(cfg.out / "features.csv", buf.getvalue())
     outputs["features"] = str(cfg.out / "features.csv")
     t2 = time.perf_counter()

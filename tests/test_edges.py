@@ -288,6 +288,25 @@ def test_border_runs_and_fraction():
     assert [r.tolist() for r in border_runs(np.zeros(4, bool))] == [[0, 1, 2, 3]]
 
 
+def test_edge_offsets_is_the_median_signed_distance_without_the_border_run():
+    from segsem_cli.contours import edge_offsets
+
+    design = np.array([[10.0, 10.0], [50.0, 10.0], [50.0, 40.0], [10.0, 40.0]])
+    grown = np.array([[7.5, 7.5], [52.5, 7.5], [52.5, 42.5], [7.5, 42.5]])  # 2.5 px out on every side
+    dense = np.vstack([np.linspace(grown[k], grown[(k + 1) % 4], 40, endpoint=False) for k in range(4)])
+    shrunk = np.vstack([np.linspace(p, q, 40, endpoint=False)
+                        for p, q in zip(design + [[1, 1], [-1, 1], [-1, -1], [1, -1]],
+                                        np.roll(design + [[1, 1], [-1, 1], [-1, -1], [1, -1]], -1, 0))])
+    # the left side of a feature cut by the border runs along u = 0 and is left out (else it would read 4 px in)
+    cut = np.vstack([np.linspace([0.0, 12.0], [0.0, 38.0], 30), np.linspace([48.0, 38.0], [48.0, 12.0], 30)])
+    cut_design = np.array([[-4.0, 10.0], [50.0, 10.0], [50.0, 40.0], [-4.0, 40.0]])
+    off = edge_offsets([dense, shrunk, cut, grown], [design, design, cut_design, design[:2]], SH)
+    assert off[0] == pytest.approx(2.5, abs=1e-9) and off[1] == pytest.approx(-1.0, abs=1e-9)
+    assert off[2] == pytest.approx(-2.0, abs=1e-9) and np.isnan(off[3])  # a degenerate polygon
+    with pytest.raises(SegsemError):
+        edge_offsets([dense], [], SH)
+
+
 def test_close_along_border_gives_every_region_cut_by_open_lines():
     img = np.zeros(SH, dtype=np.float32)
     img[:, 40:60] = 1.0  # a bright line crossing the image top to bottom: u in [40, 60]

@@ -115,6 +115,17 @@ def test_gds_readable_by_klayout_with_feature_count(extracted):
     assert all(f["seed"] in ("", "layout") and (f["seed"] == "") == (f["first_status"] == "") for f in feats)
     # the local-level split of a charging-merged region is marked too (none in these images)
     assert all(f["split_level"] == "" or (f["first_status"] == "merged" and float(f["split_level"]) > 0) for f in feats)
+    # every extracted feature says which side its substrate is on (resist lines: outside). An
+    # unprinted line (truth: defect "missing") leaves a wide space bounded by its neighbours' edges,
+    # which alone would come out "ok" with the substrate inside: one layer, one tone, so it is
+    # tried on the image's side, finds no edge, and is reported not found.
+    assert {f["substrate"] for f in feats if f["status"] == "ok"} == {"outside"}
+    truth = json.loads((DATA / "truth.json").read_text())["images"]
+    unprinted = {(im, f"p{f['design_index']}") for im, t in truth.items() for f in t["features"] if f.get("defect") == "missing"}
+    flagged = {(f["image"], f["feature_id"]): f for f in feats if f["tone_check"]}
+    assert flagged and set(flagged) <= unprinted
+    assert all(f["status"] == "not_found" and f["tone_check"] == "minority" for f in flagged.values())
+    assert not any(f["status"] == "ok" for f in feats if (f["image"], f["feature_id"]) in unprinted)
 
 
 def test_contours_match_truth(extracted):

@@ -549,3 +549,62 @@ def test_rim_only_wide_lines_cut_by_the_border_keep_the_substrate_outside():
         # the convention's blur bias, the same from the layout seed. Before the fix: 5.6 px in.)
         el, er = c[left, 0].mean() - u0, c[right, 0].mean() - u1
         assert abs(el) < 0.3 and abs(er) < 0.3 and abs(el + er) < 0.05
+
+
+# ----------------------------------------------------------------------------- tone check (substrate side vs layout)
+
+ISLANDS = [(18.3, 20.6, 58.7, 52.2), (70.4, 66.1, 108.2, 106.6)]  # (u0, v0, u1, v1)
+
+
+def _island_offsets(results) -> list[float]:
+    """Median signed distance (px) of each result's contour to its true rectangle (positive outside)."""
+    from segsem_cli.contours import edge_offsets
+
+    rects = [np.array([[u0, v0], [u1, v0], [u1, v1], [u0, v1]]) for u0, v0, u1, v1 in ISLANDS]
+    return list(edge_offsets([r.contour_px for r in results], rects, SHAPE))
+
+
+@pytest.mark.parametrize("tone", ["line", "opening"])
+def test_tone_check_puts_the_edge_on_the_layout_side_of_a_resist_darker_than_the_substrate(tone):
+    """Resist top (0.12) darker than the substrate (0.4), bright rims. The lower floor is the
+    resist, so each contour alone decides the wrong side and lands on the rim's inner flank,
+    a rim width off. Against the layout, the other side puts the edges on the print: the
+    group is flipped. ``tone_check=0`` shows the first decision (the test can fail)."""
+    rim = Rim(S=0.4, P=1.0, T=0.12, rim=2.0)
+    shapes = [rect(*b) for b in ISLANDS]
+    img = make_image(render(shapes, SHAPE, tone=tone, rim=rim, blur=BLUR, noise=0.02, seed=5))
+    polys = [np.array([[u0, v0], [u1, v0], [u1, v1], [u0, v1]]) for u0, v0, u1, v1 in ISLANDS]
+    feats = make_features(img, polys)
+    right = "outside" if tone == "line" else "inside"
+    first = fallback("threshold").extract(img, feats, tone_check=0)
+    assert all(r.ok and r.extra["substrate"] != right for r in first), [(r.status, r.extra.get("substrate")) for r in first]
+    off0 = _island_offsets(first)
+    assert all(abs(o) > 3.0 for o in off0), off0  # a rim width off
+    res = fallback("threshold").extract(img, feats)
+    assert all(r.ok and r.extra["substrate"] == right and r.extra["tone_check"] == "flipped" for r in res), \
+        [(r.status, r.extra) for r in res]
+    off = _island_offsets(res)
+    assert all(abs(o) < 0.5 for o in off), off  # rounded corners count in the median: not exactly 0
+
+
+def test_tone_check_keeps_a_right_side_that_fits_the_layout_poorly():
+    """Bright resist, islands printed 2 px per edge smaller than drawn: the group's IoU is poor,
+    so the other side is tried, but it lands a rim width further in (offset ~ -2 - w): the
+    first side stays and nothing is marked."""
+    shapes = [rect(u0 + 2, v0 + 2, u1 - 2, v1 - 2) for u0, v0, u1, v1 in ISLANDS]
+    img = make_image(render(shapes, SHAPE, rim=Rim(), blur=BLUR, noise=0.02, seed=6))
+    polys = [np.array([[u0, v0], [u1, v0], [u1, v1], [u0, v1]]) for u0, v0, u1, v1 in ISLANDS]
+    res = fallback("threshold").extract(img, make_features(img, polys))
+    assert all(r.ok and r.extra["substrate"] == "outside" and "tone_check" not in r.extra for r in res)
+    assert all(abs(o + 2.0) < 0.5 for o in _island_offsets(res))
+
+
+def test_tone_flips_only_when_the_layout_sits_on_the_other_edge():
+    from segsem_plugins.threshold import tone_flips
+
+    assert tone_flips(-5.3, 0.4)          # first a rim width in, the other on the layout
+    assert tone_flips(5.0, -0.3)          # mirrored
+    assert not tone_flips(3.0, -2.3)      # a 3 px bias with a 5.3 px rim: in between, keep
+    assert not tone_flips(4.2, -1.5)
+    assert not tone_flips(-1.0, 0.5)      # the same edge twice (w < 2 px)
+    assert not tone_flips(0.3, 5.6)       # the first already on the layout
