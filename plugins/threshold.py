@@ -475,9 +475,10 @@ class ThresholdFallback:
                 for k in both:
                     out[group[k]] = new[k]
         # One layer, one tone: a feature that decided against a clear majority of the image's
-        # features is refined again on the majority's side; if it finds no edge there and fitted
-        # its layout poorly, what it found was not this feature (e.g. the space where an
-        # unprinted line should be, bounded by its neighbours' edges).
+        # features is refined again on the majority's side and takes that result if it fits the
+        # layout at least as well; if it finds no edge there and fitted its layout poorly, what it
+        # found was not this feature (e.g. the space where an unprinted line should be, bounded by
+        # its neighbours' edges).
         sides_now = [(i, r.extra.get("substrate")) for i, r in enumerate(out)
                      if r.ok and r.extra.get("substrate") in ("inside", "outside")]
         if len(sides_now) < TONE_MAJORITY_MIN:
@@ -490,9 +491,12 @@ class ThresholdFallback:
         new = self._forced_side(eimg, features, minority, out, major, "majority", ropt, min_valid=min_valid,
                                 image_shape=image_shape)
         for i, r in zip(minority, new):
+            first_iou = float(out[i].extra.get("layout_iou", 1.0))
             if r.ok:
-                out[i] = r
-            elif out[i].extra.get("layout_iou", 1.0) < RETRY_IOU:
+                # (a right minority against a wrong majority would land a rim width off its layout)
+                if float(r.extra.get("layout_iou", 0.0)) >= first_iou:
+                    out[i] = r
+            elif first_iou < RETRY_IOU:
                 keep = {k: out[i].extra[k] for k in ("coarse_iou", "level") if k in out[i].extra}
                 out[i] = feature_result(features[i], None, source=self.name, image_shape=image_shape,
                                         status="not_found", extra={**keep, "tone_check": "minority"})

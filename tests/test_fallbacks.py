@@ -608,3 +608,49 @@ def test_tone_flips_only_when_the_layout_sits_on_the_other_edge():
     assert not tone_flips(4.2, -1.5)
     assert not tone_flips(-1.0, 0.5)      # the same edge twice (w < 2 px)
     assert not tone_flips(0.3, 5.6)       # the first already on the layout
+
+
+def test_tone_check_tries_a_feature_deciding_against_its_image_on_the_majority_side():
+    """Four bright islands decided ``outside``; one result is replaced by its own contour shrunk
+    by a rim width and marked ``inside`` (what a wrong decision gives). Its recorded layout IoU
+    is set to 0.9, above the group check's 0.85, so only the majority rule can catch it (with
+    its true IoU the group check flips it: the first assertion below). Against the clear
+    majority it is refined again from the layout on the ``outside`` side, fits the layout
+    better there and takes that result; the others are left alone."""
+    import dataclasses
+
+    from segsem_cli.edges import EdgeImage, parse_refine_options
+
+    boxes = [(10.2, 12.4, 50.6, 52.1), (72.3, 10.5, 112.8, 50.2), (12.1, 70.6, 52.4, 110.3), (74.5, 72.2, 114.1, 113.6)]
+    img = make_image(render([rect(*b) for b in boxes], SHAPE, rim=Rim(), blur=BLUR, noise=0.02, seed=8))
+    polys = [np.array([[u0, v0], [u1, v0], [u1, v1], [u0, v1]]) for u0, v0, u1, v1 in boxes]
+    feats = make_features(img, polys)
+    fb = fallback("threshold")
+    out = fb.extract(img, feats)
+    assert all(r.ok and r.extra["substrate"] == "outside" for r in out)
+    c = out[0].contour_px
+    shrunk = c + (np.mean(c, axis=0) - c) * (5.0 / 20.0)  # ~5 px in on every side
+    from segsem_cli.contours import polygon_iou
+
+    ropt = parse_refine_options({})
+    ropt["passes"] = 1
+    eimg = EdgeImage(img.pixels, image_sigma=ropt.pop("image_sigma"), frame_px=ropt.pop("frame_px"))
+    true_iou = polygon_iou(shrunk, polys[0])
+    assert true_iou < 0.85
+    bad = dataclasses.replace(out[0], contour_px=shrunk, extra={**out[0].extra, "substrate": "inside", "layout_iou": true_iou})
+    fixed = [bad] + out[1:]
+    fb._tone_check(eimg, feats, fixed, ropt, min_valid=0.5, image_shape=img.shape)
+    assert fixed[0].extra["tone_check"] == "flipped" and fixed[0].extra["substrate"] == "outside"
+    bad = dataclasses.replace(bad, extra={**bad.extra, "layout_iou": 0.9})
+    fixed = [bad] + out[1:]
+    fb._tone_check(eimg, feats, fixed, ropt, min_valid=0.5, image_shape=img.shape)
+    r = fixed[0]
+    assert r.ok and r.extra["substrate"] == "outside" and r.extra["tone_check"] == "majority"
+    assert abs(_edge_offset(r.contour_px, polys[0])) < 0.5
+    assert all(a is b for a, b in zip(fixed[1:], out[1:]))
+
+
+def _edge_offset(contour, poly) -> float:
+    from segsem_cli.contours import edge_offsets
+
+    return float(edge_offsets([contour], [poly], SHAPE)[0])
