@@ -460,14 +460,14 @@ class ThresholdFallback:
             if not group or float(np.median([out[i].extra.get("layout_iou", 1.0) for i in group])) >= TONE_CHECK_IOU:
                 continue
             other = "outside" if side == "inside" else "inside"
-            polys = [np.asarray(features[i].pixels, dtype=np.float64) for i in group]
             new = self._forced_side(eimg, features, group, out, other, "flipped", ropt, min_valid=min_valid,
                                     image_shape=image_shape)
             both = [k for k, r in enumerate(new) if r.ok]
             if not both:
                 continue
-            off_old = edge_offsets([out[group[k]].contour_px for k in both], [polys[k] for k in both], image_shape)
-            off_new = edge_offsets([new[k].contour_px for k in both], [polys[k] for k in both], image_shape)
+            polys = [features[group[k]].pixels for k in both]
+            off_old = edge_offsets([out[group[k]].contour_px for k in both], polys, image_shape)
+            off_new = edge_offsets([new[k].contour_px for k in both], polys, image_shape)
             good = np.isfinite(off_old) & np.isfinite(off_new)
             if not good.any():
                 continue
@@ -501,18 +501,27 @@ class ThresholdFallback:
                 out[i] = feature_result(features[i], None, source=self.name, image_shape=image_shape,
                                         status="not_found", extra={**keep, "tone_check": "minority"})
 
-    def _forced_side(self, eimg: EdgeImage, features: Sequence[Feature], idx: Sequence[int],
-                     out: list[FeatureResult], side: str, mark: str, ropt: dict[str, Any], *, min_valid: float,
-                     image_shape: tuple[int, int]) -> list[FeatureResult]:
-        """Features ``idx`` refined from their aligned layout polygons with the substrate forced to ``side``
-        (two passes, as the layout runs less parallel to the print), marked ``extra["tone_check"] = mark``."""
+    def _from_layout(self, eimg: EdgeImage, features: Sequence[Feature], idx: Sequence[int],
+                     extras: Sequence[dict[str, Any]], ropt: dict[str, Any], *, min_valid: float,
+                     image_shape: tuple[int, int], **refine: Any) -> list[FeatureResult]:
+        """Features ``idx`` refined again from their aligned layout polygons (two passes at least: the
+        layout runs less parallel to the print than an iso-line), each with its ``extras``;
+        ``refine`` overrides :func:`refine_contours` keywords (``substrate``, ``on_edge``)."""
         polys = [np.asarray(features[i].pixels, dtype=np.float64) for i in idx]
-        opts = {**ropt, "substrate": side, "passes": max(int(ropt.get("passes", 1)), 2)}
+        opts = {**ropt, "passes": max(int(ropt.get("passes", 1)), 2), **refine}
         results = refine_contours(eimg, polys, **opts)
         ious = polygon_ious([r.contour_uv for r in results], polys)
         return [feature_result(features[i], res, source=self.name, image_shape=image_shape, min_valid=min_valid,
-                               layout_iou=float(iou), extra={**out[i].extra, "tone_check": mark})
-                for i, res, iou in zip(idx, results, ious)]
+                               layout_iou=float(iou), extra=dict(ex))
+                for i, res, iou, ex in zip(idx, results, ious, extras)]
+
+    def _forced_side(self, eimg: EdgeImage, features: Sequence[Feature], idx: Sequence[int],
+                     out: list[FeatureResult], side: str, mark: str, ropt: dict[str, Any], *, min_valid: float,
+                     image_shape: tuple[int, int]) -> list[FeatureResult]:
+        """Features ``idx`` refined from their aligned layout polygons with the substrate forced to
+        ``side``, marked ``extra["tone_check"] = mark``."""
+        return self._from_layout(eimg, features, idx, [{**out[i].extra, "tone_check": mark} for i in idx], ropt,
+                                 min_valid=min_valid, image_shape=image_shape, substrate=side)
 
     def _layout_retry(self, eimg: EdgeImage, features: Sequence[Feature], out: list[FeatureResult],
                       ropt: dict[str, Any], *, min_valid: float, image_shape: tuple[int, int],
@@ -539,17 +548,11 @@ class ThresholdFallback:
         retry = [i for i, r in enumerate(out) if poor(r) and usable_polygon(features[i].pixels)]
         if not retry:
             return
-        opts = dict(ropt)
-        opts["passes"] = max(int(opts.get("passes", 1)), 2)  # the layout runs less parallel to the print
-        polys = [np.asarray(features[i].pixels, dtype=np.float64) for i in retry]
-        results = refine_contours(eimg, polys, on_edge=True, **opts)
-        ious = polygon_ious([r.contour_uv for r in results], polys)
-        for i, res, iou in zip(retry, results, ious):
-            f = features[i]
-            extra = {**out[i].extra, "seed": "layout", "first_status": out[i].status}
-            r = feature_result(f, res, source=self.name, image_shape=image_shape, min_valid=min_valid,
-                               layout_iou=float(iou), extra=extra)
-            if r.ok and retry_wins(out[i], r.extra["valid_fraction"], float(iou), min_valid=min_valid):
+        extras = [{**out[i].extra, "seed": "layout", "first_status": out[i].status} for i in retry]
+        new = self._from_layout(eimg, features, retry, extras, ropt, min_valid=min_valid, image_shape=image_shape,
+                                on_edge=True)
+        for i, r in zip(retry, new):
+            if r.ok and retry_wins(out[i], r.extra["valid_fraction"], r.extra["layout_iou"], min_valid=min_valid):
                 out[i] = r
 
 
