@@ -296,6 +296,15 @@ def _neighbour_index(counts: np.ndarray, along_points: int) -> np.ndarray:
     return st[:, None] + (local[:, None] + j[None, :]) % n[:, None]
 
 
+def _shifted_index(counts: np.ndarray, k: int) -> np.ndarray:
+    """Index of the point ``k`` samples ahead of each point (circular, within its own contour):
+    one column of :func:`_neighbour_index` without building the others."""
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    st = np.repeat(starts, counts)
+    n = np.repeat(counts, counts)
+    return st + (np.arange(int(counts.sum())) - st + k) % n
+
+
 def _along_mean(a: np.ndarray, counts: np.ndarray, window: int) -> np.ndarray:
     """Circular moving average of rows over ``window`` (odd) neighbours within each contour.
 
@@ -765,8 +774,7 @@ def _straightness(nrm: np.ndarray, counts: np.ndarray, contour_sigma: float) -> 
     before and after the point on its own contour.
     """
     k = max(1, int(np.ceil(3.0 * contour_sigma)))
-    nb = _neighbour_index(counts, 2 * k + 1)
-    cos = np.einsum("ij,ij->i", nrm[nb[:, 0]], nrm[nb[:, -1]])
+    cos = np.einsum("ij,ij->i", nrm[_shifted_index(counts, -k)], nrm[_shifted_index(counts, k)])
     ang = np.degrees(np.arccos(np.clip(cos, -1.0, 1.0)))
     lo, hi = CORNER_DEG
     return np.clip((hi - ang) / (hi - lo), 0.0, 1.0)
@@ -815,6 +823,14 @@ def _masked_variogram(d: np.ndarray, ok: np.ndarray, max_lag: int) -> tuple[np.n
         gam = np.where(pairs > 0, 0.5 * num / np.maximum(pairs, 1.0), np.nan)
     gam[0] = 0.0
     return np.maximum(gam, 0.0), pairs
+
+
+@lru_cache(maxsize=16)
+def _lag_matrix(n: int) -> np.ndarray:
+    """``|i - j|`` for ``i, j < n`` (read only; shared by every contour)."""
+    m = np.abs(np.subtract.outer(np.arange(n), np.arange(n)))
+    m.flags.writeable = False
+    return m
 
 
 def auto_contour_sigma(d: np.ndarray, ok: np.ndarray, *, noise_points: int = 9,
@@ -871,7 +887,7 @@ def auto_contour_sigma(d: np.ndarray, ok: np.ndarray, *, noise_points: int = 9,
     for s, g in zip(sig, taps):
         h = g.copy()
         h[len(g) // 2] -= 1.0
-        idx = np.abs(np.subtract.outer(np.arange(len(g)), np.arange(len(g))))
+        idx = _lag_matrix(len(g))
         mse = -float(h @ gs[idx] @ h) + nugget * float(g @ rho[idx] @ g)
         if mse < best_mse - 1e-12:
             best, best_mse = s, mse
