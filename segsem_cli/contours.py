@@ -110,34 +110,71 @@ def polygon_ious(a: Sequence[np.ndarray], b: Sequence[np.ndarray]) -> np.ndarray
     return out
 
 
+#: Point-segment pairs per block of :func:`edge_offsets` (bounds its work arrays).
+_OFFSET_BLOCK = 1 << 20
+
+
 def edge_offsets(contours: Sequence[np.ndarray], polygons: Sequence[np.ndarray], shape: tuple[int, int], *,
-                 margin_px: float = 1.0) -> np.ndarray:
+                 margin_px: float = 1.0, stride: int = 1) -> np.ndarray:
     """Per pair, the median signed distance (px) from a contour's points to its polygon's outline.
 
     Positive where the contour lies outside the polygon (the print is larger), negative inside:
     the per-edge bias of a print against its design. Points within ``margin_px`` of the image
     border are left out (where a feature is cut by the border, the contour runs along it);
-    ``nan`` for a pair with no point left or a degenerate polygon.
+    ``nan`` for a pair with no point left or a degenerate polygon. ``stride`` > 1 uses every
+    ``stride``-th contour point (a quicker estimate). Polygons are simple rings (a layout
+    feature's exterior); all pairs are measured together, in numpy.
     """
-    import shapely
-
     if len(contours) != len(polygons):
         raise SegsemError(f"edge_offsets: {len(contours)} contours against {len(polygons)} polygons")
     h, w = shape
     out = np.full(len(contours), np.nan)
+    jobs: list[tuple[int, np.ndarray, np.ndarray]] = []
     for i, (c, p) in enumerate(zip(contours, polygons)):
         c = np.asarray(c, dtype=np.float64)
         if c.ndim != 2 or len(c) == 0 or not usable_polygon(p):
             continue
+        c = c[::max(int(stride), 1)]
         keep = ((c[:, 0] >= margin_px) & (c[:, 0] <= w - margin_px)
                 & (c[:, 1] >= margin_px) & (c[:, 1] <= h - margin_px))
         if not keep.any():
             continue
-        c = c[keep]
-        poly = _shapely_polys([p])[0]
-        d = shapely.distance(poly.exterior, shapely.points(c))
-        inside = shapely.contains_xy(poly, c[:, 0], c[:, 1])
-        out[i] = float(np.median(np.where(inside, -d, d)))
+        q = np.asarray(p, dtype=np.float64)[:, :2]
+        if len(q) > 3 and same_point(q[0], q[-1]):
+            q = q[:-1]
+        jobs.append((i, c[keep, :2], q))
+    # blocks of pairs with the same vertex count (no padding beyond closing the ring)
+    jobs.sort(key=lambda j: len(j[2]))
+    start = 0
+    while start < len(jobs):
+        stop, n_pts = start, 0
+        while stop < len(jobs) and (stop == start or (len(jobs[stop][2]) == len(jobs[start][2])
+                                                      and (n_pts + len(jobs[stop][1])) * len(jobs[stop][2]) <= _OFFSET_BLOCK)):
+            n_pts += len(jobs[stop][1])
+            stop += 1
+        block = jobs[start:stop]
+        start = stop
+        a = np.stack([j[2] for j in block])                  # (F, S, 2), every ring S vertices
+        b = np.concatenate([a[:, 1:], a[:, :1]], axis=1)     # segment ends; the last closes the ring
+        counts = np.array([len(j[1]) for j in block])
+        pts = np.concatenate([j[1] for j in block])
+        f = np.repeat(np.arange(len(block)), counts)
+        pa, pb = a[f], b[f]                                   # (N, S, 2)
+        ab = pb - pa
+        ap = pts[:, None, :] - pa
+        den = np.einsum("nsk,nsk->ns", ab, ab)
+        t = np.clip(np.einsum("nsk,nsk->ns", ap, ab) / np.where(den > 0, den, 1.0), 0.0, 1.0)
+        dist = np.sqrt(np.min(np.sum((ap - t[..., None] * ab) ** 2, axis=2), axis=1))
+        # inside: crossings of a ray towards +u
+        py, px = pts[:, None, 1], pts[:, None, 0]
+        ay, by = pa[..., 1], pb[..., 1]
+        dy = by - ay
+        span = (ay > py) != (by > py)
+        x_at = pa[..., 0] + (py - ay) * ab[..., 0] / np.where(dy != 0, dy, 1.0)
+        inside = (np.count_nonzero(span & (px < x_at), axis=1) % 2) == 1
+        signed = np.where(inside, -dist, dist)
+        for (i, _, _), part in zip(block, np.split(signed, np.cumsum(counts)[:-1])):
+            out[i] = float(np.median(part))
     return out
 
 

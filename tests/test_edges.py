@@ -307,6 +307,37 @@ def test_edge_offsets_is_the_median_signed_distance_without_the_border_run():
         edge_offsets([dense], [], SH)
 
 
+def test_edge_offsets_agrees_with_shapely_on_non_convex_rings_of_any_vertex_count():
+    """The offsets are computed in numpy for all pairs at once (blocks of equal vertex counts);
+    shapely's point-to-ring distance and containment give the same medians, and ``stride``
+    reads every n-th point."""
+    import shapely
+
+    from segsem_cli.contours import edge_offsets
+
+    rng = np.random.default_rng(4)
+    ell = np.array([[20.0, 20.0], [80.0, 20.0], [80.0, 45.0], [45.0, 45.0], [45.0, 90.0], [20.0, 90.0]])
+    polys, contours = [ell, np.vstack([ell, ell[:1]])], []  # an explicitly closed ring is the same ring
+    for _ in range(6):
+        n = int(rng.integers(3, 30))
+        ang = np.sort(rng.uniform(0, 2 * np.pi, n))
+        polys.append(np.stack([100 + rng.uniform(10, 60, n) * np.cos(ang), 100 + rng.uniform(10, 60, n) * np.sin(ang)], 1))
+    for p in polys:
+        t = np.linspace(0, 2 * np.pi, 400, endpoint=False)
+        c = p[:6].mean(axis=0) + np.stack([35 * np.cos(t), 28 * np.sin(t)], 1)
+        contours.append(c)
+    shape = (200, 200)
+    got = edge_offsets(contours, polys, shape)
+    for c, p, g in zip(contours, polys, got):
+        ring = shapely.Polygon(p)
+        d = shapely.distance(ring.exterior, shapely.points(c))
+        inside = shapely.contains_xy(ring, c[:, 0], c[:, 1])
+        assert g == pytest.approx(float(np.median(np.where(inside, -d, d))), abs=1e-9)
+    assert got[0] == got[1]
+    every4 = edge_offsets([contours[2]], [polys[2]], shape, stride=4)[0]
+    assert every4 == pytest.approx(edge_offsets([contours[2][::4]], [polys[2]], shape)[0], abs=1e-12)
+
+
 def test_close_along_border_gives_every_region_cut_by_open_lines():
     img = np.zeros(SH, dtype=np.float32)
     img[:, 40:60] = 1.0  # a bright line crossing the image top to bottom: u in [40, 60]
