@@ -12,7 +12,10 @@ Stages, per feature (in a crop around the polygon):
    layout polygon resampled every ``init_step_px``, pulled to the edge map
    (``w_edge = 1``) with tension ``alpha`` and stiffness ``beta``;
 3. :func:`segsem_cli.edges.refine_contours` on all snakes at once (it finds
-   the substrate-side flank whichever flank the snake settled on).
+   the substrate-side flank whichever flank the snake settled on);
+4. tone check (``tone_check``, on by default with ``substrate=auto``): the substrate
+   side each contour decided is checked against the aligned layout, as for
+   ``threshold`` (:func:`segsem_cli.tone.tone_check`).
 
 A layout polygon cut by the field of view (vertices on the image border) keeps
 its border part: only the runs of real edge between border points are snakes,
@@ -31,7 +34,7 @@ normals leave the image), ``merged`` (as for ``canny``).
 
 Options: ``snake_sigma`` (2.0), ``alpha`` (0.01), ``beta`` (0.1), ``gamma``
 (0.01), ``max_iter`` (300), ``init_step_px`` (2.0), ``margin_px`` (12),
-``min_iou`` (0.2), ``min_valid`` (0.5), and the refinement options of
+``min_iou`` (0.2), ``min_valid`` (0.5), ``tone_check`` (1), and the refinement options of
 :func:`segsem_cli.edges.parse_refine_options`.
 """
 from __future__ import annotations
@@ -46,6 +49,7 @@ from segsem_cli.contours import (border_mask, border_runs, features_covered, ori
                                  snap_to_border, usable_polygon)
 from segsem_cli.edges import (EdgeImage, feature_result, gaussian_smooth, opt_float, opt_int, parse_refine_options,
                               refine_contours, suppress_frame)
+from segsem_cli.tone import tone_check as run_tone_check, tone_check_enabled
 from segsem_cli.types import Feature, FeatureResult, SEMImage
 
 
@@ -127,6 +131,7 @@ class ActiveContourFallback:
                   margin_px=opt_float(options, "margin_px", 12.0, lo=0.0))
         min_iou = opt_float(options, "min_iou", 0.2, lo=0.0, hi=1.0)
         min_valid = opt_float(options, "min_valid", 0.5, lo=0.0, hi=1.0)
+        tone_check = tone_check_enabled(options, ropt)
         if len(features) == 0:
             return []
         frame_px = ropt.pop("frame_px")
@@ -164,6 +169,8 @@ class ActiveContourFallback:
                 continue
             out.append(feature_result(f, res, source=self.name, image_shape=image.shape, min_valid=min_valid,
                                       layout_iou=iou, extra=extra))
+        if tone_check:
+            run_tone_check(eimg, features, out, ropt, source=self.name, min_valid=min_valid, image_shape=image.shape)
         return out
 
 

@@ -15,7 +15,10 @@ Stages:
    feature whose best region overlaps its layout polygon by IoU <
    ``layout_start_iou`` (edge gaps, noise) is refined from the layout
    polygon instead (``extra["coarse"] == "layout"``); refinement then decides
-   whether an edge is there (``low_contrast`` if not).
+   whether an edge is there (``low_contrast`` if not);
+4. tone check (``tone_check``, on by default with ``substrate=auto``): the substrate
+   side each contour decided is checked against the aligned layout, as for
+   ``threshold`` (:func:`segsem_cli.tone.tone_check`).
 
 A region that reaches the image border (a shape cut by the field of view)
 is a candidate like any other: its contour is closed along the border
@@ -32,7 +35,7 @@ another layout feature too; ``extra["merged_with"]``), ``low_contrast``.
 
 Options: ``canny_sigma`` (1.5), ``high_k`` (4.0), ``high_frac`` (0.2),
 ``min_iou`` (0.2), ``layout_start_iou`` (0.5), ``border_px`` (3.0),
-``min_valid`` (0.5), and the refinement options of
+``min_valid`` (0.5), ``tone_check`` (1), and the refinement options of
 :func:`segsem_cli.edges.parse_refine_options`.
 """
 from __future__ import annotations
@@ -45,6 +48,7 @@ from segsem_cli import hookimpl
 from segsem_cli.contours import coarse_contours, polygon_ious, polygon_mask, snap_to_border, usable_polygon
 from segsem_cli.edges import (EdgeImage, feature_result, gaussian_smooth, opt_float, parse_refine_options,
                               refine_contours, suppress_frame)
+from segsem_cli.tone import tone_check as run_tone_check, tone_check_enabled
 from segsem_cli.types import Feature, FeatureResult, SEMImage
 
 
@@ -189,6 +193,7 @@ class CannyFallback:
         high_frac = opt_float(options, "high_frac", 0.2, lo=0.0, hi=1.0)
         min_iou = opt_float(options, "min_iou", 0.2, lo=0.0, hi=1.0)
         min_valid = opt_float(options, "min_valid", 0.5, lo=0.0, hi=1.0)
+        tone_check = tone_check_enabled(options, ropt)
         layout_start_iou = opt_float(options, "layout_start_iou", 0.5, lo=0.0, hi=1.0)
         border_px = opt_float(options, "border_px", 3.0, lo=0.0, hi=20.0)
         if len(features) == 0:
@@ -230,6 +235,8 @@ class CannyFallback:
             else:
                 out.append(feature_result(f, None, source=self.name, image_shape=image.shape,
                                           status=status, extra=extra))
+        if tone_check:
+            run_tone_check(eimg, features, out, ropt, source=self.name, min_valid=min_valid, image_shape=image.shape)
         return out
 
 

@@ -18,7 +18,7 @@ Stages (all vectorised; one pass over the image, one batched refinement):
    border segments stay fixed and do not count in the confidence;
 5. tone check (``tone_check``, on by default with ``substrate=auto``; needs ``seed_layout``):
    the substrate side each contour decided is checked against the aligned layout
-   (:meth:`ThresholdFallback._tone_check`): a resist darker than the substrate makes
+   (:func:`segsem_cli.tone.tone_check`): a resist darker than the substrate makes
    every contour decide the wrong side, a rim width off its layout; a feature deciding
    against its image's clear majority is tried on the majority's side;
 6. layout-seeded retry (``seed_layout``, on by default): a feature that came out
@@ -61,10 +61,11 @@ from typing import Any, Sequence
 import numpy as np
 
 from segsem_cli import hookimpl
-from segsem_cli.contours import (CoarseContour, associate, close_along_border, coarse_contours, edge_offsets, polygon_area,
+from segsem_cli.contours import (CoarseContour, associate, close_along_border, coarse_contours, polygon_area,
                                  polygon_ious, usable_polygon)
 from segsem_cli.edges import (EdgeImage, feature_result, gaussian_smooth, opt_float, parse_refine_options,
                               refine_contours, suppress_frame)
+from segsem_cli.tone import refine_from_layout, tone_check as run_tone_check, tone_check_enabled
 from segsem_cli.types import Feature, FeatureResult, SEMImage
 
 
@@ -319,33 +320,6 @@ def retry_wins(first: FeatureResult, valid: float, iou: float, *, min_valid: flo
     d_valid = valid - float(first.extra.get("valid_fraction", 0.0))
     return d_iou >= 0 and d_valid >= -RETRY_VALID_TOL and (d_iou >= RETRY_GAIN or d_valid >= RETRY_VALID_GAIN)
 
-#: A group of features that decided the substrate on the same side (``auto``) whose median
-#: layout IoU is below this has the other side tried as well (:meth:`ThresholdFallback._tone_check`).
-TONE_CHECK_IOU = 0.85
-#: ... and takes it only when the two results lie a rim width ``w`` apart (at least TONE_MIN_WIDTH_PX)
-#: and the layout sits on the other one's edge: the group's median edge offset from the layout is
-#: within TONE_NEAR * w with the other side and at least (1 - TONE_NEAR) * w with the first.
-TONE_NEAR = 0.15
-TONE_MIN_WIDTH_PX = 2.0
-#: A feature whose side differs from that of at least TONE_MAJORITY of the image's ``ok`` features
-#: (at least TONE_MAJORITY_MIN of them) is refined again on the majority's side.
-TONE_MAJORITY = 0.75
-TONE_MAJORITY_MIN = 3
-
-
-def tone_flips(first_offset: float, other_offset: float) -> bool:
-    """Does a group take the other substrate side? ``*_offset``: its median edge offset from the layout (px).
-
-    The two results sit on the two flanks of the rim, ``w = |first - other|`` apart. The
-    other side wins only when the layout lies on its edge (``|other| <= TONE_NEAR * w``)
-    and the first result a rim width off (``|first| >= (1 - TONE_NEAR) * w``): a print
-    bias of about a rim width would look the same, so anything in between keeps the first.
-    """
-    w = abs(first_offset - other_offset)
-    return bool(w >= TONE_MIN_WIDTH_PX and abs(other_offset) <= TONE_NEAR * w
-                and abs(first_offset) >= (1.0 - TONE_NEAR) * w)
-
-
 class ThresholdFallback:
     name = "threshold"
     description = "Otsu iso-contours of the smoothed image + sub-pixel edge refinement (fast)"
@@ -365,7 +339,7 @@ class ThresholdFallback:
         seed_layout = bool(opt_float(options, "seed_layout", 1.0, lo=0.0, hi=1.0))
         retry_iou = opt_float(options, "retry_iou", RETRY_IOU, lo=0.0, hi=1.0)
         split_merged = bool(opt_float(options, "split_merged", 1.0, lo=0.0, hi=1.0))
-        tone_check = bool(opt_float(options, "tone_check", 1.0, lo=0.0, hi=1.0))
+        tone_check = tone_check_enabled(options, ropt)
 
         frame_px = ropt.pop("frame_px")
         eimg = EdgeImage(image.pixels, image_sigma=ropt.pop("image_sigma"), frame_px=frame_px)
@@ -412,8 +386,8 @@ class ThresholdFallback:
                 continue
             out.append(feature_result(f, res, source=self.name, image_shape=image.shape, min_valid=min_valid,
                                       layout_iou=ious[i], extra=extra))
-        if seed_layout and tone_check and ropt.get("substrate", "auto") == "auto":
-            self._tone_check(eimg, features, out, ropt, min_valid=min_valid, image_shape=image.shape)
+        if seed_layout and tone_check:
+            run_tone_check(eimg, features, out, ropt, source=self.name, min_valid=min_valid, image_shape=image.shape)
         if seed_layout:
             self._layout_retry(eimg, features, out, ropt, min_valid=min_valid, image_shape=image.shape,
                                retry_iou=retry_iou)
@@ -422,106 +396,12 @@ class ThresholdFallback:
                              "refinement": t4 - t3, "results": t5 - t4, "total": t5 - t0}
         return out
 
-    def _tone_check(self, eimg: EdgeImage, features: Sequence[Feature], out: list[FeatureResult],
-                    ropt: dict[str, Any], *, min_valid: float,
-                    image_shape: tuple[int, int]) -> None:
-        """Try the other substrate side for a group of features that fits its layout poorly.
-
-        The substrate side of each contour is decided from its own profiles
-        (``substrate=auto``: the lower floor, else the rim). Where the resist top images
-        darker than the substrate with bright rims, the lower floor is the resist: the
-        edge is then placed on the rim's inner flank, a rim width (about 2 x blur +
-        the sidewall footprint) inside the print, and the shape fits its layout polygon
-        poorly. An opening layer (dark substrate inside the polygons) gives the same
-        profiles with the sides swapped, so no profile rule can tell them apart; the
-        layout can: the right side puts the edges near the design (the print bias),
-        the wrong one a rim width away.
-
-        For each side, the ``ok`` features that decided it form a group; when the
-        group's median layout IoU is below ``TONE_CHECK_IOU``, its features are refined
-        again from their aligned layout polygons with the other side forced (the first
-        result's contour sits a rim width off the edge the other side looks for). Both
-        results of the group are measured against the layout (:func:`edge_offsets`:
-        median signed distance, the per-edge print bias) and :func:`tone_flips` decides;
-        each feature then takes its new result if it is ``ok``
-        (``extra["tone_check"] = "flipped"``, a column of features.csv).
-
-        The layout cannot tell a wrong side from a print biased by a rim width against
-        its layout: such a group (e.g. lines printed 10 nm wider than drawn, with a 5 nm
-        rim) is flipped wrongly. Force ``substrate=inside|outside`` (a known layer tone)
-        or pass ``tone_check=0`` there; with a forced side the check never runs.
-        """
-        sides = {"inside": [], "outside": []}
-        for i, r in enumerate(out):
-            s = r.extra.get("substrate")
-            if r.ok and s in sides and usable_polygon(features[i].pixels):
-                sides[s].append(i)
-        for side, group in sides.items():
-            if not group or float(np.median([out[i].extra.get("layout_iou", 1.0) for i in group])) >= TONE_CHECK_IOU:
-                continue
-            other = "outside" if side == "inside" else "inside"
-            new = self._forced_side(eimg, features, group, out, other, "flipped", ropt, min_valid=min_valid,
-                                    image_shape=image_shape)
-            both = [k for k, r in enumerate(new) if r.ok]
-            if not both:
-                continue
-            polys = [features[group[k]].pixels for k in both]
-            off_old = edge_offsets([out[group[k]].contour_px for k in both], polys, image_shape)
-            off_new = edge_offsets([new[k].contour_px for k in both], polys, image_shape)
-            good = np.isfinite(off_old) & np.isfinite(off_new)
-            if not good.any():
-                continue
-            if tone_flips(float(np.median(off_old[good])), float(np.median(off_new[good]))):
-                for k in both:
-                    out[group[k]] = new[k]
-        # One layer, one tone: a feature that decided against a clear majority of the image's
-        # features is refined again on the majority's side and takes that result if it fits the
-        # layout at least as well; if it finds no edge there and fitted its layout poorly, what it
-        # found was not this feature (e.g. the space where an unprinted line should be, bounded by
-        # its neighbours' edges).
-        sides_now = [(i, r.extra.get("substrate")) for i, r in enumerate(out)
-                     if r.ok and r.extra.get("substrate") in ("inside", "outside")]
-        if len(sides_now) < TONE_MAJORITY_MIN:
-            return
-        n_in = sum(1 for _, sd in sides_now if sd == "inside")
-        major = "inside" if n_in > len(sides_now) - n_in else "outside"
-        minority = [i for i, sd in sides_now if sd != major and usable_polygon(features[i].pixels)]
-        if not minority or len(sides_now) - len(minority) < TONE_MAJORITY * len(sides_now):
-            return
-        new = self._forced_side(eimg, features, minority, out, major, "majority", ropt, min_valid=min_valid,
-                                image_shape=image_shape)
-        for i, r in zip(minority, new):
-            first_iou = float(out[i].extra.get("layout_iou", 1.0))
-            if r.ok:
-                # (a right minority against a wrong majority would land a rim width off its layout)
-                if float(r.extra.get("layout_iou", 0.0)) >= first_iou:
-                    out[i] = r
-            elif first_iou < RETRY_IOU:
-                keep = {k: out[i].extra[k] for k in ("coarse_iou", "level") if k in out[i].extra}
-                out[i] = feature_result(features[i], None, source=self.name, image_shape=image_shape,
-                                        status="not_found", extra={**keep, "tone_check": "minority"})
-
     def _from_layout(self, eimg: EdgeImage, features: Sequence[Feature], idx: Sequence[int],
                      extras: Sequence[dict[str, Any]], ropt: dict[str, Any], *, min_valid: float,
                      image_shape: tuple[int, int], **refine: Any) -> list[FeatureResult]:
-        """Features ``idx`` refined again from their aligned layout polygons (two passes at least: the
-        layout runs less parallel to the print than an iso-line), each with its ``extras``;
-        ``refine`` overrides :func:`refine_contours` keywords (``substrate``, ``on_edge``)."""
-        polys = [np.asarray(features[i].pixels, dtype=np.float64) for i in idx]
-        opts = {**ropt, "passes": max(int(ropt.get("passes", 1)), 2), **refine}
-        results = refine_contours(eimg, polys, **opts)
-        ious = polygon_ious([r.contour_uv for r in results], polys)
-        return [feature_result(features[i], res, source=self.name, image_shape=image_shape, min_valid=min_valid,
-                               layout_iou=float(iou), extra=dict(ex))
-                for i, res, iou, ex in zip(idx, results, ious, extras)]
-
-    def _forced_side(self, eimg: EdgeImage, features: Sequence[Feature], idx: Sequence[int],
-                     out: list[FeatureResult], side: str, mark: str, ropt: dict[str, Any], *, min_valid: float,
-                     image_shape: tuple[int, int]) -> list[FeatureResult]:
-        """Features ``idx`` refined from their aligned layout polygons with the substrate forced to
-        ``side``, marked ``extra["tone_check"] = mark``."""
-        return self._from_layout(eimg, features, idx, [{**out[i].extra, "tone_check": mark} for i in idx], ropt,
-                                 min_valid=min_valid, image_shape=image_shape, substrate=side)
+        """:func:`segsem_cli.tone.refine_from_layout` with this fallback's name."""
+        return refine_from_layout(eimg, features, idx, extras, ropt, source=self.name, min_valid=min_valid,
+                                  image_shape=image_shape, **refine)
 
     def _layout_retry(self, eimg: EdgeImage, features: Sequence[Feature], out: list[FeatureResult],
                       ropt: dict[str, Any], *, min_valid: float, image_shape: tuple[int, int],

@@ -564,23 +564,25 @@ def _island_offsets(results) -> list[float]:
     return list(edge_offsets([r.contour_px for r in results], rects, SHAPE))
 
 
+@pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("tone", ["line", "opening"])
-def test_tone_check_puts_the_edge_on_the_layout_side_of_a_resist_darker_than_the_substrate(tone):
+def test_tone_check_puts_the_edge_on_the_layout_side_of_a_resist_darker_than_the_substrate(tone, name):
     """Resist top (0.12) darker than the substrate (0.4), bright rims. The lower floor is the
     resist, so each contour alone decides the wrong side and lands on the rim's inner flank,
     a rim width off. Against the layout, the other side puts the edges on the print: the
-    group is flipped. ``tone_check=0`` shows the first decision (the test can fail)."""
+    group is flipped. ``tone_check=0`` shows the first decision (the test can fail). Every
+    fallback refines with the same per-contour decision, so every one runs the check."""
     rim = Rim(S=0.4, P=1.0, T=0.12, rim=2.0)
     shapes = [rect(*b) for b in ISLANDS]
     img = make_image(render(shapes, SHAPE, tone=tone, rim=rim, blur=BLUR, noise=0.02, seed=5))
     polys = [np.array([[u0, v0], [u1, v0], [u1, v1], [u0, v1]]) for u0, v0, u1, v1 in ISLANDS]
     feats = make_features(img, polys)
     right = "outside" if tone == "line" else "inside"
-    first = fallback("threshold").extract(img, feats, tone_check=0)
+    first = fallback(name).extract(img, feats, tone_check=0)
     assert all(r.ok and r.extra["substrate"] != right for r in first), [(r.status, r.extra.get("substrate")) for r in first]
     off0 = _island_offsets(first)
     assert all(abs(o) > 3.0 for o in off0), off0  # a rim width off
-    res = fallback("threshold").extract(img, feats)
+    res = fallback(name).extract(img, feats)
     assert all(r.ok and r.extra["substrate"] == right and r.extra["tone_check"] == "flipped" for r in res), \
         [(r.status, r.extra) for r in res]
     off = _island_offsets(res)
@@ -599,8 +601,44 @@ def test_tone_check_keeps_a_right_side_that_fits_the_layout_poorly():
     assert all(abs(o + 2.0) < 0.5 for o in _island_offsets(res))
 
 
+def test_tone_check_of_a_large_pad_reads_its_misfit_in_pixels_not_its_iou():
+    """One pad 200 px across, resist darker than the substrate: its wrong-side contour lies a rim
+    width (~5 px) inside and still overlaps the layout by IoU > 0.85, which the former IoU gate
+    passed as fine. The gate reads the IoU as an edge offset (area / edge length), > 3 px: the
+    other side is tried and taken."""
+    from segsem_cli.tone import iou_offset_px
+
+    shape = (240, 240)
+    pad = (18.4, 17.2, 219.6, 221.3)
+    img = make_image(render([rect(*pad)], shape, rim=Rim(S=0.4, P=1.0, T=0.12, rim=2.0), blur=BLUR,
+                            noise=0.02, seed=9))
+    u0, v0, u1, v1 = pad
+    poly = np.array([[u0, v0], [u1, v0], [u1, v1], [u0, v1]])
+    feats = make_features(img, [poly])
+    first = fallback("threshold").extract(img, feats, tone_check=0)[0]
+    assert first.ok and first.extra["substrate"] == "inside"
+    assert first.extra["layout_iou"] > 0.85
+    assert iou_offset_px(first.extra["layout_iou"], poly, shape) > 3.0
+    assert _edge_offset(first.contour_px, poly, shape) < -3.0
+    r = fallback("threshold").extract(img, feats)[0]
+    assert r.ok and r.extra["substrate"] == "outside" and r.extra["tone_check"] == "flipped"
+    assert abs(_edge_offset(r.contour_px, poly, shape)) < 0.5
+
+
+def test_iou_offset_px_is_the_edge_offset_an_iou_amounts_to():
+    from segsem_cli.tone import iou_offset_px
+
+    sq = np.array([[10.0, 10.0], [110.0, 10.0], [110.0, 110.0], [10.0, 110.0]])
+    # a print 5 px inside on every side: IoU 90^2 / 100^2
+    assert iou_offset_px(0.81, sq, (200, 200)) == pytest.approx(0.19 * 100 * 100 / 400)
+    assert iou_offset_px(1.0, sq, (200, 200)) == 0.0
+    # cut by the image border at u = 0: the border side is not an edge of the print
+    cut = np.array([[0.0, 10.0], [100.0, 10.0], [100.0, 110.0], [0.0, 110.0]])
+    assert iou_offset_px(0.9, cut, (200, 200)) == pytest.approx(0.1 * 100 * 100 / 300)
+
+
 def test_tone_flips_only_when_the_layout_sits_on_the_other_edge():
-    from segsem_plugins.threshold import tone_flips
+    from segsem_cli.tone import tone_flips
 
     assert tone_flips(-5.3, 0.4)          # first a rim width in, the other on the layout
     assert tone_flips(5.0, -0.3)          # mirrored
@@ -613,13 +651,14 @@ def test_tone_flips_only_when_the_layout_sits_on_the_other_edge():
 def test_tone_check_tries_a_feature_deciding_against_its_image_on_the_majority_side():
     """Four bright islands decided ``outside``; one result is replaced by its own contour shrunk
     by a rim width and marked ``inside`` (what a wrong decision gives). Its recorded layout IoU
-    is set to 0.9, above the group check's 0.85, so only the majority rule can catch it (with
-    its true IoU the group check flips it: the first assertion below). Against the clear
+    is set to 0.95 (a misfit of 0.5 px, below the group check's 1 px gate), so only the majority
+    rule can catch it (with its true IoU the group check flips it: the first assertion below). Against the clear
     majority it is refined again from the layout on the ``outside`` side, fits the layout
     better there and takes that result; the others are left alone."""
     import dataclasses
 
     from segsem_cli.edges import EdgeImage, parse_refine_options
+    from segsem_cli.tone import tone_check
 
     boxes = [(10.2, 12.4, 50.6, 52.1), (72.3, 10.5, 112.8, 50.2), (12.1, 70.6, 52.4, 110.3), (74.5, 72.2, 114.1, 113.6)]
     img = make_image(render([rect(*b) for b in boxes], SHAPE, rim=Rim(), blur=BLUR, noise=0.02, seed=8))
@@ -636,21 +675,21 @@ def test_tone_check_tries_a_feature_deciding_against_its_image_on_the_majority_s
     ropt["passes"] = 1
     eimg = EdgeImage(img.pixels, image_sigma=ropt.pop("image_sigma"), frame_px=ropt.pop("frame_px"))
     true_iou = polygon_iou(shrunk, polys[0])
-    assert true_iou < 0.85
+    assert true_iou < 0.7
     bad = dataclasses.replace(out[0], contour_px=shrunk, extra={**out[0].extra, "substrate": "inside", "layout_iou": true_iou})
     fixed = [bad] + out[1:]
-    fb._tone_check(eimg, feats, fixed, ropt, min_valid=0.5, image_shape=img.shape)
+    tone_check(eimg, feats, fixed, ropt, source=fb.name, min_valid=0.5, image_shape=img.shape)
     assert fixed[0].extra["tone_check"] == "flipped" and fixed[0].extra["substrate"] == "outside"
-    bad = dataclasses.replace(bad, extra={**bad.extra, "layout_iou": 0.9})
+    bad = dataclasses.replace(bad, extra={**bad.extra, "layout_iou": 0.95})
     fixed = [bad] + out[1:]
-    fb._tone_check(eimg, feats, fixed, ropt, min_valid=0.5, image_shape=img.shape)
+    tone_check(eimg, feats, fixed, ropt, source=fb.name, min_valid=0.5, image_shape=img.shape)
     r = fixed[0]
     assert r.ok and r.extra["substrate"] == "outside" and r.extra["tone_check"] == "majority"
     assert abs(_edge_offset(r.contour_px, polys[0])) < 0.5
     assert all(a is b for a, b in zip(fixed[1:], out[1:]))
 
 
-def _edge_offset(contour, poly) -> float:
+def _edge_offset(contour, poly, shape=SHAPE) -> float:
     from segsem_cli.contours import edge_offsets
 
-    return float(edge_offsets([contour], [poly], SHAPE)[0])
+    return float(edge_offsets([contour], [poly], shape)[0])
