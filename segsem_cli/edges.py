@@ -774,7 +774,12 @@ def _straightness(nrm: np.ndarray, counts: np.ndarray, contour_sigma: float) -> 
     before and after the point on its own contour.
     """
     k = max(1, int(np.ceil(3.0 * contour_sigma)))
-    cos = np.einsum("ij,ij->i", nrm[_shifted_index(counts, -k)], nrm[_shifted_index(counts, k)])
+    if len(counts) == 1:  # one contour (the auto choice's candidates): plain modular indices
+        i = np.arange(int(counts[0]))
+        before, after = (i - k) % len(i), (i + k) % len(i)
+    else:
+        before, after = _shifted_index(counts, -k), _shifted_index(counts, k)
+    cos = np.einsum("ij,ij->i", nrm[before], nrm[after])
     ang = np.degrees(np.arccos(np.clip(cos, -1.0, 1.0)))
     lo, hi = CORNER_DEG
     return np.clip((hi - ang) / (hi - lo), 0.0, 1.0)
@@ -826,11 +831,20 @@ def _masked_variogram(d: np.ndarray, ok: np.ndarray, max_lag: int) -> tuple[np.n
 
 
 @lru_cache(maxsize=16)
-def _lag_matrix(n: int) -> np.ndarray:
-    """``|i - j|`` for ``i, j < n`` (read only; shared by every contour)."""
-    m = np.abs(np.subtract.outer(np.arange(n), np.arange(n)))
-    m.flags.writeable = False
-    return m
+def _lag_weights(sigma: float) -> tuple[np.ndarray, np.ndarray]:
+    """For the Gaussian ``g`` of :func:`_gauss_taps` and ``h = g - delta``: the weights ``w`` with
+    ``x' T(c) x = c @ w_x`` for any symmetric Toeplitz matrix ``T(c)[i, j] = c[|i - j|]``
+    (``w[0] = sum x_i^2``, ``w[k] = 2 sum x_i x_{i+k}``), as ``(w_h, w_g)``; read only."""
+    g = _gauss_taps(sigma)
+    h = g.copy()
+    h[len(g) // 2] -= 1.0
+    out = []
+    for x in (h, g):
+        a = np.correlate(x, x, mode="full")[len(x) - 1:]
+        a[1:] *= 2.0
+        a.flags.writeable = False
+        out.append(a)
+    return out[0], out[1]
 
 
 def auto_contour_sigma(d: np.ndarray, ok: np.ndarray, *, noise_points: int = 9,
@@ -885,10 +899,8 @@ def auto_contour_sigma(d: np.ndarray, ok: np.ndarray, *, noise_points: int = 9,
     rho = np.clip(1.0 - np.arange(max_lag + 1) / max(int(noise_points), 1), 0.0, 1.0)
     best, best_mse = float(default), float("inf")
     for s, g in zip(sig, taps):
-        h = g.copy()
-        h[len(g) // 2] -= 1.0
-        idx = _lag_matrix(len(g))
-        mse = -float(h @ gs[idx] @ h) + nugget * float(g @ rho[idx] @ g)
+        w_h, w_g = _lag_weights(s)  # h' Gamma_s h and g' R g from the lag weights (Toeplitz forms)
+        mse = -float(gs[:len(g)] @ w_h) + nugget * float(rho[:len(g)] @ w_g)
         if mse < best_mse - 1e-12:
             best, best_mse = s, mse
     info.update(nugget=float(nugget), rough=float(gs[2 * k0]))
