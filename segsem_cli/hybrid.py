@@ -3,8 +3,10 @@
 For each layout feature the backbone (SAM2) proposes a mask contour and the
 fallback a classical contour. The backbone contour is refined to sub-pixel
 precision along its normals with the same edge convention as the ``threshold``
-fallback (:func:`segsem_cli.edges.refine_contours`), so both candidates are
-judged on the same evidence (:class:`Evidence`):
+fallback (:func:`segsem_cli.edges.refine_contours`; the substrate side is decided per
+contour, except for a feature whose side the fallback's tone check settled against the
+layout, :mod:`segsem_cli.tone`: its backbone contour is refined on that side), so both
+candidates are judged on the same evidence (:class:`Evidence`):
 
 * ``edge_valid``: fraction of the contour's normals that found a clean edge
   (border points of a clipped shape excluded), ``edge_snr`` their median SNR;
@@ -393,8 +395,16 @@ def candidates(
     if refine:
         idx = [i for i, b in enumerate(bb) if b.ok]
         if idx:
-            # the substrate side is decided from the data per contour (polarity-agnostic)
-            res = refine_contours(image.pixels, [bb[i].contour_px for i in idx], **parse_refine_options(edge_options or {}))
+            # the substrate side is decided from the data per contour (polarity-agnostic), except where
+            # the fallback's tone check decided a feature's side against the layout (a resist darker
+            # than the substrate fools the per-contour decision for the backbone's contour just the same)
+            ropt = parse_refine_options(edge_options or {})
+            if ropt.get("substrate", "auto") == "auto":
+                sides = [fb[i].extra.get("substrate", "auto") if fb[i].ok and fb[i].extra.get("tone_check") else "auto"
+                         for i in idx]
+                if any(sd != "auto" for sd in sides):
+                    ropt["substrate"] = sides
+            res = refine_contours(image.pixels, [bb[i].contour_px for i in idx], **ropt)
             refined = dict(zip(idx, res))
     timings["refine"] = time.perf_counter() - t0
 

@@ -273,3 +273,33 @@ def test_select_without_evidence():
     assert select([Candidate("p", ok_b, bad_f)], 0.5)[0].source == "sam2"
     assert select([Candidate("p", ok_b, near_f)], 0.5, mode="fallback")[0].source == "threshold"
     assert select([Candidate("p", None, near_f)], 0.0)[0].source == "threshold"
+
+
+def test_backbone_contours_are_refined_on_the_side_the_fallbacks_tone_check_chose():
+    """Resist darker than the substrate: each contour alone decides the wrong side and lands on the
+    rim's inner flank. The fallback's tone check corrects its own results against the layout; the
+    backbone's contours of those features are then refined on the side it chose, not decided again
+    per contour (with the fallback's check off, both land a rim width inside: the test can fail)."""
+    from segsem_cli.contours import edge_offsets
+
+    from synthetic_helpers import Rim
+
+    px = render([rect(*r) for r in RECTS], (128, 128), rim=Rim(S=0.4, P=1.0, T=0.12, rim=2.0), blur=1.0,
+                noise=0.01, seed=1)
+    t = PixelTransform((0.0, 0.0), 1.0, px.shape)
+    image = SEMImage(Path("x.tif"), px, t)
+    feats = [Feature(f"p{i}", t.to_layout(box(*r)), box(*r)) for i, r in enumerate(RECTS)]
+    model = FakeModel([coarse(r) for r in RECTS])
+    fb = get_fallback("threshold")
+    polys = [f.pixels for f in feats]
+
+    cands, _ = candidates(image, feats, fallback=fb, model=model)
+    assert all(c.fallback.ok and c.fallback.extra["tone_check"] == "flipped" for c in cands)
+    off = edge_offsets([c.backbone.contour_px for c in cands], polys, image.shape)
+    assert np.all(np.abs(off) < 0.5), off
+    off_fb = edge_offsets([c.fallback.contour_px for c in cands], polys, image.shape)
+    assert np.all(np.abs(off - off_fb) < 0.3)
+
+    cands0, _ = candidates(image, feats, fallback=fb, fallback_options={"tone_check": 0}, model=model)
+    off0 = edge_offsets([c.backbone.contour_px for c in cands0], polys, image.shape)
+    assert np.all(off0 < -2.0), off0
