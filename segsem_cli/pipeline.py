@@ -575,11 +575,37 @@ def _brief(rec: dict) -> dict:
             "polarity", "polarity_source", "n_features", "n_ok", "timings", "elapsed_s")
     d = {k: rec.get(k) for k in keys if k in rec}
     srcs: dict[str, int] = {}
+    marks: dict[str, int] = {}  # what the tone check changed (segsem_cli.tone)
     for f in rec.get("features", []):
         if f.get("status") == "ok":
             srcs[f["source"]] = srcs.get(f["source"], 0) + 1
+        if f.get("tone_check"):
+            marks[f["tone_check"]] = marks.get(f["tone_check"], 0) + 1
     d["sources"] = srcs
+    if marks:
+        d["tone_check"] = marks
     return d
+
+
+def tone_check_note(images: list[dict]) -> str | None:
+    """One line for the end of a run when the tone check changed features (``images``: the
+    summary's per-image records), or None: a print biased by about a rim width against its
+    layout is flipped wrongly, and the user may know the layer's tone."""
+    counts: dict[str, int] = {}
+    n_img = 0
+    for r in images:
+        marks = r.get("tone_check") or {}
+        n_img += bool(marks)
+        for k, v in marks.items():
+            counts[k] = counts.get(k, 0) + int(v)
+    if not counts:
+        return None
+    what = {"flipped": "flipped", "majority": "set to the image's majority", "minority": "reported not_found"}
+    parts = ", ".join(f"{counts[k]} {what.get(k, k)}" for k in sorted(counts))
+    return (f"tone check: the substrate side of {sum(counts.values())} feature(s) in {n_img} image(s) was checked "
+            f"against the layout and changed ({parts}; features.csv column tone_check). A print biased by about "
+            f"a rim width against its layout is flipped wrongly: if you know the layer's tone, pass "
+            f"--fallback-opt substrate=outside (resist polygons) or substrate=inside (openings).")
 
 
 def records_from_results(images: list[dict]) -> dict[str, list[ContourRecord]]:

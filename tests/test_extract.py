@@ -126,6 +126,23 @@ def test_gds_readable_by_klayout_with_feature_count(extracted):
     assert flagged and set(flagged) <= unprinted
     assert all(f["status"] == "not_found" and f["tone_check"] == "minority" for f in flagged.values())
     assert not any(f["status"] == "ok" for f in feats if (f["image"], f["feature_id"]) in unprinted)
+    # the summary counts what the check changed per image, and the run ends with a note saying so
+    from segsem_cli.pipeline import tone_check_note
+
+    images = json.loads((out / "summary.json").read_text())["images"]
+    per_image = {r["image"]: r.get("tone_check", {}) for r in images}
+    for im in per_image:
+        assert per_image[im].get("minority", 0) == sum(1 for k in flagged if k[0] == im)
+    note = tone_check_note(images)
+    assert f"{len(flagged)} feature(s)" in note and "reported not_found" in note and "substrate=outside" in note
+
+
+def test_tone_check_note_is_silent_when_nothing_changed():
+    from segsem_cli.pipeline import tone_check_note
+
+    assert tone_check_note([{"image": "a"}, {"image": "b", "tone_check": {}}]) is None
+    note = tone_check_note([{"image": "a", "tone_check": {"flipped": 3}}, {"image": "b", "tone_check": {"flipped": 2, "majority": 1}}])
+    assert "6 feature(s) in 2 image(s)" in note and "5 flipped" in note and "1 set to the image's majority" in note
 
 
 def test_contours_match_truth(extracted):

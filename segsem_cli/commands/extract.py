@@ -75,7 +75,7 @@ def register(app: typer.Typer) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         from ..layout import parse_layer
-        from ..pipeline import ExtractConfig, run_extract
+        from ..pipeline import ExtractConfig, run_extract, tone_check_note
         from ..scanlines import SCAN_LINE_MODES
 
         console = Console(stderr=True)
@@ -130,6 +130,9 @@ def register(app: typer.Typer) -> None:
 
             summary = run_extract(cfg, progress=on_image, on_start=on_start)
         _print_summary(summary)
+        note = tone_check_note(summary.images)
+        if note:
+            console.print(f"[yellow]note:[/] {note}", highlight=False)
         if summary.polarity_from_batch:
             tone = summary.batch_polarity
             console.print(f"polarity: {len(summary.polarity_from_batch)} image(s) whose own data could not tell the "
