@@ -320,6 +320,7 @@ def retry_wins(first: FeatureResult, valid: float, iou: float, *, min_valid: flo
     d_valid = valid - float(first.extra.get("valid_fraction", 0.0))
     return d_iou >= 0 and d_valid >= -RETRY_VALID_TOL and (d_iou >= RETRY_GAIN or d_valid >= RETRY_VALID_GAIN)
 
+
 class ThresholdFallback:
     name = "threshold"
     description = "Otsu iso-contours of the smoothed image + sub-pixel edge refinement (fast)"
@@ -396,13 +397,6 @@ class ThresholdFallback:
                              "refinement": t4 - t3, "results": t5 - t4, "total": t5 - t0}
         return out
 
-    def _from_layout(self, eimg: EdgeImage, features: Sequence[Feature], idx: Sequence[int],
-                     extras: Sequence[dict[str, Any]], ropt: dict[str, Any], *, min_valid: float,
-                     image_shape: tuple[int, int], **refine: Any) -> list[FeatureResult]:
-        """:func:`segsem_cli.tone.refine_from_layout` with this fallback's name."""
-        return refine_from_layout(eimg, features, idx, extras, ropt, source=self.name, min_valid=min_valid,
-                                  image_shape=image_shape, **refine)
-
     def _layout_retry(self, eimg: EdgeImage, features: Sequence[Feature], out: list[FeatureResult],
                       ropt: dict[str, Any], *, min_valid: float, image_shape: tuple[int, int],
                       retry_iou: float) -> None:
@@ -429,8 +423,8 @@ class ThresholdFallback:
         if not retry:
             return
         extras = [{**out[i].extra, "seed": "layout", "first_status": out[i].status} for i in retry]
-        new = self._from_layout(eimg, features, retry, extras, ropt, min_valid=min_valid, image_shape=image_shape,
-                                on_edge=True)
+        new = refine_from_layout(eimg, features, retry, extras, ropt, source=self.name, min_valid=min_valid,
+                                 image_shape=image_shape, on_edge=True)
         for i, r in zip(retry, new):
             if r.ok and retry_wins(out[i], r.extra["valid_fraction"], r.extra["layout_iou"], min_valid=min_valid):
                 out[i] = r

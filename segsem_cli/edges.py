@@ -299,6 +299,9 @@ def _neighbour_index(counts: np.ndarray, along_points: int) -> np.ndarray:
 def _shifted_index(counts: np.ndarray, k: int) -> np.ndarray:
     """Index of the point ``k`` samples ahead of each point (circular, within its own contour):
     one column of :func:`_neighbour_index` without building the others."""
+    if len(counts) == 1:  # one contour (the auto smoothing choice's candidates): plain modular indices
+        n = int(counts[0])
+        return (np.arange(n) + k) % n
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
     st = np.repeat(starts, counts)
     n = np.repeat(counts, counts)
@@ -774,12 +777,7 @@ def _straightness(nrm: np.ndarray, counts: np.ndarray, contour_sigma: float) -> 
     before and after the point on its own contour.
     """
     k = max(1, int(np.ceil(3.0 * contour_sigma)))
-    if len(counts) == 1:  # one contour (the auto choice's candidates): plain modular indices
-        i = np.arange(int(counts[0]))
-        before, after = (i - k) % len(i), (i + k) % len(i)
-    else:
-        before, after = _shifted_index(counts, -k), _shifted_index(counts, k)
-    cos = np.einsum("ij,ij->i", nrm[before], nrm[after])
+    cos = np.einsum("ij,ij->i", nrm[_shifted_index(counts, -k)], nrm[_shifted_index(counts, k)])
     ang = np.degrees(np.arccos(np.clip(cos, -1.0, 1.0)))
     lo, hi = CORNER_DEG
     return np.clip((hi - ang) / (hi - lo), 0.0, 1.0)
@@ -1024,7 +1022,7 @@ def _substrate_sides(prof: np.ndarray, inside: np.ndarray, voters: np.ndarray, c
 
 def _centre_on_rim(arr: np.ndarray, pts: np.ndarray, nrm: np.ndarray, counts: np.ndarray, prof: np.ndarray,
                    inside: np.ndarray, reach_px: float, sides: list[str], by_floor: np.ndarray
-                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Re-sample the decision profiles of contours lying far off their rim, centred on it.
 
     The substrate decision compares the two sides of the edge, so it needs both floors
@@ -1041,11 +1039,13 @@ def _centre_on_rim(arr: np.ndarray, pts: np.ndarray, nrm: np.ndarray, counts: np
     re-centred whenever its rim is more than ``DECIDE_NEAR_PX`` away: from either flank
     it sees the rim on one side, so that rule can only compare the rim's own two flanks,
     the sidewall's and the slower decay into the resist top. Returns the profiles,
-    their inside flags and each point's move along its outward normal (0 where none).
+    their inside flags, each point's move along its outward normal (0 where none) and
+    which contours moved.
     """
     half = prof.shape[1] // 2
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
     shift = np.zeros(len(pts))
+    moved_c = np.zeros(len(counts), dtype=bool)
     for k, (a, n) in enumerate(zip(starts, counts)):
         if n == 0:
             continue
@@ -1055,6 +1055,7 @@ def _centre_on_rim(arr: np.ndarray, pts: np.ndarray, nrm: np.ndarray, counts: np
         if not by_floor[k]:  # equal floors: the rim rule needs the contour off the rim's far flank
             if abs(off) > DECIDE_NEAR_PX:
                 shift[a:a + n] = off
+                moved_c[k] = True
             continue
         if abs(off) <= DECIDE_RECENTRE * reach_px:
             continue
@@ -1065,15 +1066,16 @@ def _centre_on_rim(arr: np.ndarray, pts: np.ndarray, nrm: np.ndarray, counts: np
         rim_on_resist = (off < 0) == (sides[k] == "outside")
         if not (rim_on_resist and settled):
             shift[a:a + n] = off
-    moved = shift != 0
-    if not moved.any():
-        return prof, inside, shift
+            moved_c[k] = True
+    if not moved_c.any():
+        return prof, inside, shift, moved_c
+    moved = np.repeat(moved_c, counts)
     prof = prof.copy()
     inside = inside.copy()
     p2, in2 = _raw_profiles(arr, pts[moved] + shift[moved, None] * nrm[moved], nrm[moved], search_px=reach_px,
                             sample_px=DECIDE_SAMPLE_PX, smooth_sigma=DECIDE_SIGMA)
     prof[moved], inside[moved] = p2, in2
-    return prof, inside, shift
+    return prof, inside, shift, moved_c
 
 
 def _decide_substrate(arr: np.ndarray, pts: np.ndarray, nrm: np.ndarray, counts: np.ndarray,
@@ -1099,9 +1101,7 @@ def _decide_substrate(arr: np.ndarray, pts: np.ndarray, nrm: np.ndarray, counts:
     sides, by_floor = _substrate_sides(prof, inside, voters, counts)
     shift = np.zeros(len(pts))
     if recentre:
-        prof, inside, shift = _centre_on_rim(arr, pts, nrm, counts, prof, inside, reach_px, sides, by_floor)
-        starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
-        moved = np.array([n > 0 and shift[a] != 0 for a, n in zip(starts, counts)], dtype=bool)
+        prof, inside, shift, moved = _centre_on_rim(arr, pts, nrm, counts, prof, inside, reach_px, sides, by_floor)
         if moved.any():  # decide the re-centred contours again
             rows = np.repeat(moved, counts)
             again, _ = _substrate_sides(prof[rows], inside[rows], voters[rows], np.asarray(counts)[moved])

@@ -40,7 +40,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from .contours import BORDER_TOL, edge_offsets, polygon_ious, usable_polygon
+from .contours import BORDER_TOL, _border_lines, edge_offsets, polygon_ious, usable_polygon
 from .edges import EdgeImage, feature_result, opt_bool, refine_contours
 from .types import Feature, FeatureResult
 
@@ -126,10 +126,7 @@ def _misfits(ious: Sequence[float], polygons: Sequence[np.ndarray], shape: tuple
     nxt = np.where(i + 1 == np.repeat(starts + counts, counts), np.repeat(starts, counts), i + 1)
     d = c[nxt] - c
     seg = np.hypot(d[:, 0], d[:, 1])
-    h, w = shape
-    tol = BORDER_TOL
-    on = np.column_stack([np.abs(c[:, 0]) <= tol, np.abs(c[:, 0] - w) <= tol,
-                          np.abs(c[:, 1]) <= tol, np.abs(c[:, 1] - h) <= tol])
+    on = _border_lines(c, shape, BORDER_TOL)
     on_border = np.any(on & on[nxt], axis=1)
     edge = np.add.reduceat(np.where(on_border, 0.0, seg), starts)
     area = np.abs(0.5 * np.add.reduceat(c[:, 0] * c[nxt, 1] - c[nxt, 0] * c[:, 1], starts))
