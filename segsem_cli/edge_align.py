@@ -18,6 +18,10 @@ Cross-sections, per axis (``u``: along image rows; ``v``: along columns):
   (corner rounding and line-end pullback never count), and both sides are
   at least twice as long as the width between them (the long sides of a
   line, not its ends);
+* the scan line is at least ``clear_px`` from the image frame. ``segsem
+  extract`` passes the design as drawn beyond the frame
+  (:func:`segsem_cli.layout.context_pixels`): clipped to the frame, a line
+  the frame cuts would have sides that end there, too short to count;
 * the extracted contour crosses the same scan line exactly twice, each
   within ``max_dev_px`` of the design side, neither on the image border.
 
@@ -170,7 +174,9 @@ def _midlines(contours, designs, shape, axis, *, clear_px, max_dev_px, border_px
     along_i = np.minimum(D.t[i], 1.0 - D.t[i]) * D.side_len[i]
     along_j = np.minimum(D.t[j], 1.0 - D.t[j]) * D.side_len[j]
     extent = shape[1] if axis == 0 else shape[0]
-    ok = ((along_i >= clear_px) & (along_j >= clear_px)
+    across = shape[0] if axis == 0 else shape[1]
+    mid = ((common & 0xFFFFFFFF) - _LINE_OFF) + 0.5  # the scan line's coordinate across the lines
+    ok = ((along_i >= clear_px) & (along_j >= clear_px) & (mid >= clear_px) & (mid <= across - clear_px)
           & (np.minimum(D.side_len[i], D.side_len[j]) >= aspect * (hi - lo))
           & (np.abs(clo - lo) <= max_dev_px) & (np.abs(chi - hi) <= max_dev_px)
           & (clo >= border_px) & (chi <= extent - border_px))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import shapely
@@ -232,3 +233,29 @@ def features_in_view(layout: Layout, transform: PixelTransform, *, margin_px: fl
         ext = np.asarray(poly.exterior.coords, dtype=float)[:-1]
         out.append(Feature(f"p{i}" if k == 0 else f"p{i}.{k}", ext, transform.to_pixel(ext), clipped))
     return out
+
+
+def context_pixels(layout: Layout, transform: PixelTransform, features: Sequence[Feature], *,
+                   margin_px: float | None = None) -> list[np.ndarray]:
+    """Each feature's design polygon clipped to the field of view grown by ``margin_px``, in pixels.
+
+    :func:`features_in_view` clips the design to the image frame, so a line
+    cut by the frame has sides that end there, shorter than the design's.
+    Whoever judges the design's geometry (is this side long, or a line end?
+    how far is a point from the side's corner?) needs the sides as drawn;
+    this gives them, up to ``margin_px`` beyond the frame (default: half the
+    image's larger side, at least 64 px). A feature that is
+    one of several parts of its polygon in either clip (``p<i>.k``) keeps its
+    frame-clipped polygon, since the parts do not map one to one.
+    """
+    if not any(f.clipped for f in features):
+        return [f.pixels for f in features]
+    if margin_px is None:
+        margin_px = max(64.0, 0.5 * max(transform.shape))
+    grown = features_in_view(layout, transform, margin_px=margin_px)
+    grown_ids = {g.feature_id for g in grown}
+    whole = {g.feature_id: g.pixels for g in grown if "." not in g.feature_id and f"{g.feature_id}.1" not in grown_ids}
+    in_view = {f.feature_id for f in features}
+    return [whole.get(f.feature_id, f.pixels)
+            if f.clipped and "." not in f.feature_id and f"{f.feature_id}.1" not in in_view else f.pixels
+            for f in features]

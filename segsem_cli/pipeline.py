@@ -156,7 +156,7 @@ def process_image(row: ManifestRow, state: _State, polarity: str | None = None) 
     from .align import align_to_layout
     from .hybrid import combine
     from .images import read_sem
-    from .layout import border_candidates, features_in_view
+    from .layout import border_candidates, context_pixels, features_in_view
     from .scanlines import correct_scan_lines
 
     cfg = state.cfg
@@ -226,6 +226,8 @@ def process_image(row: ManifestRow, state: _State, polarity: str | None = None) 
         near_results = []
     timings.update(stage_times)
 
+    # the design as drawn beyond the image frame: a side the frame cuts is still a long side
+    designs = context_pixels(state.layout, transform, feats) if cfg.align else None
     if cfg.align and cfg.edge_align:
         # Residual misalignment from the extracted edges (bias-free midlines of straight
         # features, segsem_cli.edge_align): the layout is moved onto the print.
@@ -233,8 +235,7 @@ def process_image(row: ManifestRow, state: _State, polarity: str | None = None) 
         from .edge_align import refine_offset
 
         t0 = time.perf_counter()
-        ea = refine_offset([r.contour_px if r.ok else None for r in results], [f.pixels for f in feats],
-                           pixels.shape)
+        ea = refine_offset([r.contour_px if r.ok else None for r in results], designs, pixels.shape)
         rec["edge_align"] = ea.to_json()
         if any(ea.applied):
             transform = transform.with_offset(_content_shift_to_offset(transform, ea.shift_px))
@@ -247,7 +248,7 @@ def process_image(row: ManifestRow, state: _State, polarity: str | None = None) 
         # way is biased by the printed pullback (a few nm, whatever the image quality).
         from .edge_align import design_evidence
 
-        ev = design_evidence([f.pixels for f in feats], pixels.shape)
+        ev = design_evidence(designs, pixels.shape)
         rec["align_evidence"] = list(ev)
         weak = [f"{ax} ({e})" for ax, e in zip("xy", ev) if e in ("one-sided", "none")]
         if weak:

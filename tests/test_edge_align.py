@@ -75,6 +75,24 @@ def test_border_crossings_and_far_contours_are_ignored():
     assert len(midline_samples(printed(d, 10.0, (0, 0)), d, SHAPE, 0)) == 0
 
 
+
+def test_sides_cut_by_the_frame_count_away_from_it():
+    # Vertical lines drawn beyond the top and bottom of the image (the design as drawn, not
+    # clipped to the frame): rows within clear_px (8) of the frame are left out, as a corner's
+    # would be; the other 240 rows measure the shift.
+    designs = [rect(40, -50, 70, 300), rect(120, -80, 160, 400)]
+    contours = [np.clip(printed(d, 1.0, (0.3, 0.0)), 0, 256) for d in designs]  # closed along the frame
+    s = midline_samples(contours[0], designs[0], SHAPE, 0)
+    assert len(s) == 240 and np.allclose(s, 0.3, atol=1e-6)
+    res = refine_offset(contours, designs, SHAPE)
+    assert res.basis[0] == "sides" and res.shift_px[0] == pytest.approx(0.3, abs=1e-6)
+    # clipped to the frame, 58 rows of a 30 px wide line are not a long side (a line end)
+    cut = [rect(40, 198, 70, 256), rect(120, 198, 150, 256)]
+    assert len(midline_samples(np.clip(printed(cut[0], 1.0, (0.3, 0.0)), 0, 256), cut[0], SHAPE, 0)) == 0
+    drawn = [rect(40, 198, 70, 400), rect(120, 198, 150, 400)]
+    assert len(midline_samples(np.clip(printed(drawn[0], 1.0, (0.3, 0.0)), 0, 256), drawn[0], SHAPE, 0)) == 58 - 16
+
+
 def test_noisy_edges_pool_to_a_precise_shift():
     rng = np.random.default_rng(4)
     designs = [rect(20 + 45 * i, 20, 45 + 45 * i, 236) for i in range(5)]

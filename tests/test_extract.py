@@ -411,3 +411,39 @@ def test_batch_tone_that_fails_on_an_image_keeps_its_own_result(tmp_path, monkey
     calls.clear()
     P.run_extract(cfg)
     assert calls == []  # resumed, and the failed tone is not tried again
+
+
+def test_lines_cut_by_the_image_frame_fix_the_offset_with_their_drawn_sides(tmp_path):
+    """Two vertical lines run out of the bottom of the image, 58 px of them in view for a width
+    of 30: clipped to the frame, their sides look shorter than twice the width (line ends, not
+    sides). The design as drawn beyond the frame (layout.context_pixels) keeps them long sides:
+    they fix x, so the image is not flagged ambiguous and edge alignment uses both lines."""
+    import gdstk
+    import tifffile
+
+    from segsem_cli.pipeline import ExtractConfig, run_extract
+    from synthetic_helpers import Rim, rect, render
+
+    # 128 x 128 px at 1 nm/px centred on (0, 0) nm: u = x + 64, v = 64 - y
+    designs = [(-50, -200, -20, -6), (10, -200, 40, -6),   # vertical lines, v = 70 .. beyond 128
+               (-50, 44, 40, 54), (-50, 20, 40, 30)]       # horizontal bars: y evidence
+    shift = (0.4, -0.3)  # printed content moved by (du, dv) px: x + 0.4, y + 0.3
+    printed = [rect(x0 + 64 + shift[0], 64 - y1 + shift[1], x1 + 64 + shift[0], 64 - y0 + shift[1])
+               for x0, y0, x1, y1 in designs]  # (u, v) px
+    img = render(printed, (128, 128), rim=Rim(rim=4.0), blur=0.8, noise=0.01, seed=3)
+    tifffile.imwrite(tmp_path / "a.tif", np.round(img * 40000).astype(np.uint16))
+    (tmp_path / "m.csv").write_text("image,x_nm,y_nm,pixel_nm\na.tif,0,0,1.0\n")
+    lib = gdstk.Library(unit=1e-9, precision=1e-12)
+    top = lib.new_cell("TOP")
+    for x0, y0, x1, y1 in designs:
+        top.add(gdstk.rectangle((x0, y0), (x1, y1), layer=1))
+    lib.write_gds(tmp_path / "l.gds")
+    out = tmp_path / "out"
+    run_extract(ExtractConfig(manifest=tmp_path / "m.csv", layout=tmp_path / "l.gds", out=out, export="csv",
+                              overlays=False, search_px=4.0))
+    rec = json.loads((out / "images" / "a.json").read_text())
+    assert rec["align_evidence"] == ["sides", "sides"] and not rec["ambiguous"], rec["align_message"]
+    ea = rec["edge_align"]
+    assert ea["basis"] == ["sides", "sides"] and ea["n_features"] == [2, 2], ea
+    # the print's offset from the design: x + 0.4 nm, y + 0.3 nm (true centre = nominal - content shift)
+    assert rec["offset_nm"] == pytest.approx([-0.4, -0.3], abs=0.1), rec["offset_nm"]

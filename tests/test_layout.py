@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from segsem_cli.errors import SegsemError
-from segsem_cli.layout import features_in_view, load_layout, parse_layer
+from segsem_cli.layout import context_pixels, features_in_view, load_layout, parse_layer
 from segsem_cli.transform import PixelTransform
 
 
@@ -76,6 +76,22 @@ def test_clip_and_features_in_view(tmp_path):
     np.testing.assert_allclose(sorted(set(np.round(feats[1].pixels[:, 1], 9))), [0.0, 100.0])
 
 
+
+def test_context_pixels_give_a_frame_cut_polygon_as_drawn_beyond_the_frame(tmp_path):
+    lay = load_layout(make_lib(tmp_path, unit=1e-9))
+    t = PixelTransform(center_nm=(160.0, 50.0), pixel_nm=1.0, shape=(100, 100))  # x in [110, 210]
+    feats = features_in_view(lay, t)
+    ctx = context_pixels(lay, t, feats, margin_px=64.0)
+    # p0 ([100, 120] x [0, 100]) is clipped at x = 110 (u = 0): in context it reaches u = -10
+    assert feats[0].pixels[:, 0].min() == pytest.approx(0.0)
+    assert ctx[0][:, 0].min() == pytest.approx(-10.0) and ctx[0][:, 0].max() == pytest.approx(10.0)
+    # p2 ([200, 220] x [0, 100]) is clipped at x = 210 (u = 100): in context it reaches u = 110
+    assert ctx[2][:, 0].max() == pytest.approx(110.0)
+    # an unclipped feature keeps its array; a margin too short to reach the corner stops short
+    assert ctx[1] is feats[1].pixels
+    assert context_pixels(lay, t, feats, margin_px=4.0)[0][:, 0].min() == pytest.approx(-4.0)
+
+
 def test_polygon_cut_into_parts_by_the_view_gives_one_feature_per_part(tmp_path):
     # A comb: spine at y in [0, 20], teeth x in [0, 20] and [60, 90] up to y = 100.
     # A view over y in [30, 100] cuts it into its two teeth: both are features.
@@ -93,3 +109,24 @@ def test_polygon_cut_into_parts_by_the_view_gives_one_feature_per_part(tmp_path)
     assert (big.layout_nm[:, 0].min(), big.layout_nm[:, 0].max()) == pytest.approx((60.0, 90.0))
     assert (small.layout_nm[:, 0].min(), small.layout_nm[:, 0].max()) == pytest.approx((0.0, 20.0))
     assert small.layout_nm[:, 1].min() == pytest.approx(30.0)
+
+
+def test_context_pixels_keep_the_frame_clipped_parts_of_a_cut_polygon(tmp_path):
+    # The comb of the test above: its two teeth are parts p0, p0.1 of one polygon, which the
+    # grown window joins again; each part keeps its own frame-clipped polygon.
+    lib = gdstk.Library(unit=1e-9, precision=1e-12)
+    top = lib.new_cell("TOP")
+    top.add(gdstk.Polygon([(0, 0), (90, 0), (90, 100), (60, 100), (60, 20), (20, 20), (20, 100), (0, 100)], layer=1))
+    top.add(gdstk.rectangle((30, 40), (50, 200), layer=1))  # a line cut by the top of the view
+    lib.write_gds(str(tmp_path / "comb.gds"))
+    lay = load_layout(tmp_path / "comb.gds")
+    t = PixelTransform(center_nm=(50.0, 65.0), pixel_nm=1.0, shape=(70, 100))  # y in [30, 100]
+    feats = features_in_view(lay, t)
+    ctx = context_pixels(lay, t, feats, margin_px=64.0)
+    by_id = dict(zip([f.feature_id for f in feats], ctx))
+    for f in feats:
+        if f.feature_id.startswith("p0"):
+            assert by_id[f.feature_id] is f.pixels
+    line = next(f for f in feats if f.feature_id == "p1")
+    assert line.clipped and line.pixels[:, 1].min() == pytest.approx(0.0)  # v = 0 at y = 100
+    assert by_id["p1"][:, 1].min() == pytest.approx(-64.0)  # drawn on up to the grown window
