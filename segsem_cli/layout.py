@@ -244,9 +244,9 @@ def context_pixels(layout: Layout, transform: PixelTransform, features: Sequence
     Whoever judges the design's geometry (is this side long, or a line end?
     how far is a point from the side's corner?) needs the sides as drawn;
     this gives them, up to ``margin_px`` beyond the frame (default: half the
-    image's larger side, at least 64 px). A feature that is
-    one of several parts of its polygon in either clip (``p<i>.k``) keeps its
-    frame-clipped polygon, since the parts do not map one to one.
+    image's larger side, at least 64 px). A feature that is one of several
+    parts of its polygon in either clip (``p<i>.k``) keeps its frame-clipped
+    polygon, since the parts do not map one to one.
     """
     if not any(f.clipped for f in features):
         return [f.pixels for f in features]
