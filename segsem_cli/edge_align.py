@@ -76,6 +76,9 @@ class EdgeAlignResult:
 
 
 _LINE_OFF = 1 << 30  # keys: feature index * 2^32 + (scan line + 2^30)
+#: Slack (px) of the geometric tests: designs drawn on a grid tie them exactly (a 40 x 80 bar is
+#: exactly twice as long as wide), and the pixel transform's rounding must not decide such ties.
+_TIE = 1e-6
 
 
 def _concat(polys: Sequence[np.ndarray | None]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -176,8 +179,8 @@ def _midlines(contours, designs, shape, axis, *, clear_px, max_dev_px, border_px
     extent = shape[1] if axis == 0 else shape[0]
     across = shape[0] if axis == 0 else shape[1]
     mid = ((common & 0xFFFFFFFF) - _LINE_OFF) + 0.5  # the scan line's coordinate across the lines
-    ok = ((along_i >= clear_px) & (along_j >= clear_px) & (mid >= clear_px) & (mid <= across - clear_px)
-          & (np.minimum(D.side_len[i], D.side_len[j]) >= aspect * (hi - lo))
+    ok = ((along_i >= clear_px - _TIE) & (along_j >= clear_px - _TIE) & (mid >= clear_px) & (mid <= across - clear_px)
+          & (np.minimum(D.side_len[i], D.side_len[j]) >= aspect * (hi - lo) - _TIE)
           & (np.abs(clo - lo) <= max_dev_px) & (np.abs(chi - hi) <= max_dev_px)
           & (clo >= border_px) & (chi <= extent - border_px))
     return (0.5 * ((clo + chi) - (lo + hi)))[ok], (common[ok] >> 32)
@@ -197,7 +200,8 @@ def _ends(contours, designs, shape, axis, *, max_dev_px, border_px, aspect=2.0):
     idx = np.concatenate([i, j])
     face = np.concatenate([-np.ones(len(k)), np.ones(len(k))])
     t = D.t[idx]
-    short = (D.side_len[idx] * aspect <= np.concatenate([width, width])) & (t >= 1.0 / 3.0) & (t <= 2.0 / 3.0)
+    short = ((D.side_len[idx] * aspect <= np.concatenate([width, width]) + _TIE)
+             & (t >= 1.0 / 3.0 - _TIE) & (t <= 2.0 / 3.0 + _TIE))
     kk, dpos, face = kk[short], dpos[short], face[short]
     if len(kk) == 0:
         return empty

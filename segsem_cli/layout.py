@@ -248,14 +248,18 @@ def context_pixels(layout: Layout, transform: PixelTransform, features: Sequence
     parts of its polygon in either clip (``p<i>.k``) keeps its frame-clipped
     polygon, since the parts do not map one to one.
     """
-    if not any(f.clipped for f in features):
-        return [f.pixels for f in features]
+    in_view = {f.feature_id for f in features}
+    todo = [k for k, f in enumerate(features)
+            if f.clipped and "." not in f.feature_id and f"{f.feature_id}.1" not in in_view]
+    out = [f.pixels for f in features]
+    if not todo:
+        return out
     if margin_px is None:
         margin_px = max(64.0, 0.5 * max(transform.shape))
-    grown = features_in_view(layout, transform, margin_px=margin_px)
-    grown_ids = {g.feature_id for g in grown}
-    whole = {g.feature_id: g.pixels for g in grown if "." not in g.feature_id and f"{g.feature_id}.1" not in grown_ids}
-    in_view = {f.feature_id for f in features}
-    return [whole.get(f.feature_id, f.pixels)
-            if f.clipped and "." not in f.feature_id and f"{f.feature_id}.1" not in in_view else f.pixels
-            for f in features]
+    win = box(*transform.field_of_view_nm(margin_px))
+    polys = np.array([layout.polygons[int(features[k].feature_id[1:])] for k in todo])
+    parts = np.where(shapely.contains(win, polys), polys, shapely.intersection(polys, win))  # as Layout.clip
+    for k, part in zip(todo, parts):
+        if isinstance(part, Polygon) and part.area > 0:  # still one piece (else: keep the frame clip)
+            out[k] = transform.to_pixel(np.asarray(part.exterior.coords, dtype=float)[:-1])
+    return out

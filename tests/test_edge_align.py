@@ -93,6 +93,17 @@ def test_sides_cut_by_the_frame_count_away_from_it():
     assert len(midline_samples(np.clip(printed(drawn[0], 1.0, (0.3, 0.0)), 0, 256), drawn[0], SHAPE, 0)) == 58 - 16
 
 
+
+def test_a_bar_exactly_twice_as_long_as_wide_counts_whatever_the_rounding():
+    # 40 x 80 px: its long sides are exactly twice its width, a tie that float rounding of the
+    # pixel transform (1e-12 px) must not decide one way in one run and the other way in the next.
+    counts = set()
+    for eps in (-1e-12, 0.0, 1e-12):
+        d = rect(100, 20, 140 + eps, 100 - eps)
+        counts.add(len(midline_samples(printed(d, 1.0, (0.2, 0.0)), d, SHAPE, 0)))
+    assert counts == {80 - 2 * 8}
+
+
 def test_noisy_edges_pool_to_a_precise_shift():
     rng = np.random.default_rng(4)
     designs = [rect(20 + 45 * i, 20, 45 + 45 * i, 236) for i in range(5)]
