@@ -10,6 +10,7 @@ given file): every output row carries this design reference.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -249,8 +250,9 @@ def context_pixels(layout: Layout, transform: PixelTransform, features: Sequence
     polygon, since the parts do not map one to one.
     """
     in_view = {f.feature_id for f in features}
-    todo = [k for k, f in enumerate(features)
-            if f.clipped and "." not in f.feature_id and f"{f.feature_id}.1" not in in_view]
+    todo = [k for k, f in enumerate(features)  # p<i> (features_in_view's names), one part in view
+            if f.clipped and re.fullmatch(r"p\d+", f.feature_id) and f"{f.feature_id}.1" not in in_view
+            and int(f.feature_id[1:]) < len(layout.polygons)]
     out = [f.pixels for f in features]
     if not todo:
         return out

@@ -90,6 +90,11 @@ def test_context_pixels_give_a_frame_cut_polygon_as_drawn_beyond_the_frame(tmp_p
     # an unclipped feature keeps its array; a margin too short to reach the corner stops short
     assert ctx[1] is feats[1].pixels
     assert context_pixels(lay, t, feats, margin_px=4.0)[0][:, 0].min() == pytest.approx(-4.0)
+    # features named by someone else (not p<index>) keep their own polygon
+    from segsem_cli.types import Feature
+    other = [Feature("gate_3", feats[0].layout_nm, feats[0].pixels, True), Feature("p99", feats[0].layout_nm,
+                                                                                    feats[0].pixels, True)]
+    assert all(c is f.pixels for c, f in zip(context_pixels(lay, t, other), other))
 
 
 def test_polygon_cut_into_parts_by_the_view_gives_one_feature_per_part(tmp_path):
