@@ -113,12 +113,17 @@ def _to_gray(arr: np.ndarray, path: Path) -> np.ndarray:
     return out
 
 
+#: Formats read with OpenCV (no pixel-size metadata: the manifest's ``pixel_nm`` is used). BMP is
+#: what several CD-SEMs export; JPEG is lossy (8 x 8 block artefacts), read but not recommended.
+_CV2_FORMATS = {".png": "PNG", ".bmp": "BMP", ".jpg": "JPEG", ".jpeg": "JPEG"}
+
+
 def read_sem(path: str | Path, pixel_nm: float | None = None) -> tuple[np.ndarray, float]:
     """Read an SEM image and its pixel size.
 
     Parameters
     ----------
-    path : TIFF or PNG file.
+    path : TIFF, PNG, BMP or JPEG file (colour is averaged to grey).
     pixel_nm : fallback pixel size in nm (from the manifest), used only when
         the file carries none.
 
@@ -153,16 +158,16 @@ def read_sem(path: str | Path, pixel_nm: float | None = None) -> tuple[np.ndarra
             raise
         except Exception as exc:  # noqa: BLE001 - any decoder failure is bad input
             raise SegsemError(f"{path}: unreadable TIFF ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
-    elif suffix == ".png":
+    elif suffix in _CV2_FORMATS:
         import cv2
 
         arr = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
         if arr is None:
-            raise SegsemError(f"{path}: unreadable PNG")
+            raise SegsemError(f"{path}: unreadable {_CV2_FORMATS[suffix]}")
         if arr.ndim == 3:
             arr = arr[..., ::-1]  # BGR(A) -> RGB(A)
     else:
-        raise SegsemError(f"{path}: unsupported image format '{path.suffix}' (use TIFF or PNG)")
+        raise SegsemError(f"{path}: unsupported image format '{path.suffix}' (use TIFF, PNG, BMP or JPEG)")
     pixels = _to_gray(arr, path)
     px = meta_px if meta_px is not None else pixel_nm
     if px is None:

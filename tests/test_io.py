@@ -42,6 +42,26 @@ def test_manifest_pixel_size_used_without_metadata(tmp_path):
     assert px == 0.8 and pix.shape == (5, 6) and pix[0, 0] == 17
 
 
+
+@pytest.mark.parametrize("suffix", [".bmp", ".jpg", ".jpeg"])
+def test_bmp_and_jpeg_read_as_grey_with_the_manifest_pixel_size(tmp_path, suffix):
+    import cv2
+
+    img = np.tile(np.linspace(20, 220, 16).astype(np.uint8), (12, 1))  # smooth: JPEG keeps it within a few levels
+    p = tmp_path / f"c{suffix}"
+    cv2.imwrite(str(p), cv2.merge([img, img, img]))  # written as 3-channel grey, as SEM exports often are
+    pix, px = read_sem(p, pixel_nm=1.5)
+    assert px == 1.5 and pix.shape == (12, 16) and pix.dtype == np.float32
+    assert np.abs(pix - img).max() <= (0 if suffix == ".bmp" else 6)
+    bad = tmp_path / f"bad{suffix}"
+    bad.write_bytes(b"not an image")
+    with pytest.raises(SegsemError, match=rf"bad\{suffix}: unreadable (BMP|JPEG)"):
+        read_sem(bad, pixel_nm=1)
+    with pytest.raises(SegsemError, match=r"unsupported image format '\.gif' \(use TIFF, PNG, BMP or JPEG\)"):
+        (tmp_path / "x.gif").write_bytes(b"GIF89a")
+        read_sem(tmp_path / "x.gif", pixel_nm=1)
+
+
 def test_no_pixel_size_anywhere(tmp_path):
     p = tmp_path / "d.tif"
     tifffile.imwrite(p, np.zeros((4, 4), np.uint8))
