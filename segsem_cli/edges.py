@@ -1398,7 +1398,8 @@ def _print_reaches_border(pts: np.ndarray, nrm: np.ndarray, prof: np.ndarray, fo
     if abs(exterior - interior) < 1e-9:
         return out
     # the sample about one pixel inside the border along each normal
-    jb = np.clip(half + np.floor((t - 1.0) / sample_px).astype(np.int64), half, k - 1)
+    # (only candidates are read: others may have t = inf or nan, e.g. a degenerate normal)
+    jb = np.clip(half + np.floor((np.where(cand, t, 1.0) - 1.0) / sample_px).astype(np.int64), half, k - 1)
     at_border = prof[np.arange(len(pts)), np.where(cand, jb, half)]
     inside_like = np.abs(at_border - interior) < np.abs(at_border - exterior)
     for run in border_runs(~cand):

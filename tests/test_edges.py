@@ -573,3 +573,23 @@ def test_contour_on_the_edge_takes_the_rim_side_as_resist_without_looking_across
     el, er = c[e & (c[:, 0] < 64), 0].mean() - u0, c[e & (c[:, 0] > 64), 0].mean() - u1
     assert -0.8 < el < -0.2 and 0.2 < er < 0.8 and abs(el + er) < 0.05
     assert on.valid_fraction > 0.95
+
+
+def test_print_reaches_border_reads_only_candidates_whatever_the_other_normals(recwarn):
+    """Points whose normal never meets the border (a degenerate zero normal: ray distance inf,
+    or nan) are not candidates; the sample index near the border is computed for candidates only,
+    without an invalid-cast warning, and the run reaching the border is still found."""
+    from segsem_cli.edges import _print_reaches_border
+
+    n, k = 12, 21
+    pts = np.column_stack([np.linspace(10, 30, n), np.full(n, 4.0)])  # 4 px below the top border
+    nrm = np.tile([0.0, -1.0], (n, 1))  # outward: up, towards v = 0
+    nrm[0] = 0.0  # degenerate normal: its ray never meets the border
+    nrm[1] = np.nan
+    prof = np.tile(np.linspace(1.0, 0.0, k), (n, 1))  # interior 1 (inward half), exterior 0
+    prof[3:9, k // 2 + 1:] = 1.0  # points 3-8: the signal stays at the interior level to the border
+    found = np.zeros(n, bool)
+    found[[0, 1, 2, 9, 10, 11]] = True
+    out = _print_reaches_border(pts, nrm, prof, found, np.zeros(n, bool), (64, 64), search_px=6.0, sample_px=0.5)
+    assert np.allclose(out[3:9], 4.0) and np.all(np.isinf(out[[0, 1, 2, 9, 10, 11]]))
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
