@@ -281,7 +281,7 @@ def design_evidence(designs: Sequence[np.ndarray], shape: tuple[int, int], *, cl
 
 def refine_offset(contours: Sequence[np.ndarray | None], designs: Sequence[np.ndarray], shape: tuple[int, int], *,
                   clear_px: float = 8.0, max_dev_px: float = 6.0, border_px: float = 2.0,
-                  min_samples: int = 30, min_features: int = 2, max_shift_px: float = 5.0,
+                  min_samples: int = 30, min_features: int = 1, max_shift_px: float = 5.0,
                   corr_px: float = 10.0, ends: bool = True, end_max_dev_px: float = 12.0,
                   min_end_samples: int = 8, end_min_shift_px: float = 1.5) -> EdgeAlignResult:
     """Residual ``(du, dv)`` of the printed content from the design, from extracted contours.

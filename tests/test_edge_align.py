@@ -55,11 +55,16 @@ def test_line_end_pullback_and_corners_do_not_count():
     assert len(s) > 150 and np.allclose(s, 0.0, atol=0.005)  # rounded print corners: tiny asymmetry
 
 
-def test_needs_two_features_and_limits_the_shift():
+def test_one_long_line_is_enough_few_samples_are_not_and_the_shift_is_limited():
     d = [rect(40, 20, 70, 230)]
     res = refine_offset([printed(d[0], 1.0, (0.5, 0.0))], d, SHAPE, ends=False)
-    assert res.applied == (False, False) and res.shift_px == (0.0, 0.0)
-    assert res.measured_px[0] == pytest.approx(0.5, abs=0.02)
+    assert res.applied == (True, False) and res.n_features[0] == 1
+    assert res.shift_px[0] == pytest.approx(0.5, abs=0.02) and res.shift_px[1] == 0.0
+    short = [rect(40, 100, 50, 126)]  # 26 rows, 10 of them within 8 px of the corners: 10 samples
+    r2 = refine_offset([printed(short[0], 1.0, (0.5, 0.0))], short, SHAPE, ends=False)
+    assert r2.n_samples[0] == 10 and r2.applied == (False, False) and r2.shift_px == (0.0, 0.0)
+    assert r2.measured_px[0] == pytest.approx(0.5, abs=0.02)
+    assert refine_offset([printed(d[0], 1.0, (0.5, 0.0))], d, SHAPE, ends=False, min_features=2).applied[0] is False
     d2 = [rect(40, 20, 70, 230), rect(120, 20, 160, 230)]
     far = refine_offset([printed(x, 1.0, (3.5, 0.0)) for x in d2], d2, SHAPE, max_shift_px=2.0)
     assert far.applied[0] is False and far.measured_px[0] == pytest.approx(3.5, abs=0.02)
