@@ -26,9 +26,11 @@ Cross-sections, per axis (``u``: along image rows; ``v``: along columns):
   within ``max_dev_px`` of the design side, neither on the image border.
 
 The offset is the median of the cross-section samples; it is applied only
-when each axis has at least ``min_samples`` samples from at least two
-features and it is within ``max_shift_px`` (a small correction, not a new
-search). Otherwise that axis keeps the appearance alignment.
+when each axis has at least ``min_samples`` samples (from at least
+``min_features`` features, one by default: a single long line fixes its
+axis better than the appearance fit does) and it is within
+``max_shift_px`` (a small correction, not a new search). Otherwise that
+axis keeps the appearance alignment.
 
 Assumption (documented, configurable with ``--no-edge-align``): the two
 sides of a straight feature print and image symmetrically. A detector that
