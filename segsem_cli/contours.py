@@ -178,6 +178,11 @@ def edge_offsets(contours: Sequence[np.ndarray], polygons: Sequence[np.ndarray],
     return out
 
 
+def ring_starts(counts) -> np.ndarray:
+    """Index of each ring's first point when rings of ``counts`` points are concatenated (int64)."""
+    return np.concatenate([[0], np.cumsum(np.asarray(counts, dtype=np.int64))[:-1]]).astype(np.int64)
+
+
 def same_point(p: np.ndarray, q: np.ndarray, *, rtol: float = 1e-5, atol: float = 1e-8) -> bool:
     """``np.allclose`` for two 2-D points without its overhead (called per contour)."""
     return (abs(float(p[0]) - float(q[0])) <= atol + rtol * abs(float(q[0]))

@@ -48,7 +48,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from .contours import (as_contour, border_coverage, border_fraction, border_mask, border_runs, normals, orient,
-                       resample_closed, signed_area, usable_polygon)
+                       resample_closed, ring_starts, signed_area, usable_polygon)
 from .errors import SegsemError
 
 __all__ = [
@@ -288,7 +288,7 @@ class RefineResult:
 
 def _neighbour_index(counts: np.ndarray, along_points: int) -> np.ndarray:
     """``(M, J)`` indices of each point's ``J`` circular neighbours within its own contour."""
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    starts = ring_starts(counts)
     st = np.repeat(starts, counts)
     n = np.repeat(counts, counts)
     local = np.arange(int(counts.sum())) - st
@@ -302,7 +302,7 @@ def _shifted_index(counts: np.ndarray, k: int) -> np.ndarray:
     if len(counts) == 1:  # one contour (the auto smoothing choice's candidates): plain modular indices
         n = int(counts[0])
         return (np.arange(n) + k) % n
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    starts = ring_starts(counts)
     st = np.repeat(starts, counts)
     n = np.repeat(counts, counts)
     return st + (np.arange(int(counts.sum())) - st + k) % n
@@ -318,12 +318,12 @@ def _along_mean(a: np.ndarray, counts: np.ndarray, window: int) -> np.ndarray:
     if window <= 1:
         return a
     h = window // 2
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    starts = ring_starts(counts)
     # Padded index: for each contour, local positions -h .. n+h-1 wrapped into it.
     lens = counts + 2 * h
     pst = np.repeat(starts, lens)
     pn = np.repeat(counts, lens)
-    pstart_p = np.concatenate([[0], np.cumsum(lens)[:-1]])
+    pstart_p = ring_starts(lens)
     local = np.arange(int(lens.sum())) - np.repeat(pstart_p, lens) - h
     idx = pst + local % pn
     # Row i of contour k sits at padded position pstart_p[k] + h + i; window covers [pos-h, pos+h].
@@ -673,7 +673,7 @@ def _borrow_levels(q: np.ndarray, qw: np.ndarray, found: np.ndarray, inside: np.
     positions and the contour contrast used for their SNR.
     """
     m_, k_ = q.shape
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    starts = ring_starts(counts)
     rows_all, x_all, c_all = [], [], []
     idx = np.arange(k_)
     for st, n in zip(starts, counts):
@@ -1043,7 +1043,7 @@ def _centre_on_rim(arr: np.ndarray, pts: np.ndarray, nrm: np.ndarray, counts: np
     which contours moved.
     """
     half = prof.shape[1] // 2
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+    starts = ring_starts(counts)
     shift = np.zeros(len(pts))
     moved_c = np.zeros(len(counts), dtype=bool)
     for k, (a, n) in enumerate(zip(starts, counts)):
@@ -1179,7 +1179,7 @@ def _masked_along_mean(a: np.ndarray, counts: np.ndarray, window: int, w: np.nda
     den = _along_mean(w.astype(np.float32), counts, window)
     rows = np.nonzero(den < 1.0 - 0.5 / window)[0]
     if rows.size:
-        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        starts = ring_starts(counts)
         which = np.searchsorted(starts, rows, side="right") - 1
         st, n = starts[which], counts[which]
         j = np.arange(window) - window // 2
@@ -1635,7 +1635,7 @@ def _refine_batch(img: EdgeImage, current: list[np.ndarray], bnd: list[np.ndarra
         nrm = np.vstack([_run_normals(c, b, normal_smooth) if b.any() else normals(c, smooth=normal_smooth)
                          for c, b in zip(current, bnd)])
         counts = np.array([len(c) for c in current])
-        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        starts = ring_starts(counts)
         decide = p == 0 and "auto" in decided
         raw_main = raw_dec = None
         if decide:  # the substrate decision's samples are mostly among the edge profiles' ones

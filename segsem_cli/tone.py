@@ -40,7 +40,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from .contours import BORDER_TOL, _border_lines, edge_offsets, polygon_ious, usable_polygon
+from .contours import BORDER_TOL, _border_lines, edge_offsets, polygon_ious, ring_starts, usable_polygon
 from .edges import EdgeImage, feature_result, opt_bool, refine_contours
 from .types import Feature, FeatureResult
 
@@ -121,7 +121,7 @@ def _misfits(ious: Sequence[float], polygons: Sequence[np.ndarray], shape: tuple
     if len(polys) == 0:
         return np.zeros(0)
     c = np.concatenate(polys)
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    starts = ring_starts(counts)
     i = np.arange(len(c))
     nxt = np.where(i + 1 == np.repeat(starts + counts, counts), np.repeat(starts, counts), i + 1)
     d = c[nxt] - c
