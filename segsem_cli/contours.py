@@ -183,6 +183,22 @@ def ring_starts(counts) -> np.ndarray:
     return np.concatenate([[0], np.cumsum(np.asarray(counts, dtype=np.int64))[:-1]]).astype(np.int64)
 
 
+def concat_rings(polys: Sequence[np.ndarray | None]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Closed polygons concatenated: points ``(M, 2)``, each point's successor index (the next
+    point of its own ring), polygon index per point. ``None`` and polygons of fewer than 3 points are skipped."""
+    items = [(k, np.asarray(p, dtype=np.float64)) for k, p in enumerate(polys)
+             if p is not None and np.ndim(p) == 2 and np.shape(p)[1] == 2 and len(p) >= 3]
+    if not items:
+        return np.zeros((0, 2)), np.zeros(0, np.int64), np.zeros(0, np.int64)
+    n = np.array([len(p) for _, p in items])
+    pts = np.vstack([p for _, p in items])
+    starts = ring_starts(n)
+    nxt = np.arange(len(pts)) + 1
+    nxt[starts + n - 1] = starts
+    fid = np.repeat(np.array([k for k, _ in items]), n)
+    return pts, nxt, fid
+
+
 def same_point(p: np.ndarray, q: np.ndarray, *, rtol: float = 1e-5, atol: float = 1e-8) -> bool:
     """``np.allclose`` for two 2-D points without its overhead (called per contour)."""
     return (abs(float(p[0]) - float(q[0])) <= atol + rtol * abs(float(q[0]))

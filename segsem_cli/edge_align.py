@@ -44,6 +44,8 @@ from typing import Sequence
 
 import numpy as np
 
+from .contours import concat_rings
+
 
 @dataclass(frozen=True)
 class EdgeAlignResult:
@@ -83,21 +85,6 @@ _LINE_OFF = 1 << 30  # keys: feature index * 2^32 + (scan line + 2^30)
 _TIE = 1e-6
 
 
-def _concat(polys: Sequence[np.ndarray | None]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Closed polygons concatenated: points ``(M, 2)``, each point's successor index, polygon index per point."""
-    items = [(k, np.asarray(p, dtype=np.float64)) for k, p in enumerate(polys)
-             if p is not None and np.ndim(p) == 2 and np.shape(p)[1] == 2 and len(p) >= 3]
-    if not items:
-        return np.zeros((0, 2)), np.zeros(0, np.int64), np.zeros(0, np.int64)
-    n = np.array([len(p) for _, p in items])
-    pts = np.vstack([p for _, p in items])
-    starts = np.cumsum(n) - n
-    nxt = np.arange(len(pts)) + 1
-    nxt[starts + n - 1] = starts
-    fid = np.repeat(np.array([k for k, _ in items]), n)
-    return pts, nxt, fid
-
-
 def _crossings(pts: np.ndarray, nxt: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """:func:`scan_crossings` of concatenated polygons: ``(line, position, side index)``."""
     if len(pts) == 0:
@@ -134,7 +121,7 @@ def scan_crossings(poly: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray,
     ``poly[i] -> poly[i + 1]`` crossed. Sides are half-open, so a vertex on a
     scan line is counted once.
     """
-    pts, nxt, _ = _concat([poly])
+    pts, nxt, _ = concat_rings([poly])
     return _crossings(pts, nxt, axis)
 
 
@@ -155,7 +142,7 @@ class _Scan:
     """Crossings of many polygons with the scan lines of one axis, keyed by (polygon, line)."""
 
     def __init__(self, polys: Sequence[np.ndarray | None], axis: int):
-        pts, nxt, fid = _concat(polys)
+        pts, nxt, fid = concat_rings(polys)
         line, self.pos, seg = _crossings(pts, nxt, axis)
         self.key = fid[seg] * (1 << 32) + (line + _LINE_OFF)
         d = pts[nxt[seg]] - pts[seg]

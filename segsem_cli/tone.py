@@ -40,7 +40,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from .contours import BORDER_TOL, _border_lines, edge_offsets, polygon_ious, ring_starts, usable_polygon
+from .contours import BORDER_TOL, _border_lines, concat_rings, edge_offsets, polygon_ious, usable_polygon
 from .edges import EdgeImage, feature_result, opt_bool, refine_contours
 from .types import Feature, FeatureResult
 
@@ -116,20 +116,15 @@ def _misfits(ious: Sequence[float], polygons: Sequence[np.ndarray], shape: tuple
     """:func:`iou_offset_px` of many features at once (one numpy pass over all their vertices; a
     segment with both ends on the same image border line is not edge, as in
     :func:`segsem_cli.contours.border_length`)."""
-    polys = [np.asarray(p, dtype=np.float64)[:, :2] for p in polygons]
-    counts = np.array([len(p) for p in polys])
-    if len(polys) == 0:
+    if len(polygons) == 0:
         return np.zeros(0)
-    c = np.concatenate(polys)
-    starts = ring_starts(counts)
-    i = np.arange(len(c))
-    nxt = np.where(i + 1 == np.repeat(starts + counts, counts), np.repeat(starts, counts), i + 1)
+    c, nxt, fid = concat_rings(polygons)
     d = c[nxt] - c
     seg = np.hypot(d[:, 0], d[:, 1])
     on = _border_lines(c, shape, BORDER_TOL)
     on_border = np.any(on & on[nxt], axis=1)
-    edge = np.add.reduceat(np.where(on_border, 0.0, seg), starts)
-    area = np.abs(0.5 * np.add.reduceat(c[:, 0] * c[nxt, 1] - c[nxt, 0] * c[:, 1], starts))
+    edge = np.bincount(fid, weights=np.where(on_border, 0.0, seg), minlength=len(polygons))
+    area = np.abs(0.5 * np.bincount(fid, weights=c[:, 0] * c[nxt, 1] - c[nxt, 0] * c[:, 1], minlength=len(polygons)))
     with np.errstate(invalid="ignore", divide="ignore"):
         m = (1.0 - np.asarray(ious, dtype=np.float64)) * area / edge
     return np.where(edge > 0, m, 0.0)
