@@ -277,13 +277,25 @@ def test_edge_alignment_corrects_a_residual_misalignment(tmp_path, monkeypatch):
             assert abs(errs[True][axis]) < 0.25, (axis, errs[True], ea)
 
 
+def write_scene(tmp_path, img, rects_nm) -> None:
+    """``a.tif`` (``img``, 16 bit), manifest ``m.csv`` (centred on (0, 0) nm, 1 nm/px) and layout
+    ``l.gds`` with the rectangles ``(x0, y0, x1, y1)`` nm on layer 1/0, in ``tmp_path``."""
+    import gdstk
+    import tifffile
+
+    tifffile.imwrite(tmp_path / "a.tif", np.round(img * 40000).astype(np.uint16))
+    (tmp_path / "m.csv").write_text("image,x_nm,y_nm,pixel_nm\na.tif,0,0,1.0\n")
+    lib = gdstk.Library(unit=1e-9, precision=1e-12)
+    top = lib.new_cell("TOP")
+    for x0, y0, x1, y1 in rects_nm:
+        top.add(gdstk.rectangle((x0, y0), (x1, y1), layer=1))
+    lib.write_gds(tmp_path / "l.gds")
+
+
 def test_print_reaching_in_from_a_design_polygon_outside_the_image(tmp_path):
     """A design polygon 2 px beyond the top border prints 7 px into the image (a biased print):
     it is extracted as a border candidate, carries its design reference and `design_outside`.
     A polygon 3 px beyond the left border that did not print is tried and dropped, unreported."""
-    import gdstk
-    import tifffile
-
     from segsem_cli.pipeline import ExtractConfig, run_extract
     from synthetic_helpers import Rim, convention_edge, rect, render
 
@@ -291,14 +303,9 @@ def test_print_reaching_in_from_a_design_polygon_outside_the_image(tmp_path):
     # 128 x 128 px at 1 nm/px centred on (0, 0) nm: u = x + 64, v = 64 - y
     printed = [rect(34, 44, 74, 104), rect(44, -36, 104, 7.0)]
     img = render(printed, (128, 128), rim=rim, blur=blur, noise=0.01, seed=1)
-    tifffile.imwrite(tmp_path / "a.tif", np.round(img * 40000).astype(np.uint16))
-    (tmp_path / "m.csv").write_text("image,x_nm,y_nm,pixel_nm\na.tif,0,0,1.0\n")
-    lib = gdstk.Library(unit=1e-9, precision=1e-12)
-    top = lib.new_cell("TOP")
-    top.add(gdstk.rectangle((-30, -40), (10, 20), layer=1))  # in view, printed as drawn
-    top.add(gdstk.rectangle((-20, 66), (40, 100), layer=1))  # 2 px beyond the top border; its print reaches v = 7
-    top.add(gdstk.rectangle((-100, -30), (-67, 30), layer=1))  # 3 px beyond the left border, not printed
-    lib.write_gds(tmp_path / "l.gds")
+    write_scene(tmp_path, img, [(-30, -40, 10, 20),     # in view, printed as drawn
+                                (-20, 66, 40, 100),     # 2 px beyond the top border; its print reaches v = 7
+                                (-100, -30, -67, 30)])  # 3 px beyond the left border, not printed
     outs = {}
     for margin in (0.0, 6.0):
         out = tmp_path / f"out{margin:g}"
@@ -418,9 +425,6 @@ def test_lines_cut_by_the_image_frame_fix_the_offset_with_their_drawn_sides(tmp_
     of 30: clipped to the frame, their sides look shorter than twice the width (line ends, not
     sides). The design as drawn beyond the frame (layout.context_pixels) keeps them long sides:
     they fix x, so the image is not flagged ambiguous and edge alignment uses both lines."""
-    import gdstk
-    import tifffile
-
     from segsem_cli.pipeline import ExtractConfig, run_extract
     from synthetic_helpers import Rim, rect, render
 
@@ -431,13 +435,7 @@ def test_lines_cut_by_the_image_frame_fix_the_offset_with_their_drawn_sides(tmp_
     printed = [rect(x0 + 64 + shift[0], 64 - y1 + shift[1], x1 + 64 + shift[0], 64 - y0 + shift[1])
                for x0, y0, x1, y1 in designs]  # (u, v) px
     img = render(printed, (128, 128), rim=Rim(rim=4.0), blur=0.8, noise=0.01, seed=3)
-    tifffile.imwrite(tmp_path / "a.tif", np.round(img * 40000).astype(np.uint16))
-    (tmp_path / "m.csv").write_text("image,x_nm,y_nm,pixel_nm\na.tif,0,0,1.0\n")
-    lib = gdstk.Library(unit=1e-9, precision=1e-12)
-    top = lib.new_cell("TOP")
-    for x0, y0, x1, y1 in designs:
-        top.add(gdstk.rectangle((x0, y0), (x1, y1), layer=1))
-    lib.write_gds(tmp_path / "l.gds")
+    write_scene(tmp_path, img, designs)
     out = tmp_path / "out"
     run_extract(ExtractConfig(manifest=tmp_path / "m.csv", layout=tmp_path / "l.gds", out=out, export="csv",
                               overlays=False, search_px=4.0))
