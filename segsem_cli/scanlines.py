@@ -6,7 +6,12 @@ to each whole row. That noise is constant along a row, so the along-edge
 averaging that beats pixel noise on vertical edges cannot reduce it on
 horizontal edges: it shifts their threshold crossings together, row by row.
 
-Estimate (:func:`scan_line_offsets`):
+Estimate (:func:`scan_line_offsets`), on the means of ``col_bin`` (4) adjacent
+columns: a row offset is the same in every column, so binning keeps all of it,
+uses every pixel and quarters the work. The noise that decides what is
+significant is measured on the binned image itself, so pixel noise that is
+correlated along the scan (a detector's limited bandwidth) is not taken for
+stripes:
 
 1. *flat pixels*: a pixel counts where the 2-D smoothed image (Gaussian, 2 px)
    changes little along ``v`` anywhere within ``+/- 2 * sigma_lines`` rows (at
@@ -67,14 +72,28 @@ def _gauss_kernel(sigma: float) -> np.ndarray:
 FLAT_SIGMA_U, FLAT_SIGMA_V, FLAT_K = 4.0, 3.0, 4.5
 
 
+def _column_bins(a0: np.ndarray, col_bin: int) -> np.ndarray:
+    """Mean of each run of ``col_bin`` adjacent columns (float32; a last partial run is dropped)."""
+    w = a0.shape[1] // col_bin * col_bin
+    a = np.asarray(a0[:, :w])
+    out = a[:, 0::col_bin].astype(np.float32)
+    for j in range(1, col_bin):
+        out += a[:, j::col_bin]
+    return out * np.float32(1.0 / col_bin) if col_bin > 1 else out
+
+
 def scan_line_offsets(pixels: np.ndarray, *, sigma_lines: float = 3.0, min_flat: int = 32,
-                      col_step: int = 2, iterations: int = 2) -> tuple[np.ndarray, np.ndarray, float]:
+                      col_bin: int = 4, iterations: int = 2) -> tuple[np.ndarray, np.ndarray, float]:
     """Per-row additive offsets of an image (grey levels), see the module docstring.
+
+    The estimate works on the means of ``col_bin`` adjacent columns: a row offset
+    is the same in every column, so binning loses none of it, and every pixel is used.
 
     Returns ``(offsets, flat_counts, noise)``: offsets (float32, length H; 0 for rows
     with fewer than ``min_flat`` flat pixels), the number of flat pixels used per row
-    (every ``col_step``-th column is used), and the per-pixel noise sigma
-    (:func:`segsem_cli.edges.estimate_noise`).
+    (a multiple of ``col_bin``), and the noise sigma per pixel implied by the noise of
+    the binned image (``sqrt(col_bin)`` times it; the pixel noise itself when it is
+    white, more when neighbouring pixels are correlated).
     """
     import cv2
 
@@ -83,29 +102,32 @@ def scan_line_offsets(pixels: np.ndarray, *, sigma_lines: float = 3.0, min_flat:
     a0 = np.asarray(pixels)
     if a0.ndim != 2:
         raise SegsemError(f"scan_line_offsets: expected a 2-D image, got shape {a0.shape}")
-    if sigma_lines <= 0 or col_step < 1 or min_flat < 1:
-        raise SegsemError("scan_line_offsets: sigma_lines must be > 0, col_step and min_flat >= 1")
+    if sigma_lines <= 0 or col_bin < 1 or min_flat < 1:
+        raise SegsemError("scan_line_offsets: sigma_lines must be > 0, col_bin and min_flat >= 1")
     h = a0.shape[0]
-    a = np.ascontiguousarray(a0[:, ::col_step], dtype=np.float32)
-    noise = float(estimate_noise(a0, stride=8))
-    if h < 3 or a.shape[1] < min_flat or noise <= 0:
-        return np.zeros(h, np.float32), np.zeros(h, np.int64), noise
+    if h < 3 or a0.shape[1] // col_bin * col_bin < min_flat:
+        return np.zeros(h, np.float32), np.zeros(h, np.int64), 0.0
+    a = _column_bins(a0, col_bin)
+    noise_b = float(estimate_noise(a, stride=4))  # of a binned pixel
+    if noise_b <= 0:
+        return np.zeros(h, np.float32), np.zeros(h, np.int64), 0.0
+    min_bins = max(1, -(-int(min_flat) // col_bin))
     # flatness: vertical change of a smoothed copy, against what noise and stripes alone give it
-    kx = _gauss_kernel(FLAT_SIGMA_U / col_step)
+    kx = _gauss_kernel(max(FLAT_SIGMA_U / col_bin, 0.5))
     ky = _gauss_kernel(FLAT_SIGMA_V)
     kd = (np.r_[ky, 0.0, 0.0] - np.r_[0.0, 0.0, ky]).astype(np.float32) / np.float32(2.0)
     gy = np.abs(cv2.sepFilter2D(a, -1, kx, kd, borderType=cv2.BORDER_REFLECT))
     reach = int(2 * np.ceil(2.0 * sigma_lines) + 1)
     gy = cv2.dilate(gy, np.ones((reach, 1), np.uint8), borderType=cv2.BORDER_REPLICATE)
-    stripe_var = max(0.0, estimate_noise(a0, stride=8, axis=0) ** 2 - noise ** 2)  # line-to-line variance, roughly
+    stripe_var = max(0.0, estimate_noise(a, stride=4, axis=0) ** 2 - noise_b ** 2)  # line-to-line variance, roughly
     gy_sigma = float(np.sqrt(np.sum(kd.astype(np.float64) ** 2)
-                             * (noise ** 2 * np.sum(kx.astype(np.float64) ** 2) + stripe_var)))
+                             * (noise_b ** 2 * np.sum(kx.astype(np.float64) ** 2) + stripe_var)))
     flat = (gy <= np.float32(FLAT_K * gy_sigma)).astype(np.float32)
     counts = flat.sum(axis=1)
     kern = _gauss_kernel(sigma_lines)
-    clip = np.float32(3.0 * noise)
+    clip = np.float32(3.0 * noise_b)
     total = np.zeros(h, np.float32)
-    use = counts >= min_flat
+    use = counts >= min_bins
     inv = np.float32(1.0) / np.maximum(counts, np.float32(1.0))
     # row minus the Gaussian average of its neighbours; after removing offsets o the same
     # residual is resid - (o - gauss(o)) per row (the filter is linear; numpy 'symmetric' is cv2's
@@ -120,7 +142,8 @@ def scan_line_offsets(pixels: np.ndarray, *, sigma_lines: float = 3.0, min_flat:
         o[~use] = 0.0
         total += o
         shift = total - np.convolve(np.pad(total, len(kern) // 2, mode="symmetric"), kern, mode="valid")
-    return total, np.where(use, counts, 0).astype(np.int64), noise
+    pixels_used = np.where(use, counts, 0).astype(np.int64) * col_bin
+    return total, pixels_used, noise_b * float(np.sqrt(col_bin))
 
 
 def correct_scan_lines(pixels: np.ndarray, *, mode: str = "auto", significance: float = 2.0,

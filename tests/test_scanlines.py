@@ -112,3 +112,20 @@ def test_modes_and_errors():
         scan_line_offsets(np.zeros((4, 4, 3)))
     off, counts, noise = scan_line_offsets(striped)
     assert off.shape == (SHAPE[0],) and counts.max() > 32 and 3.0 < noise < 5.5
+
+
+def test_noise_correlated_along_the_scan_is_not_taken_for_stripes():
+    # A detector's limited bandwidth correlates neighbouring pixels of a row. Row means of such
+    # noise vary more than white pixel noise of the same per-pixel sigma would make them; the
+    # significance test must measure noise on the binned rows, not on single pixels.
+    sig = render(BARS, SHAPE, rim=Rim(rim=4.0), blur=0.8)
+    for seed in range(3):
+        rng = np.random.default_rng(40 + seed)
+        noise = uniform_filter1d(rng.normal(0.0, 8.0, SHAPE), 4, axis=1)
+        img = (BASE + GREY * sig + noise).astype(np.float32)
+        out, rep = correct_scan_lines(img)
+        assert not rep.applied, rep
+        assert out is img
+        # the same image with real stripes on top is still corrected
+        striped = img + stripes(SHAPE[0], 6.0, seed=seed)[:, None]
+        assert correct_scan_lines(striped)[1].applied
