@@ -56,7 +56,7 @@ class ExtractConfig:
     gauges: Path | None = None
     search_px: float | None = None  # None: align.search_range_px (40 px or 40 nm, whichever is more)
     polarity: str = "auto"
-    scan_lines: str = "off"  # scan-line offset correction (segsem_cli.scanlines): auto | off
+    scan_lines: str = "auto"  # scan-line offset correction (segsem_cli.scanlines): auto | off
     border_margin_px: float = 6.0  # design polygons this close outside the image are tried (layout.border_candidates)
     align: bool = True
     edge_align: bool = True

@@ -69,20 +69,20 @@ def test_alignment_evidence_is_reported_and_weak_axes_flag_the_image(extracted):
 
 
 def test_scan_line_report(extracted, tmp_path):
-    m, out = extracted  # default: --scan-lines off
-    rec = json.loads((out / "images" / "img_0000.json").read_text())
-    assert rec["scan_lines"]["applied"] is False and rec["scan_lines"]["lines_measured"] == 0
-    m1 = small_manifest(tmp_path, names=("img_0000",))
-    rc = run(["extract", m1, "--layout", LAYOUT, "--export", "csv", "--out", tmp_path / "o", "--no-overlays",
-              "--scan-lines", "auto"])
-    assert rc == 0
-    sl = json.loads((tmp_path / "o" / "images" / "img_0000.json").read_text())["scan_lines"]
+    m, out = extracted  # default: --scan-lines auto
+    sl = json.loads((out / "images" / "img_0000.json").read_text())["scan_lines"]
     assert set(sl) == {"applied", "rms_grey", "noise_floor_grey", "shrink", "lines_measured"}
     assert sl["lines_measured"] > 0 and sl["noise_floor_grey"] > 0
     if sl["applied"]:  # the bundled medium-noise images carry line-to-line offsets of about 1.5 grey levels
         assert sl["rms_grey"] ** 2 > 1.99 * sl["noise_floor_grey"] ** 2 and 0 < sl["shrink"] < 1
     else:
         assert sl["shrink"] == 0
+    m1 = small_manifest(tmp_path, names=("img_0000",))
+    rc = run(["extract", m1, "--layout", LAYOUT, "--export", "csv", "--out", tmp_path / "o", "--no-overlays",
+              "--scan-lines", "off"])
+    assert rc == 0
+    off = json.loads((tmp_path / "o" / "images" / "img_0000.json").read_text())["scan_lines"]
+    assert off == {"applied": False, "rms_grey": 0.0, "noise_floor_grey": 0.0, "shrink": 0.0, "lines_measured": 0}
 
 
 def test_alignment_recovers_stage_error(extracted):

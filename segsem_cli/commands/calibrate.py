@@ -26,7 +26,7 @@ def register(app: typer.Typer) -> None:
         penalty_px: float = typer.Option(3.0, "--penalty-px", min=0.0, help="Cost of a feature left without contour, in px of EPE."),
         device: str = typer.Option("cpu", "--device", help="Torch device."),
         polarity: str = typer.Option("auto", "--polarity", help="Layout polygons print bright (resist lines) or dark (holes): auto|bright|dark. Resolves line/space ambiguity in alignment."),
-        scan_lines: str = typer.Option("off", "--scan-lines", help=SCAN_LINES_HELP),
+        scan_lines: str = typer.Option("auto", "--scan-lines", help=SCAN_LINES_HELP),
         search_px: Optional[float] = typer.Option(None, "--search-px", min=0.0, help="Largest stage error searched by alignment (pixels; default 40 px or 40 nm, whichever is more pixels)."),
         out: Optional[Path] = typer.Option(None, "--out", help="Write the calibrated model here instead of updating MODEL in place."),
         json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the curves as JSON."),
