@@ -135,3 +135,25 @@ def test_context_pixels_keep_the_frame_clipped_parts_of_a_cut_polygon(tmp_path):
     line = next(f for f in feats if f.feature_id == "p1")
     assert line.clipped and line.pixels[:, 1].min() == pytest.approx(0.0)  # v = 0 at y = 100
     assert by_id["p1"][:, 1].min() == pytest.approx(-64.0)  # drawn on up to the grown window
+
+
+def test_a_polygon_wrapping_a_corner_just_outside_the_view_is_a_border_candidate():
+    # An L around the view's top-right corner, 3 px away: its bounding box overlaps the view, the
+    # polygon does not. It is not a feature in view, so it must be tried from the border.
+    from pathlib import Path
+
+    from shapely.geometry import Polygon
+
+    from segsem_cli.layout import Layout, border_candidates
+
+    t = PixelTransform(center_nm=(0.0, 0.0), pixel_nm=1.0, shape=(100, 100))  # x, y in [-50, 50]
+    ell = Polygon([(53, -60), (80, -60), (80, 80), (-60, 80), (-60, 53), (53, 53)])
+    far = Polygon([(-70, -10), (-60, -10), (-60, 10), (-70, 10)])  # 10 px left of the view: beyond the margin
+    lay = Layout(Path("x.gds"), "TOP", (1, 0), [ell, far])
+    assert features_in_view(lay, t) == []
+    cands = border_candidates(lay, t, margin_px=6.0)
+    assert [c.feature_id for c in cands] == ["p0"] and all(c.clipped for c in cands)
+    # its seed strip lies inside the view, along the two sides the L runs beside
+    u, v = cands[0].pixels[:, 0], cands[0].pixels[:, 1]
+    assert u.min() >= 0.0 and v.min() >= 0.0 and u.max() <= 100.0 and v.max() <= 100.0
+    assert u.max() == pytest.approx(100.0) and v.min() == pytest.approx(0.0)
