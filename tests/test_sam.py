@@ -232,6 +232,27 @@ def test_contour_follows_pixel_centre_convention():
     assert np.all(np.abs(d - r)[mask != (d < r)] < 0.3)  # disagreements only at the rim
 
 
+def test_training_images_get_the_scan_line_correction_extract_applies(tmp_path):
+    # finetune must show the model images prepared as segsem extract prepares them (--scan-lines auto)
+    img, lab, _ = synth_image(7)
+    stripes = np.random.default_rng(8).normal(0.0, 6.0, N)
+    striped = np.clip(img + stripes[:, None], 0, 255).astype(np.uint8)
+    cv2.imwrite(str(tmp_path / "img.png"), striped)
+    cv2.imwrite(str(tmp_path / "lab.png"), lab)
+    (tmp_path / "t.csv").write_text("image,x_nm,y_nm,pixel_nm,label\nimg.png,0,0,1.0,lab.png\n")
+    auto, = load_samples(tmp_path / "t.csv")
+    off, = load_samples(tmp_path / "t.csv", scan_lines="off")
+    from segsem_cli.sam.predict import normalize_image
+    assert np.array_equal(off.image01, normalize_image(striped))  # off: the image as read
+
+    def line_to_line(a):  # row means of the background columns right of the discs, minus their running mean
+        r = a[:, 110:].mean(axis=1).astype(np.float64)
+        return np.std(r[4:-4] - np.convolve(r, np.ones(9) / 9, mode="same")[4:-4])
+
+    assert line_to_line(auto.image01) < 0.5 * line_to_line(off.image01)
+    assert np.array_equal(auto.label, off.label)
+
+
 # ----------------------------------------------------------------------------- fine-tuning
 
 

@@ -31,6 +31,7 @@ def register(app: typer.Typer) -> None:
         no_augment: bool = typer.Option(False, "--no-augment", help="Switch off flips/rotations/photometric augmentation."),
         loss_weights: Optional[str] = typer.Option(None, "--loss-weights", help="Loss weights, e.g. focal=20,dice=1,iou=1 (SAM2's, the default); lower focal for models trained from scratch."),
         resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run of --out (or extend it with more --epochs)."),
+        scan_lines: str = typer.Option("auto", "--scan-lines", help="Scan-line (row) offset correction of the training and validation images, as segsem extract applies it before the backbone: auto (the default) or off."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     ):
         """Fine-tune SAM2 on a few labelled SEM images and write a model for `segsem extract --model`.
@@ -46,6 +47,8 @@ def register(app: typer.Typer) -> None:
         from rich.console import Console
 
         from ..sam.train import finetune as run
+        from ..scanlines import SCAN_LINE_MODES
+        from .extract import _choice
 
         console = Console(stderr=True)
         if checkpoint is not None and not checkpoint.is_file():
@@ -71,7 +74,7 @@ def register(app: typer.Typer) -> None:
             epochs=epochs, lr=lr, batch=batch, image_size=image_size, seed=seed, device=device,
             grad_clip=grad_clip if grad_clip > 0 else None, resume=resume, objects_per_image=objects,
             box_margin_px=box_margin_px, do_augment=not no_augment, loss_weights=weights, progress=not quiet,
-            console=console,
+            console=console, scan_lines=_choice(scan_lines, "--scan-lines", SCAN_LINE_MODES),
         )
         b = res.best
         typer.echo(

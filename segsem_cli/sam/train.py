@@ -121,10 +121,16 @@ def make_sample(name: str, pixels: np.ndarray, label: np.ndarray, *, pixel_nm: f
     return Sample(name, normalize_image(pixels), label, ids[ids > 0], pixel_nm, files)
 
 
-def load_samples(manifest: str | Path) -> list[Sample]:
-    """Read a training manifest (``label`` column required) into samples; SegsemError on any bad row."""
+def load_samples(manifest: str | Path, *, scan_lines: str = "auto") -> list[Sample]:
+    """Read a training manifest (``label`` column required) into samples; SegsemError on any bad row.
+
+    ``scan_lines`` (``auto`` | ``off``) removes significant scan-line offsets as ``segsem extract``
+    does before the backbone sees an image (:mod:`segsem_cli.scanlines`), so the model trains on
+    images prepared the way it will be shown them.
+    """
     from ..images import read_label, read_sem
     from ..manifest import read_manifest
+    from ..scanlines import correct_scan_lines
 
     rows = read_manifest(manifest, require_label=True)
     out = []
@@ -139,6 +145,7 @@ def load_samples(manifest: str | Path) -> list[Sample]:
             pixels, px = read_sem(r.image, 1.0)  # pixel size is not needed to train
             px = None
         label = read_label(r.label, shape=pixels.shape)
+        pixels, _ = correct_scan_lines(pixels, mode=scan_lines)
         out.append(make_sample(r.name, pixels, label, pixel_nm=px, files=(Path(r.image), Path(r.label))))
     return out
 
@@ -537,6 +544,7 @@ def finetune(
     tile_px: int | None = None,
     progress: bool = True,
     console=None,
+    scan_lines: str = "auto",
 ) -> FinetuneResult:
     """Fine-tune SAM2 on labelled images and write the best model to ``out``.
 
@@ -558,6 +566,8 @@ def finetune(
     loss_weights : override of :data:`LOSS_WEIGHTS` (``focal``, ``dice``, ``iou``).
     large, tile_px : view handling for images larger than the model input (as in inference).
     progress : show a rich progress bar (on ``console``, default stderr).
+    scan_lines : scan-line offset correction of manifest images (``auto`` | ``off``, as in
+        ``segsem extract``; see :func:`load_samples`).
 
     Every input problem raises SegsemError before training starts.
     """
@@ -577,11 +587,11 @@ def finetune(
         raise SegsemError(f"{out}: output model path is a folder")
 
     # --- data
-    samples = load_samples(dataset) if isinstance(dataset, (str, Path)) else list(dataset)
+    samples = load_samples(dataset, scan_lines=scan_lines) if isinstance(dataset, (str, Path)) else list(dataset)
     if not samples:
         raise SegsemError(f"{dataset}: empty training set")
     if val is not None:
-        val_samples = load_samples(val) if isinstance(val, (str, Path)) else list(val)
+        val_samples = load_samples(val, scan_lines=scan_lines) if isinstance(val, (str, Path)) else list(val)
         if not val_samples:
             raise SegsemError(f"{val}: empty validation set")
         train_samples, val_on_train = samples, False
