@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.ndimage import gaussian_filter, gaussian_filter1d
+from scipy.ndimage import gaussian_filter, gaussian_filter1d, uniform_filter1d
 
 
 @dataclass(frozen=True)
@@ -152,3 +152,11 @@ def convention_edge(rim: Rim = Rim(), *, blur: float = 1.0, smooth_sigma: float 
     level = p[m] + threshold * (p[k] - p[m])
     j = m + int(np.nonzero(p[m:k] < level)[0][-1])
     return float(x[j] + (level - p[j]) / (p[j + 1] - p[j]) * dx)
+
+
+def line_to_line(row_means, window: int = 31) -> np.ndarray:
+    """A row-mean series minus its running mean over ``window`` rows (its line-to-line part),
+    without the ``window // 2`` rows at each end."""
+    r = np.asarray(row_means, np.float64)
+    h = window // 2
+    return (r - uniform_filter1d(r, window, mode="nearest"))[h:len(r) - h]

@@ -243,13 +243,13 @@ def test_training_images_get_the_scan_line_correction_extract_applies(tmp_path):
     auto, = load_samples(tmp_path / "t.csv")
     off, = load_samples(tmp_path / "t.csv", scan_lines="off")
     from segsem_cli.sam.predict import normalize_image
+    from synthetic_helpers import line_to_line
     assert np.array_equal(off.image01, normalize_image(striped))  # off: the image as read
 
-    def line_to_line(a):  # row means of the background columns right of the discs, minus their running mean
-        r = a[:, 110:].mean(axis=1).astype(np.float64)
-        return np.std(r[4:-4] - np.convolve(r, np.ones(9) / 9, mode="same")[4:-4])
+    def stripes_left(a):  # row means of the background columns right of the discs, minus their running mean
+        return np.std(line_to_line(a[:, 110:].mean(axis=1), 9))
 
-    assert line_to_line(auto.image01) < 0.5 * line_to_line(off.image01)
+    assert stripes_left(auto.image01) < 0.5 * stripes_left(off.image01)
     assert np.array_equal(auto.label, off.label)
 
 

@@ -27,12 +27,6 @@ def stripes(rows, sigma, seed=1):
     return np.random.default_rng(seed).normal(0.0, sigma, rows).astype(np.float32)
 
 
-def line_to_line(row_means):
-    """Row-mean series minus its 31-row running mean: the line-to-line part."""
-    r = np.asarray(row_means, np.float64)
-    return (r - uniform_filter1d(r, 31, mode="nearest"))[16:-16]
-
-
 def test_offsets_removed_and_reported():
     ref = scene(BARS)
     o = stripes(SHAPE[0], 6.0)
