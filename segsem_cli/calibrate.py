@@ -218,7 +218,7 @@ def score_image(row: ManifestRow, state, truth: dict | None, prepared=None) -> l
 
 
 BORDER_PX = 3.0
-EDGE_GRID = tuple(np.round(np.arange(0.30, 0.851, 0.05), 3))
+EDGE_GRID = tuple(np.round(np.arange(0.20, 1.001, 0.05), 3))
 
 
 def epe_inside(rings: list[np.ndarray], contour: np.ndarray, shape, *, border_px: float = BORDER_PX) -> np.ndarray:
@@ -332,7 +332,7 @@ def calibrate(cfg, *, truth_path: Path | None = None, penalty_px: float = 3.0, f
               progress: Callable[[str], None] | None = None) -> Calibration:
     """Fit the edge threshold (optional) and the confidence threshold on labelled images.
 
-    1. With ``fit_edge``, the fallback is run at edge thresholds 0.30..0.85 and
+    1. With ``fit_edge``, the fallback is run at edge thresholds 0.20..1.00 (1: the rim peak) and
        the one with the lowest EPE against the truth is kept (the labels define
        where the user's edge is); it is then used by the fallback and by the
        refinement of SAM2 contours.

@@ -108,3 +108,28 @@ def test_edge_threshold_fitted_on_the_bundled_labels(capsys):
     line = next(ln for ln in out.splitlines() if ln.startswith("edge threshold "))
     t = float(line.split()[2])
     assert 0.55 < t < 0.75, line
+
+
+def test_edge_threshold_reaches_the_rim_peak(tmp_path):
+    """Another image model may put the labelled edge at the top of the sidewall, on the rim peak.
+
+    Rendered with every shape grown by half the sidewall footprint, the truth sits where the
+    bright rim starts: the fit must go beyond 0.85 (the old grid's end) and find it."""
+    from shapely.geometry import JOIN_STYLE
+
+    from segsem_cli.calibrate import calibrate
+    from segsem_cli.layout import load_layout
+    from segsem_cli.pipeline import ExtractConfig
+    from segsem_cli.synth.dataset import make_dataset
+    from segsem_cli.synth.render import render_sem
+
+    def top_edge(shapes, transform, *, params, rng, tone="resist"):
+        grown = [s.buffer(params.footprint_nm / 2, join_style=JOIN_STYLE.mitre) for s in shapes]
+        return render_sem(grown, transform, params=params, rng=rng, tone=tone)
+
+    layout = ROOT / "examples" / "opc_test.gds"
+    make_dataset(load_layout(layout), tmp_path / "d", count=2, seed=3, image_size=256, noise="easy", renderer=top_edge)
+    cal = calibrate(ExtractConfig(manifest=tmp_path / "d" / "manifest.csv", layout=layout, out=tmp_path / "out"))
+    epe = {round(r["edge_threshold"], 2): r["epe_rms_px"] for r in cal.edge_curve}
+    assert 0.9 < cal.edge_threshold < 1.0
+    assert min(epe.values()) == epe[0.95] < 0.3 < epe[0.85]

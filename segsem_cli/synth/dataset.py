@@ -291,8 +291,15 @@ def _ring_list(ring) -> list[list[float]]:
 
 
 def synthesize_image(layout, center_nm: tuple[float, float], *, shape: tuple[int, int], pixel_nm: float,
-                     params: SynthParams, rng: np.random.Generator, tone: str = "resist") -> ImageResult:
+                     params: SynthParams, rng: np.random.Generator, tone: str = "resist",
+                     renderer: Callable[..., Any] = render_sem) -> ImageResult:
     """Print and render one site. ``center_nm`` is the nominal centre; the stage error is drawn from ``rng``.
+
+    ``renderer`` turns the printed shapes into the image; it is called like
+    :func:`segsem_cli.synth.render.render_sem` (``renderer(shapes, transform, params=,
+    rng=, tone=)``) and returns an object with ``image``, ``clean.labels`` (1..len(shapes)
+    at pixel centres) and ``meta``. Another image model plugs in here and keeps the
+    printed-shape model, the truth and the files.
 
     Returns the image, the (1..N) label mask, the TRUE transform and the truth
     features (see the module docstring for their fields).
@@ -323,7 +330,7 @@ def synthesize_image(layout, center_nm: tuple[float, float], *, shape: tuple[int
         for part in _clip_parts(f.shape, rwin):
             render_shapes.append(part)
             render_owner.append(k)
-    out = render_sem(render_shapes, tr, params=params.render, rng=rng, tone=tone)
+    out = renderer(render_shapes, tr, params=params.render, rng=rng, tone=tone)
 
     # relabel: features with pixels in the image get 1..N in order of the printed features
     raw = out.clean.labels
@@ -424,7 +431,8 @@ def make_dataset(layout, out_dir: str | Path, *, count: int | None, seed: int = 
                  image_size: tuple[int, int] | int = (512, 512), pixel_nm: float = 1.0,
                  noise: str = "medium", tone: str = "resist", sites=None, gauges=None,
                  params: Mapping[str, Any] | Sequence[str] | None = None, defect_rate: float | None = None,
-                 overwrite: bool = False, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+                 overwrite: bool = False, progress: Callable[[int, int], None] | None = None,
+                 renderer: Callable[..., Any] = render_sem) -> dict[str, Any]:
     """Generate a synthetic CD-SEM dataset with exact truth (see the module docstring for the files).
 
     Parameters
@@ -445,6 +453,8 @@ def make_dataset(layout, out_dir: str | Path, *, count: int | None, seed: int = 
     defect_rate : shortcut for the ``defect_rate`` parameter.
     overwrite : replace an existing dataset in ``out_dir``.
     progress : called as ``progress(done, total)`` after each image.
+    renderer : the image model (default :func:`segsem_cli.synth.render.render_sem`); see
+        :func:`synthesize_image`.
 
     Returns
     -------
@@ -532,7 +542,8 @@ def make_dataset(layout, out_dir: str | Path, *, count: int | None, seed: int = 
             prm = resolved[level]
             rng = np.random.default_rng([int(seed), i])
             centre = site_list[i] if site_list is not None else _pick_site(layout, rng, allowed, half)
-            res = synthesize_image(layout, centre, shape=shape, pixel_nm=pixel_nm, params=prm, rng=rng, tone=tone)
+            res = synthesize_image(layout, centre, shape=shape, pixel_nm=pixel_nm, params=prm, rng=rng, tone=tone,
+                                   renderer=renderer)
             name = f"img_{i:0{width}d}"
             img_file, lab_file = f"{name}.tif", f"{name}_label.png"
             write_sem_tiff(stage_dir / img_file, res.image, pixel_nm,
