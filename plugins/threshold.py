@@ -285,6 +285,11 @@ def split_merged_regions(coarse: np.ndarray, level: float, assoc: list, cands: l
     return split
 
 
+#: Contours with a median edge SNR below this get a second refinement pass from their own
+#: smoothed result (:func:`segsem_cli.edges.refine_contours`, ``repass_snr``). On the synth
+#: benchmark medium-noise contours are at 25-30 and hard ones at 8-12; see the README.
+REPASS_SNR = 20.0
+
 #: First statuses that get a second try seeded with the layout polygon.
 RETRY_STATUSES = ("low_contrast", "not_found", "partial")
 #: An ``ok`` result overlapping its layout polygon less than this is retried too ...
@@ -331,8 +336,10 @@ class ThresholdFallback:
     def extract(self, image: SEMImage, features: Sequence[Feature], **options: Any) -> list[FeatureResult]:
         t0 = time.perf_counter()
         ropt = parse_refine_options(options)
-        if "passes" not in options:  # iso-lines already run parallel to the edge: one pass is enough
+        if "passes" not in options:  # iso-lines already run parallel to the edge: one pass is enough ...
             ropt["passes"] = 1
+            if "repass_snr" not in options:  # ... unless noise made them jitter (refine_contours' repass_snr)
+                ropt["repass_snr"] = REPASS_SNR
         coarse_sigma = opt_float(options, "coarse_sigma", 2.0, lo=0.0, hi=50.0)
         min_iou = opt_float(options, "min_iou", 0.2, lo=0.0, hi=1.0)
         min_valid = opt_float(options, "min_valid", 0.5, lo=0.0, hi=1.0)

@@ -1455,6 +1455,7 @@ def refine_contours(
     contour_sigma: float | str = "auto",
     centre_weight: float = 0.3,
     passes: int = 2,
+    repass_snr: float = 0.0,
     base_sigma: float = 3.0,
     border: bool = True,
     border_px: float = 2.0,
@@ -1507,6 +1508,13 @@ def refine_contours(
     centre_weight : in [0, 1); prefers rims near the coarse contour when several are in the window.
     passes : refinement passes; later passes re-take the normals from the refined contour
         smoothed along its length with a Gaussian of ``base_sigma`` samples.
+    repass_snr : after the last of ``passes``, contours whose median edge SNR (rim contrast
+        over profile noise, at the points where an edge was found) is below this get one
+        more pass (0, the default: never). A noisy image gives a jittery coarse contour
+        (an iso-line of a smoothed noisy image): its neighbouring profiles, averaged in its
+        own normal coordinates, blur the rim and bias the level, which a pass from the
+        smoothed refined contour undoes; on clean images the extra pass changes nothing
+        and is skipped.
     border : contours that run along the image border (a shape cut by the field of
         view, closed along ``u = 0``, ``u = W``, ``v = 0`` or ``v = H``) keep that
         part fixed (default). The contour is clamped into ``[0, W] x [0, H]`` and
@@ -1574,7 +1582,7 @@ def refine_contours(
               sample_px=sample_px, smooth_sigma=smooth_sigma, along_points=along_points, level_points=level_points,
               normal_smooth=normal_smooth, min_snr=min_snr, outlier_k=outlier_k, outlier_window=int(outlier_window),
               min_mad=min_mad, contour_sigma=contour_sigma, centre_weight=centre_weight, passes=passes,
-              base_sigma=base_sigma, noise_prof=noise_prof, noise_w=noise_w, border_mode=bool(border),
+              repass_snr=float(repass_snr), base_sigma=base_sigma, noise_prof=noise_prof, noise_w=noise_w, border_mode=bool(border),
               matched_filter=bool(matched_filter), template_points=int(template_points), on_edge=bool(on_edge))
     # Contours along the border go in their own batches: a contour's result never
     # depends on which others it was refined with.
@@ -1605,6 +1613,7 @@ def _refine_batch(img: EdgeImage, current: list[np.ndarray], bnd: list[np.ndarra
                   smooth_sigma: float, along_points: int, level_points: int, normal_smooth: float, min_snr: float,
                   outlier_k: float, outlier_window: int, min_mad: float, contour_sigma: float,
                   centre_weight: float, passes: int, base_sigma: float, noise_prof: float,
+                  repass_snr: float = 0.0,
                   noise_w: float, border_mode: bool, matched_filter: bool = False,
                   template_points: int = 15, on_edge: bool = False) -> list[RefineResult]:
     """:func:`refine_contours` on prepared (resampled, oriented) contours with their border masks."""
@@ -1615,20 +1624,7 @@ def _refine_batch(img: EdgeImage, current: list[np.ndarray], bnd: list[np.ndarra
     trim_max = int(np.ceil(2.0 * sp / step_px)) + max(along_points, level_points) // 2
     for p in range(passes):
         if p > 0:
-            # Later passes start from the refined contour low-passed along its length:
-            # neighbouring profiles are averaged in their own normal coordinates, so a
-            # jittery base would blur the averaged profile (lower the rim, bias the level).
-            nxt, nb = [], []
-            for c, b in zip(current, bnd):
-                if b.any():
-                    r = orient(resample_closed(_masked_gauss_wrap(c, ~b, base_sigma), step_px))
-                    nxt.append(r)
-                    nb.append(border_mask(r, img.shape))
-                else:
-                    r = orient(resample_closed(_smooth_closed(c, base_sigma), step_px))
-                    nxt.append(r)
-                    nb.append(np.zeros(len(r), dtype=bool))
-            current, bnd = nxt, nb
+            current, bnd = _next_base(current, bnd, base_sigma, step_px, img.shape)
         pts = np.vstack(current)
         border = np.concatenate(bnd)
         any_border = bool(border.any())
@@ -1770,7 +1766,50 @@ def _refine_batch(img: EdgeImage, current: list[np.ndarray], bnd: list[np.ndarra
                 border=b_i.copy(),
             ))
         current, bnd = new, new_b
+    if repass_snr > 0 and results:
+        # One more pass for the noisy contours only (see refine_contours' repass_snr).
+        again = [i for i, r in enumerate(results)
+                 if r.found.any() and float(np.median(r.snr[r.found])) < repass_snr]
+        if again:
+            base, base_b = _next_base([current[i] for i in again], [bnd[i] for i in again], base_sigma, step_px,
+                                      img.shape)
+            redo = _refine_batch(img, base, base_b, [decided[i] for i in again], edge=edge, threshold=threshold,
+                                 search_px=search_px, step_px=step_px, sample_px=sample_px,
+                                 smooth_sigma=smooth_sigma, along_points=along_points, level_points=level_points,
+                                 normal_smooth=normal_smooth, min_snr=min_snr, outlier_k=outlier_k,
+                                 outlier_window=outlier_window, min_mad=min_mad, contour_sigma=contour_sigma,
+                                 centre_weight=centre_weight, passes=1, base_sigma=base_sigma, noise_prof=noise_prof,
+                                 noise_w=noise_w, border_mode=border_mode, matched_filter=matched_filter,
+                                 template_points=template_points, on_edge=on_edge)
+            for i, r in zip(again, redo):
+                # kept unless it lost edges (a tiny shape cut by the border can shrink onto it)
+                if r.valid_fraction >= results[i].valid_fraction - REPASS_VALID_TOL:
+                    results[i] = r
     return results
+
+
+#: A repass result replaces the first pass unless its share of valid points is lower by more than this.
+REPASS_VALID_TOL = 0.05
+
+
+def _next_base(current: list[np.ndarray], bnd: list[np.ndarray], base_sigma: float, step_px: float,
+               shape: tuple[int, int]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The start of a later pass: the refined contours low-passed along their length.
+
+    Neighbouring profiles are averaged in their own normal coordinates, so a jittery
+    base would blur the averaged profile (lower the rim, bias the level).
+    """
+    nxt, nb = [], []
+    for c, b in zip(current, bnd):
+        if b.any():
+            r = orient(resample_closed(_masked_gauss_wrap(c, ~b, base_sigma), step_px))
+            nxt.append(r)
+            nb.append(border_mask(r, shape))
+        else:
+            r = orient(resample_closed(_smooth_closed(c, base_sigma), step_px))
+            nxt.append(r)
+            nb.append(np.zeros(len(r), dtype=bool))
+    return nxt, nb
 
 
 def refine_contour(image: np.ndarray | EdgeImage, contour_uv: np.ndarray, **kwargs: Any) -> RefineResult:
@@ -1852,7 +1891,7 @@ def parse_refine_options(options: Mapping[str, Any]) -> dict[str, Any]:
     Keys: ``edge``, ``threshold``, ``search_px``, ``step_px``, ``sample_px``,
     ``smooth_sigma`` (alias ``sigma``), ``along_points``, ``level_points``, ``image_sigma``,
     ``substrate``, ``min_snr``, ``outlier_k``, ``contour_sigma`` (a number or ``auto``, the default),
-    ``passes``, ``border``
+    ``passes``, ``repass_snr``, ``border``
     (``true``/``false``: keep contour parts on the image border fixed, default true),
     ``border_px`` and ``frame_px`` (outer pixel ring ignored, default 1), ``matched_filter``
     (``true``/``false``, default false) and ``template_points`` (default 15).
@@ -1876,6 +1915,7 @@ def parse_refine_options(options: Mapping[str, Any]) -> dict[str, Any]:
         "contour_sigma": ("auto" if o.get("contour_sigma") is None or _is_auto(o["contour_sigma"])
                           else opt_float(o, "contour_sigma", 3.0, lo=0.0, hi=100.0)),
         "passes": opt_int(o, "passes", 2, lo=1, hi=10),
+        "repass_snr": opt_float(o, "repass_snr", 0.0, lo=0.0),
         "border": opt_bool(o, "border", True),
         "border_px": opt_float(o, "border_px", 2.0, lo=0.0, hi=10.0),
         "frame_px": opt_int(o, "frame_px", 1, lo=0, hi=16),

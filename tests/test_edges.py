@@ -593,3 +593,34 @@ def test_print_reaches_border_reads_only_candidates_whatever_the_other_normals(r
     out = _print_reaches_border(pts, nrm, prof, found, np.zeros(n, bool), (64, 64), search_px=6.0, sample_px=0.5)
     assert np.allclose(out[3:9], 4.0) and np.all(np.isinf(out[[0, 1, 2, 9, 10, 11]]))
     assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+
+
+def test_repass_snr_refines_noisy_contours_again_from_their_own_result():
+    """A jittery coarse contour (an iso-line of a noisy image) blurs the along-contour profile
+    average; one more pass from the smoothed result puts the edge back on the convention."""
+    from segsem_cli.contours import resample_closed
+
+    rim = Rim()
+    shape = rect(30, 30, 98, 98)
+    img = EdgeImage(render([shape], (128, 128), rim=rim, blur=1.2, noise=0.12, seed=4))
+    c = resample_closed(shape.polygon(), 1.0)
+    nrm = (c - c.mean(0)) / np.linalg.norm(c - c.mean(0), axis=1)[:, None]
+    wig = np.convolve(np.random.default_rng(1).normal(0, 1, len(c) + 8), np.ones(5), "same")[4:-4]
+    coarse = c + (2.0 + 0.8 * wig / wig.std())[:, None] * nrm  # 2 px out, 0.8 px wiggles
+    outside = -convention_edge(rim, blur=1.2, threshold=0.5)  # where the rule puts a straight edge
+
+    def side_error(r):
+        uv = r.contour_uv[r.valid]
+        u, v = uv[:, 0], uv[:, 1]
+        d = np.minimum(np.minimum(np.abs(u - 30), np.abs(u - 98)), np.minimum(np.abs(v - 30), np.abs(v - 98)))
+        mid = ((u > 40) & (u < 88)) | ((v > 40) & (v < 88))  # away from the corners
+        return float(np.sqrt(np.mean((d[mid] - outside) ** 2)))
+
+    once, skipped, again = (refine_contours(img, [coarse], threshold=0.5, passes=1, contour_sigma=3, repass_snr=s)[0]
+                            for s in (0.0, 10.0, 40.0))
+    snr = float(np.median(once.snr[once.found]))
+    assert 10.0 < snr < 40.0
+    np.testing.assert_array_equal(skipped.contour_uv, once.contour_uv)  # SNR above 10: no second pass
+    assert side_error(once) > 0.22
+    assert side_error(again) < 0.16
+    assert parse_refine_options({"repass_snr": "20"})["repass_snr"] == 20.0
