@@ -1582,8 +1582,27 @@ def refine_contours(
               sample_px=sample_px, smooth_sigma=smooth_sigma, along_points=along_points, level_points=level_points,
               normal_smooth=normal_smooth, min_snr=min_snr, outlier_k=outlier_k, outlier_window=int(outlier_window),
               min_mad=min_mad, contour_sigma=contour_sigma, centre_weight=centre_weight, passes=passes,
-              repass_snr=float(repass_snr), base_sigma=base_sigma, noise_prof=noise_prof, noise_w=noise_w, border_mode=bool(border),
+              base_sigma=base_sigma, noise_prof=noise_prof, noise_w=noise_w, border_mode=bool(border),
               matched_filter=bool(matched_filter), template_points=int(template_points), on_edge=bool(on_edge))
+    out = _refine_batches(img, current, bnd, subs, kw)
+    if repass_snr > 0:
+        # One more pass for the noisy contours only, from their own smoothed result, on the
+        # side the first pass decided.
+        again = [i for i, r in enumerate(out) if r.found.any() and float(np.median(r.snr[r.found])) < repass_snr]
+        if again:
+            base, base_b = _next_base([out[i].contour_uv for i in again], [out[i].border for i in again],
+                                      base_sigma, float(step_px), img.shape)
+            redo = _refine_batches(img, base, base_b, [out[i].substrate for i in again], {**kw, "passes": 1})
+            for i, r in zip(again, redo):
+                # kept unless it lost edges (a tiny shape cut by the border can shrink onto it)
+                if r.valid_fraction >= out[i].valid_fraction - REPASS_VALID_TOL:
+                    out[i] = r
+    return out
+
+
+def _refine_batches(img: EdgeImage, current: list[np.ndarray], bnd: list[np.ndarray], subs: list[str],
+                    kw: dict[str, Any]) -> list[RefineResult]:
+    """:func:`_refine_batch` over all contours, in batches."""
     # Contours along the border go in their own batches: a contour's result never
     # depends on which others it was refined with.
     out: list[RefineResult] = [None] * len(current)  # type: ignore[list-item]
@@ -1613,7 +1632,6 @@ def _refine_batch(img: EdgeImage, current: list[np.ndarray], bnd: list[np.ndarra
                   smooth_sigma: float, along_points: int, level_points: int, normal_smooth: float, min_snr: float,
                   outlier_k: float, outlier_window: int, min_mad: float, contour_sigma: float,
                   centre_weight: float, passes: int, base_sigma: float, noise_prof: float,
-                  repass_snr: float = 0.0,
                   noise_w: float, border_mode: bool, matched_filter: bool = False,
                   template_points: int = 15, on_edge: bool = False) -> list[RefineResult]:
     """:func:`refine_contours` on prepared (resampled, oriented) contours with their border masks."""
@@ -1766,25 +1784,6 @@ def _refine_batch(img: EdgeImage, current: list[np.ndarray], bnd: list[np.ndarra
                 border=b_i.copy(),
             ))
         current, bnd = new, new_b
-    if repass_snr > 0 and results:
-        # One more pass for the noisy contours only (see refine_contours' repass_snr).
-        again = [i for i, r in enumerate(results)
-                 if r.found.any() and float(np.median(r.snr[r.found])) < repass_snr]
-        if again:
-            base, base_b = _next_base([current[i] for i in again], [bnd[i] for i in again], base_sigma, step_px,
-                                      img.shape)
-            redo = _refine_batch(img, base, base_b, [decided[i] for i in again], edge=edge, threshold=threshold,
-                                 search_px=search_px, step_px=step_px, sample_px=sample_px,
-                                 smooth_sigma=smooth_sigma, along_points=along_points, level_points=level_points,
-                                 normal_smooth=normal_smooth, min_snr=min_snr, outlier_k=outlier_k,
-                                 outlier_window=outlier_window, min_mad=min_mad, contour_sigma=contour_sigma,
-                                 centre_weight=centre_weight, passes=1, base_sigma=base_sigma, noise_prof=noise_prof,
-                                 noise_w=noise_w, border_mode=border_mode, matched_filter=matched_filter,
-                                 template_points=template_points, on_edge=on_edge)
-            for i, r in zip(again, redo):
-                # kept unless it lost edges (a tiny shape cut by the border can shrink onto it)
-                if r.valid_fraction >= results[i].valid_fraction - REPASS_VALID_TOL:
-                    results[i] = r
     return results
 
 
