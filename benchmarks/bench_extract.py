@@ -76,6 +76,26 @@ def baseline_gauges(manifest: Path, contours_csv: Path, gauges_csv: Path, out: P
     write_gauge_csv(out, gauge_rows(read_gauges(gauges_csv), {k: per.get(k, []) for k in fovs}, fovs))
 
 
+def fmt(x, digits: int = 3) -> str:
+    """A table cell: ``-`` where nothing was scored (None)."""
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def calibrated_threshold(layout, layout_path: Path, cal_dir: Path, *, count: int, seed: int, size: int,
+                         pixel_nm: float = 1.0, fallback: str = "threshold", renderer=None) -> float:
+    """The edge threshold a user would calibrate on a few labelled images of their own
+    (`segsem calibrate` without a model): a separate medium-noise synth set, never the test images.
+    ``renderer``: the image model (default: segsem's own)."""
+    from segsem_cli.calibrate import calibrate
+    from segsem_cli.pipeline import ExtractConfig
+    from segsem_cli.synth.dataset import make_dataset
+
+    make_dataset(layout, cal_dir, count=count, seed=seed, image_size=size, pixel_nm=pixel_nm, noise="medium",
+                 overwrite=True, **({} if renderer is None else {"renderer": renderer}))
+    cfg = ExtractConfig(manifest=cal_dir / "manifest.csv", layout=layout_path, out=cal_dir / "out", fallback=fallback)
+    return calibrate(cfg).edge_threshold
+
+
 def align_errors(out: Path, truth_dir: Path) -> list[float]:
     truth = json.loads((truth_dir / "truth.json").read_text())["images"]
     errs = []
@@ -117,15 +137,8 @@ def main(argv=None) -> int:
     layout = load_layout(layout_path)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="segsem-bench-"))
 
-    # The edge threshold a user would calibrate on a few labelled images of their own
-    # (`segsem calibrate` without a model): here a separate synth set, never the test images.
-    from segsem_cli.calibrate import calibrate
-
-    cal_dir = work / "calibration"
-    make_dataset(layout, cal_dir, count=args.cal_count, seed=args.seed + 1000, image_size=args.size,
-                 pixel_nm=args.pixel_nm, noise="medium", overwrite=True)
-    cal_cfg = ExtractConfig(manifest=cal_dir / "manifest.csv", layout=layout_path, out=cal_dir / "out", fallback=args.fallback)
-    t_cal = calibrate(cal_cfg).edge_threshold
+    t_cal = calibrated_threshold(layout, layout_path, work / "calibration", count=args.cal_count,
+                                 seed=args.seed + 1000, size=args.size, pixel_nm=args.pixel_nm, fallback=args.fallback)
     variants = [("segsem t=0.50", {}), (f"segsem t={t_cal:.2f} (calibrated)", {"threshold": f"{t_cal:.4f}"})]
     results = {}
     stage_tot: dict[str, float] = {}
@@ -173,7 +186,7 @@ def main(argv=None) -> int:
             o = ev["overall"]
             g = ev.get("gauges") or {}
             al = r["align"] if name != "baseline" else []
-            tab.add_row(level, name, f"{o['epe_rms_px']:.3f}", f"{o['epe_p95_px']:.3f}", f"{o['epe_max_px']:.2f}",
+            tab.add_row(level, name, fmt(o["epe_rms_px"]), fmt(o["epe_p95_px"]), fmt(o["epe_max_px"], 2),
                         str(o["n_missing"]), str(o["n_extra"]), str(o.get("n_sliver", 0)),
                         f"{g.get('bias_nm', float('nan')):+.3f}" if g.get("bias_nm") is not None else "-",
                         f"{g.get('sigma3_nm', float('nan')):.3f}" if g.get("sigma3_nm") is not None else "-",

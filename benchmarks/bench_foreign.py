@@ -21,21 +21,16 @@ import json
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
 
-from bench_extract import align_errors, baseline, baseline_gauges  # noqa: E402 (same folder)
+from bench_extract import align_errors, baseline, baseline_gauges, calibrated_threshold, fmt  # noqa: E402 (same folder)
 from foreign_model import PRESETS, foreign_renderer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _f(x) -> str:
-    return "-" if x is None else f"{x:.3f}"
 
 
 def main(argv=None) -> int:
@@ -52,7 +47,6 @@ def main(argv=None) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from segsem_cli.calibrate import calibrate
     from segsem_cli.layout import load_layout
     from segsem_cli.metrics import evaluate_run
     from segsem_cli.pipeline import ExtractConfig, run_extract
@@ -63,19 +57,15 @@ def main(argv=None) -> int:
     layout = load_layout(layout_path)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="segsem-foreign-"))
 
-    cal_dir = work / "calibration"
-    make_dataset(layout, cal_dir, count=args.cal_count, seed=args.seed + 1000, image_size=args.size, noise="medium",
-                 overwrite=True, renderer=foreign_renderer(PRESETS["medium"]))
-    t_cal = calibrate(ExtractConfig(manifest=cal_dir / "manifest.csv", layout=layout_path, out=cal_dir / "out")).edge_threshold
+    t_cal = calibrated_threshold(layout, layout_path, work / "calibration", count=args.cal_count, seed=args.seed + 1000,
+                                 size=args.size, renderer=foreign_renderer(PRESETS["medium"]))
     variants = [("segsem t=0.50 (default)", {}), (f"segsem t={t_cal:.2f} (calibrated)", {"threshold": f"{t_cal:.4f}"})]
 
     results = {}
     for k, level in enumerate(args.levels.split(",")):
         d = work / level
-        t0 = time.perf_counter()
         make_dataset(layout, d, count=args.count, seed=args.seed + k, image_size=args.size, noise=level, gauges=gauges,
                      overwrite=True, renderer=foreign_renderer(PRESETS[level]))
-        t_render = time.perf_counter() - t0
         rows = []
         for vi, (vname, fopts) in enumerate(variants):
             out = d / f"out{vi}"
@@ -88,7 +78,7 @@ def main(argv=None) -> int:
         baseline(d / "manifest.csv", d / "baseline.csv")
         baseline_gauges(d / "manifest.csv", d / "baseline.csv", gauges, d / "baseline_gauges.csv")
         rows.append(("baseline", evaluate_run(d, d / "baseline.csv", gauges_path=d / "baseline_gauges.csv"), [], None))
-        results[level] = dict(rows=rows, t_render=t_render)
+        results[level] = rows
 
     c = Console(width=220)
     tab = Table(title=f"segsem extract (threshold) on the second image model: {args.count} images/level, "
@@ -98,10 +88,10 @@ def main(argv=None) -> int:
         tab.add_column(col, justify="right")
     js = {}
     for level, r in results.items():
-        base = r["rows"][-1][1]["overall"]["epe_rms_px"]
-        for name, ev, al, failed in r["rows"]:
+        base = r[-1][1]["overall"]["epe_rms_px"]
+        for name, ev, al, failed in r:
             o, g = ev["overall"], ev.get("gauges") or {}
-            tab.add_row(level, name, _f(o["epe_rms_px"]), _f(o["epe_p95_px"]), str(o["n_missing"]),
+            tab.add_row(level, name, fmt(o["epe_rms_px"]), fmt(o["epe_p95_px"]), str(o["n_missing"]),
                         str(o["n_extra"]),
                         f"{g['bias_nm']:+.3f}" if g.get("bias_nm") is not None else "-",
                         f"{g['sigma3_nm']:.3f}" if g.get("sigma3_nm") is not None else "-",
