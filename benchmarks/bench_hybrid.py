@@ -58,6 +58,7 @@ def main(argv=None) -> int:
     ap.add_argument("--checkpoint", type=Path, default=None)
     ap.add_argument("--train", default=None, help="default: full for random init, encoders from a checkpoint")
     ap.add_argument("--epochs", type=int, default=60)
+    ap.add_argument("--lr", type=float, default=None, help="default: 2e-3 from random init, 1e-5 from a checkpoint")
     ap.add_argument("--image-size", type=int, default=256, help="model input size")
     ap.add_argument("--size", type=int, default=384, help="test image size (px)")
     ap.add_argument("--train-count", type=int, default=12)
@@ -106,7 +107,8 @@ def main(argv=None) -> int:
     if not model.is_file():
         train = args.train or ("encoders" if args.checkpoint else "full")
         finetune(work / "train" / "manifest.csv", model, config=args.config, checkpoint=args.checkpoint, train=train,
-                 val=work / "val" / "manifest.csv", epochs=args.epochs, lr=2e-3 if args.checkpoint is None else 1e-5,
+                 val=work / "val" / "manifest.csv", epochs=args.epochs,
+                 lr=args.lr if args.lr is not None else (2e-3 if args.checkpoint is None else 1e-5),
                  image_size=args.image_size, seed=args.seed, device=args.device,
                  loss_weights={"focal": 1.0, "dice": 1.0, "iou": 1.0} if args.checkpoint is None else None, progress=False)
     t_train = time.perf_counter() - t0

@@ -37,8 +37,9 @@ threshold calibrated by ``segsem calibrate``):
 2. **rescue** (the fallback failed): the backbone contour if it passes the
    gates and its confidence reaches ``T``, else ``failed`` (never a guess);
 3. **agree** (``distance_px <= 1.5``: the same shape to within the edge noise
-   of a low-dose image): the backbone's if confident and not spilling, else
-   the fallback's;
+   of a low-dose image): the backbone's if confident and it passes the gates,
+   else the fallback's (the mean distance hides a local departure, such as a
+   line end cut 5 px short, which the gates see);
 4. **disagree**: the fallback's if it passes the gates; a fallback that fails
    them is replaced only by a confident backbone contour that passes them and
    is at least as good on edges, support, spill and layout IoU; otherwise the
@@ -272,7 +273,7 @@ def decide(backbone: Evidence | None, fallback: Evidence | None, distance_px: fl
     contour; ``distance_px`` is their mean symmetric distance (None unless
     both found one). The rule is the module docstring's; the reasons are
     ``backbone_failed``, ``both_failed``, ``rescue``, ``rescue_rejected_<gate>``,
-    ``rescue_low_confidence``, ``agree``, ``agree_low_confidence``,
+    ``rescue_low_confidence``, ``agree``, ``agree_low_confidence``, ``agree_rejected_<gate>``,
     ``disagree_fallback_trusted``, ``override_weak_fallback``, ``disagree``.
     """
     if backbone is None:
@@ -284,9 +285,10 @@ def decide(backbone: Evidence | None, fallback: Evidence | None, distance_px: fl
             return "failed", f"rescue_rejected_{g}"
         return ("backbone", "rescue") if confident else ("failed", "rescue_low_confidence")
     if distance_px is not None and distance_px <= rules.agree_px:
-        if confident and backbone.spill <= rules.max_spill:
-            return "backbone", "agree"
-        return "fallback", "agree_low_confidence"
+        if not confident:
+            return "fallback", "agree_low_confidence"
+        g = gate(backbone, rules)  # a mean distance hides a local departure (a line end cut short)
+        return ("backbone", "agree") if g is None else ("fallback", f"agree_rejected_{g}")
     if gate(fallback, rules) is None:
         return "fallback", "disagree_fallback_trusted"
     # a weak fallback: a sane, confident backbone contour at least as good on every count replaces it

@@ -155,6 +155,15 @@ def test_agreeing_contours_keep_the_confident_backbone():
     assert decide(ev(confidence=0.4), CLEAN, 0.4, 0.5) == ("fallback", "agree_low_confidence")
 
 
+@pytest.mark.parametrize("bad, gate_name", [
+    (dict(unsupported=0.25), "unsupported"), (dict(layout_iou=0.33), "layout"), (dict(spill=0.3), "spill"),
+    (dict(edge_valid=0.5), "edges")])
+def test_an_agreeing_backbone_still_passes_every_gate(bad, gate_name):
+    # Seen on a GPU run (Hiera-T trained from scratch): a line-end contour 5 px short, mean distance 1.47 px
+    # from the fallback's (an "agree"), unsupported 0.25 and layout IoU 0.33 -> a tip-to-tip gauge 5 nm off.
+    assert decide(ev(confidence=0.9, **bad), CLEAN, 1.47, 0.44) == ("fallback", f"agree_rejected_{gate_name}")
+
+
 def test_a_disagreeing_backbone_never_overrides_a_sane_fallback():
     # even a perfect, fully confident backbone contour: the fallback found good edges elsewhere
     assert decide(ev(confidence=1.0, unsupported=0.0), CLEAN, 6.0, 0.0) == ("fallback", "disagree_fallback_trusted")
