@@ -1457,6 +1457,7 @@ def refine_contours(
     passes: int = 2,
     repass_snr: float = 0.0,
     base_sigma: float = 3.0,
+    seed_sigma: float = 0.0,
     border: bool = True,
     border_px: float = 2.0,
     frame_px: int = 1,
@@ -1515,6 +1516,10 @@ def refine_contours(
         own normal coordinates, blur the rim and bias the level, which a pass from the
         smoothed refined contour undoes; on clean images the extra pass changes nothing
         and is skipped.
+    seed_sigma : the coarse contours are low-passed along their length with a Gaussian of
+        this many samples before the first pass, as every later pass's base is with
+        ``base_sigma`` (0, the default: used as given). The same jitter, removed before
+        it blurs the first pass's profile averages; it costs nothing.
     border : contours that run along the image border (a shape cut by the field of
         view, closed along ``u = 0``, ``u = W``, ``v = 0`` or ``v = H``) keep that
         part fixed (default). The contour is clamped into ``[0, W] x [0, H]`` and
@@ -1578,6 +1583,8 @@ def refine_contours(
                                                 level_points, float(step_px))
     current, bnd = _prepare(contours_uv, img.shape, step_px=float(step_px), border=bool(border),
                             border_px=float(border_px))
+    if seed_sigma > 0:
+        current, bnd = _next_base(current, bnd, float(seed_sigma), float(step_px), img.shape, taper=True)
     kw = dict(edge=edge, threshold=threshold, search_px=float(search_px), step_px=float(step_px),
               sample_px=sample_px, smooth_sigma=smooth_sigma, along_points=along_points, level_points=level_points,
               normal_smooth=normal_smooth, min_snr=min_snr, outlier_k=outlier_k, outlier_window=int(outlier_window),
@@ -1791,17 +1798,35 @@ def _refine_batch(img: EdgeImage, current: list[np.ndarray], bnd: list[np.ndarra
 REPASS_VALID_TOL = 0.05
 
 
+def _run_end_taper(b: np.ndarray, sigma: float) -> np.ndarray:
+    """Per point, ``min(1, k / (2 sigma))`` for the point ``k`` samples along the contour from the
+    nearest border point: how much of a smoothed position to take near the ends of edge runs."""
+    n = len(b)
+    k = np.nonzero(b)[0]
+    i = np.arange(n)
+    j = np.searchsorted(k, i) % len(k)
+    d = np.minimum((k[j] - i) % n, (i - k[j - 1]) % n)
+    return np.clip(d / max(2.0 * sigma, 1e-9), 0.0, 1.0)
+
+
 def _next_base(current: list[np.ndarray], bnd: list[np.ndarray], base_sigma: float, step_px: float,
-               shape: tuple[int, int]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+               shape: tuple[int, int], *, taper: bool = False) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """The start of a later pass: the refined contours low-passed along their length.
 
     Neighbouring profiles are averaged in their own normal coordinates, so a jittery
-    base would blur the averaged profile (lower the rim, bias the level).
+    base would blur the averaged profile (lower the rim, bias the level). With ``taper``
+    (coarse seeds, which bend where they meet the image border) the smoothing fades out
+    over ``2 base_sigma`` samples towards the ends of edge runs, so the runs' ends, from
+    which the refinement extends them to the border, stay where they were.
     """
     nxt, nb = [], []
     for c, b in zip(current, bnd):
         if b.any():
-            r = orient(resample_closed(_masked_gauss_wrap(c, ~b, base_sigma), step_px))
+            sm = _masked_gauss_wrap(c, ~b, base_sigma)
+            if taper:
+                a = _run_end_taper(b, base_sigma)[:, None]
+                sm = a * sm + (1.0 - a) * c
+            r = orient(resample_closed(sm, step_px))
             nxt.append(r)
             nb.append(border_mask(r, shape))
         else:
@@ -1890,7 +1915,7 @@ def parse_refine_options(options: Mapping[str, Any]) -> dict[str, Any]:
     Keys: ``edge``, ``threshold``, ``search_px``, ``step_px``, ``sample_px``,
     ``smooth_sigma`` (alias ``sigma``), ``along_points``, ``level_points``, ``image_sigma``,
     ``substrate``, ``min_snr``, ``outlier_k``, ``contour_sigma`` (a number or ``auto``, the default),
-    ``passes``, ``repass_snr``, ``border``
+    ``passes``, ``repass_snr``, ``seed_sigma``, ``border``
     (``true``/``false``: keep contour parts on the image border fixed, default true),
     ``border_px`` and ``frame_px`` (outer pixel ring ignored, default 1), ``matched_filter``
     (``true``/``false``, default false) and ``template_points`` (default 15).
@@ -1915,6 +1940,7 @@ def parse_refine_options(options: Mapping[str, Any]) -> dict[str, Any]:
                           else opt_float(o, "contour_sigma", 3.0, lo=0.0, hi=100.0)),
         "passes": opt_int(o, "passes", 2, lo=1, hi=10),
         "repass_snr": opt_float(o, "repass_snr", 0.0, lo=0.0),
+        "seed_sigma": opt_float(o, "seed_sigma", 0.0, lo=0.0, hi=50.0),
         "border": opt_bool(o, "border", True),
         "border_px": opt_float(o, "border_px", 2.0, lo=0.0, hi=10.0),
         "frame_px": opt_int(o, "frame_px", 1, lo=0, hi=16),
