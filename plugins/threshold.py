@@ -292,7 +292,7 @@ REPASS_SNR = 20.0
 
 #: Otsu iso-lines of a noisy image jitter along their length; they are low-passed with a
 #: Gaussian of this many samples (the refinement's own ``base_sigma`` for later passes) before
-#: the first pass (``seed_sigma``). Second model's medium set: gauge CD 3-sigma 1.84 -> 1.10 nm.
+#: the first pass (``seed_sigma``). Second model's medium set: gauge CD 3-sigma 1.86 -> 1.13 nm.
 SEED_SIGMA = 3.0
 
 #: First statuses that get a second try seeded with the layout polygon.
