@@ -1458,6 +1458,7 @@ def refine_contours(
     repass_snr: float = 0.0,
     base_sigma: float = 3.0,
     seed_sigma: float = 0.0,
+    repass_matched: bool = False,
     border: bool = True,
     border_px: float = 2.0,
     frame_px: int = 1,
@@ -1516,6 +1517,8 @@ def refine_contours(
         own normal coordinates, blur the rim and bias the level, which a pass from the
         smoothed refined contour undoes; on clean images the extra pass changes nothing
         and is skipped.
+    repass_matched : that extra pass uses the matched filter (``matched_filter``) whatever
+        ``matched_filter`` says: the contours it re-takes are the noisy ones the filter is for.
     seed_sigma : the coarse contours are low-passed along their length with a Gaussian of
         this many samples before the first pass, as every later pass's base is with
         ``base_sigma`` (0, the default: used as given). The same jitter, removed before
@@ -1599,7 +1602,8 @@ def refine_contours(
         if again:
             base, base_b = _next_base([out[i].contour_uv for i in again], [out[i].border for i in again],
                                       base_sigma, float(step_px), img.shape)
-            redo = _refine_batches(img, base, base_b, [out[i].substrate for i in again], {**kw, "passes": 1})
+            redo = _refine_batches(img, base, base_b, [out[i].substrate for i in again],
+                                   {**kw, "passes": 1, "matched_filter": kw["matched_filter"] or bool(repass_matched)})
             for i, r in zip(again, redo):
                 # kept unless it lost edges (a tiny shape cut by the border can shrink onto it)
                 if r.valid_fraction >= out[i].valid_fraction - REPASS_VALID_TOL:
@@ -1915,7 +1919,7 @@ def parse_refine_options(options: Mapping[str, Any]) -> dict[str, Any]:
     Keys: ``edge``, ``threshold``, ``search_px``, ``step_px``, ``sample_px``,
     ``smooth_sigma`` (alias ``sigma``), ``along_points``, ``level_points``, ``image_sigma``,
     ``substrate``, ``min_snr``, ``outlier_k``, ``contour_sigma`` (a number or ``auto``, the default),
-    ``passes``, ``repass_snr``, ``seed_sigma``, ``border``
+    ``passes``, ``repass_snr``, ``repass_matched``, ``seed_sigma``, ``border``
     (``true``/``false``: keep contour parts on the image border fixed, default true),
     ``border_px`` and ``frame_px`` (outer pixel ring ignored, default 1), ``matched_filter``
     (``true``/``false``, default false) and ``template_points`` (default 15).
@@ -1941,6 +1945,7 @@ def parse_refine_options(options: Mapping[str, Any]) -> dict[str, Any]:
         "passes": opt_int(o, "passes", 2, lo=1, hi=10),
         "repass_snr": opt_float(o, "repass_snr", 0.0, lo=0.0),
         "seed_sigma": opt_float(o, "seed_sigma", 0.0, lo=0.0, hi=50.0),
+        "repass_matched": opt_bool(o, "repass_matched", False),
         "border": opt_bool(o, "border", True),
         "border_px": opt_float(o, "border_px", 2.0, lo=0.0, hi=10.0),
         "frame_px": opt_int(o, "frame_px", 1, lo=0, hi=16),
