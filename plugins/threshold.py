@@ -289,8 +289,9 @@ def split_merged_regions(coarse: np.ndarray, level: float, assoc: list, cands: l
 #: smoothed result (:func:`segsem_cli.edges.refine_contours`, ``repass_snr``). On the synth
 #: benchmark medium-noise contours are at 25-30 and hard ones at 8-12; see the README.
 REPASS_SNR = 20.0
-#: ... and that pass uses the matched filter (``repass_matched``): hard EPE 0.643 -> 0.618 px,
-#: second model's hard 0.725 -> 0.673; medium contours are not re-passed, so nothing changes there.
+#: That pass uses the matched filter (``repass_matched``): hard EPE 0.643 -> 0.618 px, second
+#: model's hard 0.725 -> 0.673; medium contours are not re-passed, so nothing changes there.
+REPASS_MATCHED = True
 
 #: Otsu iso-lines of a noisy image jitter along their length; they are low-passed with a
 #: Gaussian of this many samples (the refinement's own ``base_sigma`` for later passes) before
@@ -347,8 +348,8 @@ class ThresholdFallback:
             ropt["passes"] = 1
             if "repass_snr" not in options:  # ... unless noise made them jitter (refine_contours' repass_snr)
                 ropt["repass_snr"] = REPASS_SNR
-                if "repass_matched" not in options:  # ... with the matched filter, which is for noisy edges
-                    ropt["repass_matched"] = True
+        if "repass_matched" not in options:  # a second pass for noisy contours uses the matched filter
+            ropt["repass_matched"] = REPASS_MATCHED
         if "seed_sigma" not in options:
             ropt["seed_sigma"] = SEED_SIGMA
         coarse_sigma = opt_float(options, "coarse_sigma", 2.0, lo=0.0, hi=50.0)
