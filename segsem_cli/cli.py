@@ -91,7 +91,10 @@ def main(argv: list[str] | None = None) -> int:
         warnings.showwarning = _one_line_warning
     try:
         _register_commands()
-        app(args=argv, prog_name="segsem", standalone_mode=False)
+        # Outside standalone mode click returns a command's typer.Exit code instead of raising it.
+        rc = app(args=argv, prog_name="segsem", standalone_mode=False)
+        if isinstance(rc, int) and rc:
+            return rc
     except SegsemError as exc:
         if verbose or os.environ.get("SEGSEM_VERBOSE"):
             err_console.print_exception()

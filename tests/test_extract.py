@@ -236,6 +236,16 @@ def test_bad_options_one_line_error(tmp_path, capsys, args, message):
     assert message in " ".join(err.split())
 
 
+def test_a_bad_fallback_option_value_fails_every_image_with_a_non_zero_exit(tmp_path, capsys):
+    """A value the fallback rejects is only seen when an image is processed: each image is reported
+    with the option named, and a batch where every image failed exits non-zero (it used to exit 0)."""
+    m = small_manifest(tmp_path, names=("img_0000",))
+    rc = run(["extract", m, "--layout", LAYOUT, "--out", tmp_path / "o", "--no-overlays",
+              "--fallback-opt", "repass_matched=maybe"])
+    assert rc == 1
+    assert "--fallback-opt repass_matched='maybe': must be true or false" in " ".join(capsys.readouterr().err.split())
+
+
 def test_bad_manifest_names_row_and_field(tmp_path, capsys):
     m = tmp_path / "m.csv"
     m.write_text("image,x_nm,y_nm,pixel_nm\na.tif,12,abc,1\n")
