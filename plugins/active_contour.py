@@ -122,6 +122,11 @@ class ActiveContourFallback:
     name = "active-contour"
     description = "Snake from the aligned layout polygon on an edge map + sub-pixel edge refinement (low contrast)"
 
+    def check_options(self, options: dict[str, Any]) -> None:
+        """Validate ``--fallback-opt`` values once, before any image is read: :meth:`extract` parses
+        every option before it looks at the image, and returns at once without features."""
+        self.extract(None, [], **options)  # type: ignore[arg-type]
+
     def extract(self, image: SEMImage, features: Sequence[Feature], **options: Any) -> list[FeatureResult]:
         ropt = parse_refine_options(options)
         sigma = opt_float(options, "snake_sigma", 2.0, lo=0.0, hi=50.0)

@@ -186,6 +186,11 @@ class CannyFallback:
     name = "canny"
     description = "Canny edges closed into regions per layout feature + sub-pixel edge refinement"
 
+    def check_options(self, options: dict[str, Any]) -> None:
+        """Validate ``--fallback-opt`` values once, before any image is read: :meth:`extract` parses
+        every option before it looks at the image, and returns at once without features."""
+        self.extract(None, [], **options)  # type: ignore[arg-type]
+
     def extract(self, image: SEMImage, features: Sequence[Feature], **options: Any) -> list[FeatureResult]:
         ropt = parse_refine_options(options)
         sigma = opt_float(options, "canny_sigma", 1.5, lo=0.0, hi=50.0)

@@ -341,8 +341,9 @@ class ThresholdFallback:
     def __init__(self) -> None:
         self.last_timings: dict[str, float] = {}
 
-    def extract(self, image: SEMImage, features: Sequence[Feature], **options: Any) -> list[FeatureResult]:
-        t0 = time.perf_counter()
+    @staticmethod
+    def _options(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """``(refinement keywords, this fallback's own options)``, validated (SegsemError naming the key)."""
         ropt = parse_refine_options(options)
         if "passes" not in options:  # iso-lines already run parallel to the edge: one pass is enough ...
             ropt["passes"] = 1
@@ -352,21 +353,34 @@ class ThresholdFallback:
             ropt["repass_matched"] = REPASS_MATCHED
         if "seed_sigma" not in options:
             ropt["seed_sigma"] = SEED_SIGMA
-        coarse_sigma = opt_float(options, "coarse_sigma", 2.0, lo=0.0, hi=50.0)
-        min_iou = opt_float(options, "min_iou", 0.2, lo=0.0, hi=1.0)
-        min_valid = opt_float(options, "min_valid", 0.5, lo=0.0, hi=1.0)
-        min_area = opt_float(options, "min_area", 4.0, lo=0.0)
-        seed_layout = bool(opt_float(options, "seed_layout", 1.0, lo=0.0, hi=1.0))
-        retry_iou = opt_float(options, "retry_iou", RETRY_IOU, lo=0.0, hi=1.0)
-        split_merged = bool(opt_float(options, "split_merged", 1.0, lo=0.0, hi=1.0))
-        tone_check = tone_check_enabled(options, ropt)
+        own = dict(coarse_sigma=opt_float(options, "coarse_sigma", 2.0, lo=0.0, hi=50.0),
+                   min_iou=opt_float(options, "min_iou", 0.2, lo=0.0, hi=1.0),
+                   min_valid=opt_float(options, "min_valid", 0.5, lo=0.0, hi=1.0),
+                   min_area=opt_float(options, "min_area", 4.0, lo=0.0),
+                   seed_layout=bool(opt_float(options, "seed_layout", 1.0, lo=0.0, hi=1.0)),
+                   retry_iou=opt_float(options, "retry_iou", RETRY_IOU, lo=0.0, hi=1.0),
+                   split_merged=bool(opt_float(options, "split_merged", 1.0, lo=0.0, hi=1.0)),
+                   tone_check=tone_check_enabled(options, ropt),
+                   level=opt_float(options, "level", float("nan")))
+        return ropt, own
+
+    def check_options(self, options: dict[str, Any]) -> None:
+        """Validate ``--fallback-opt`` values once, before any image is read."""
+        self._options(options)
+
+    def extract(self, image: SEMImage, features: Sequence[Feature], **options: Any) -> list[FeatureResult]:
+        t0 = time.perf_counter()
+        ropt, own = self._options(options)
+        coarse_sigma, min_iou, min_valid = own["coarse_sigma"], own["min_iou"], own["min_valid"]
+        min_area, seed_layout, retry_iou = own["min_area"], own["seed_layout"], own["retry_iou"]
+        split_merged, tone_check = own["split_merged"], own["tone_check"]
 
         frame_px = ropt.pop("frame_px")
         eimg = EdgeImage(image.pixels, image_sigma=ropt.pop("image_sigma"), frame_px=frame_px)
         # eimg.sampled is the frame-suppressed float32 image itself unless it was pre-smoothed
         framed = eimg.sampled if eimg.image_sigma <= 0 else suppress_frame(image.pixels, frame_px)
         coarse = gaussian_smooth(framed, coarse_sigma)
-        level = opt_float(options, "level", float("nan"))
+        level = own["level"]
         if not np.isfinite(level):
             level = otsu_level(coarse)
         t1 = time.perf_counter()

@@ -427,10 +427,13 @@ def run_extract(cfg: ExtractConfig, *, progress: Callable[[dict], None] | None =
     ``--gauges``), ``summary.json``, ``images/<name>.json`` (per image, the
     resume markers) and ``overlays/<name>.png``.
     """
-    from .plugins import get_exporter
+    from .plugins import get_exporter, get_fallback
 
     rows = read_manifest(cfg.manifest)
     exporter = get_exporter(cfg.export)  # fail early on an unknown exporter name
+    check = getattr(get_fallback(cfg.fallback), "check_options", None)
+    if callable(check):  # ... and on fallback option values the plugin rejects (optional plugin method)
+        check(dict(cfg.fallback_options))
     gauges = None
     if cfg.gauges is not None:
         from .gauges import read_gauges

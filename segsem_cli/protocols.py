@@ -53,6 +53,9 @@ class Fallback(Protocol):
 
     def extract(self, image: SEMImage, features: Sequence[Feature], **options: Any) -> list[FeatureResult]: ...
 
+    # Optional, so not part of the checked protocol: ``check_options(options: dict) -> None``, called
+    # by ``run_extract`` once before any image is read; raise SegsemError naming the bad key.
+
 
 @runtime_checkable
 class BackboneModel(Protocol):

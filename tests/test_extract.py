@@ -236,14 +236,26 @@ def test_bad_options_one_line_error(tmp_path, capsys, args, message):
     assert message in " ".join(err.split())
 
 
-def test_a_bad_fallback_option_value_fails_every_image_with_a_non_zero_exit(tmp_path, capsys):
-    """A value the fallback rejects is only seen when an image is processed: each image is reported
-    with the option named, and a batch where every image failed exits non-zero (it used to exit 0)."""
+@pytest.mark.parametrize("fallback", ["threshold", "canny", "active-contour"])
+def test_a_bad_fallback_option_value_stops_before_any_image(tmp_path, capsys, fallback):
+    """Each built-in fallback checks its option values once (``check_options``), before an image is read."""
     m = small_manifest(tmp_path, names=("img_0000",))
-    rc = run(["extract", m, "--layout", LAYOUT, "--out", tmp_path / "o", "--no-overlays",
+    out = tmp_path / "o"
+    rc = run(["extract", m, "--layout", LAYOUT, "--out", out, "--no-overlays", "--fallback", fallback,
               "--fallback-opt", "repass_matched=maybe"])
-    assert rc == 1
+    assert rc == 2
     assert "--fallback-opt repass_matched='maybe': must be true or false" in " ".join(capsys.readouterr().err.split())
+    assert not (out / "images").exists()
+
+
+def test_a_batch_where_every_image_failed_exits_non_zero(tmp_path, capsys):
+    """Per-image failures are reported and the others complete; when none succeeded the exit status
+    is 1 (a command's typer.Exit code used to be dropped on the way to the shell: it exited 0)."""
+    m = small_manifest(tmp_path, names=(), extra_rows=[{"image": "broken.tif", "x_nm": 0, "y_nm": 0, "pixel_nm": 1}])
+    (m.parent / "broken.tif").write_bytes(b"not a tiff")
+    rc = run(["extract", m, "--layout", LAYOUT, "--out", tmp_path / "o", "--no-overlays"])
+    assert rc == 1
+    assert "broken" in capsys.readouterr().err
 
 
 def test_bad_manifest_names_row_and_field(tmp_path, capsys):
