@@ -1825,18 +1825,17 @@ def _next_base(current: list[np.ndarray], bnd: list[np.ndarray], base_sigma: flo
     """
     nxt, nb = [], []
     for c, b in zip(current, bnd):
-        if b.any():
+        cut = bool(b.any())
+        if cut:
             sm = _masked_gauss_wrap(c, ~b, base_sigma)
             if taper:
                 a = _run_end_taper(b, base_sigma)[:, None]
                 sm = a * sm + (1.0 - a) * c
-            r = orient(resample_closed(sm, step_px))
-            nxt.append(r)
-            nb.append(border_mask(r, shape))
         else:
-            r = orient(resample_closed(_smooth_closed(c, base_sigma), step_px))
-            nxt.append(r)
-            nb.append(np.zeros(len(r), dtype=bool))
+            sm = _smooth_closed(c, base_sigma)
+        r = orient(resample_closed(sm, step_px))
+        nxt.append(r)
+        nb.append(border_mask(r, shape) if cut else np.zeros(len(r), dtype=bool))
     return nxt, nb
 
 

@@ -595,62 +595,61 @@ def test_print_reaches_border_reads_only_candidates_whatever_the_other_normals(r
     assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
 
 
+_SQUARE = rect(30, 30, 98, 98)  # the scene of the seed tests below: one 68 px square in a 128 px image
+
+
+def _square_seed(jitter: bool = True) -> np.ndarray:
+    """A coarse contour of :data:`_SQUARE`: 2 px out with 0.8 px wiggles along it (an iso-line of a
+    noisy image), or 1 px out and smooth."""
+    from segsem_cli.contours import resample_closed
+
+    c = resample_closed(_SQUARE.polygon(), 1.0)
+    nrm = (c - c.mean(0)) / np.linalg.norm(c - c.mean(0), axis=1)[:, None]
+    if not jitter:
+        return c + nrm
+    wig = np.convolve(np.random.default_rng(1).normal(0, 1, len(c) + 8), np.ones(5), "same")[4:-4]
+    return c + (2.0 + 0.8 * wig / wig.std())[:, None] * nrm
+
+
+def _square_side_error(r, rim) -> float:
+    """RMS distance of a refined :data:`_SQUARE` contour's valid points, away from the corners, from
+    where the rule puts a straight edge (``threshold=0.5``, blur 1.2)."""
+    outside = -convention_edge(rim, blur=1.2, threshold=0.5)
+    uv = r.contour_uv[r.valid]
+    u, v = uv[:, 0], uv[:, 1]
+    d = np.minimum(np.minimum(np.abs(u - 30), np.abs(u - 98)), np.minimum(np.abs(v - 30), np.abs(v - 98)))
+    mid = ((u > 40) & (u < 88)) | ((v > 40) & (v < 88))  # away from the corners
+    return float(np.sqrt(np.mean((d[mid] - outside) ** 2)))
+
+
 def test_repass_snr_refines_noisy_contours_again_from_their_own_result():
     """A jittery coarse contour (an iso-line of a noisy image) blurs the along-contour profile
     average; one more pass from the smoothed result puts the edge back on the convention."""
-    from segsem_cli.contours import resample_closed
-
     rim = Rim()
-    shape = rect(30, 30, 98, 98)
-    img = EdgeImage(render([shape], (128, 128), rim=rim, blur=1.2, noise=0.12, seed=4))
-    c = resample_closed(shape.polygon(), 1.0)
-    nrm = (c - c.mean(0)) / np.linalg.norm(c - c.mean(0), axis=1)[:, None]
-    wig = np.convolve(np.random.default_rng(1).normal(0, 1, len(c) + 8), np.ones(5), "same")[4:-4]
-    coarse = c + (2.0 + 0.8 * wig / wig.std())[:, None] * nrm  # 2 px out, 0.8 px wiggles
-    outside = -convention_edge(rim, blur=1.2, threshold=0.5)  # where the rule puts a straight edge
-
-    def side_error(r):
-        uv = r.contour_uv[r.valid]
-        u, v = uv[:, 0], uv[:, 1]
-        d = np.minimum(np.minimum(np.abs(u - 30), np.abs(u - 98)), np.minimum(np.abs(v - 30), np.abs(v - 98)))
-        mid = ((u > 40) & (u < 88)) | ((v > 40) & (v < 88))  # away from the corners
-        return float(np.sqrt(np.mean((d[mid] - outside) ** 2)))
-
+    img = EdgeImage(render([_SQUARE], (128, 128), rim=rim, blur=1.2, noise=0.12, seed=4))
+    coarse = _square_seed()
     once, skipped, again = (refine_contours(img, [coarse], threshold=0.5, passes=1, contour_sigma=3, repass_snr=s)[0]
                             for s in (0.0, 10.0, 40.0))
     snr = float(np.median(once.snr[once.found]))
     assert 10.0 < snr < 40.0
     np.testing.assert_array_equal(skipped.contour_uv, once.contour_uv)  # SNR above 10: no second pass
-    assert side_error(once) > 0.22
-    assert side_error(again) < 0.16
+    assert _square_side_error(once, rim) > 0.22
+    assert _square_side_error(again, rim) < 0.16
     assert parse_refine_options({"repass_snr": "20"})["repass_snr"] == 20.0
 
 
 def test_repass_matched_runs_the_second_pass_through_the_matched_filter():
     """Noisy edges (median SNR about 12): the extra pass with the matched filter lands closer."""
-    from segsem_cli.contours import resample_closed
-
     rim = Rim()
-    shape = rect(30, 30, 98, 98)
-    c = resample_closed(shape.polygon(), 1.0)
-    coarse = c + (c - c.mean(0)) / np.linalg.norm(c - c.mean(0), axis=1)[:, None]  # 1 px out
-    outside = -convention_edge(rim, blur=1.2, threshold=0.5)
-
-    def side_error(r):
-        uv = r.contour_uv[r.valid]
-        u, v = uv[:, 0], uv[:, 1]
-        d = np.minimum(np.minimum(np.abs(u - 30), np.abs(u - 98)), np.minimum(np.abs(v - 30), np.abs(v - 98)))
-        mid = ((u > 40) & (u < 88)) | ((v > 40) & (v < 88))
-        return float(np.sqrt(np.mean((d[mid] - outside) ** 2)))
-
+    coarse = _square_seed(jitter=False)
     plain, matched = [], []
     for seed in (4, 5, 6):
-        img = EdgeImage(render([shape], (128, 128), rim=rim, blur=1.2, noise=0.2, seed=seed))
+        img = EdgeImage(render([_SQUARE], (128, 128), rim=rim, blur=1.2, noise=0.2, seed=seed))
         a, b = (refine_contours(img, [coarse], threshold=0.5, passes=1, repass_snr=20, repass_matched=m)[0]
                 for m in (False, True))
         assert 10 < float(np.median(a.snr[a.found])) < 20  # both re-passed
-        plain.append(side_error(a))
-        matched.append(side_error(b))
+        plain.append(_square_side_error(a, rim))
+        matched.append(_square_side_error(b, rim))
         # without a repass the option does nothing
         off = refine_contours(img, [coarse], threshold=0.5, passes=1, repass_snr=0, repass_matched=True)[0]
         np.testing.assert_array_equal(off.contour_uv, refine_contours(img, [coarse], threshold=0.5, passes=1)[0].contour_uv)
@@ -661,26 +660,11 @@ def test_repass_matched_runs_the_second_pass_through_the_matched_filter():
 @pytest.mark.parametrize("seed", [4, 5, 6])
 def test_seed_sigma_smooths_a_jittery_seed_before_the_first_pass(seed):
     """The same jittery seed, low-passed along its length before the one pass: no second pass needed."""
-    from segsem_cli.contours import resample_closed
-
     rim = Rim()
-    shape = rect(30, 30, 98, 98)
-    img = EdgeImage(render([shape], (128, 128), rim=rim, blur=1.2, noise=0.12, seed=seed))
-    c = resample_closed(shape.polygon(), 1.0)
-    nrm = (c - c.mean(0)) / np.linalg.norm(c - c.mean(0), axis=1)[:, None]
-    wig = np.convolve(np.random.default_rng(1).normal(0, 1, len(c) + 8), np.ones(5), "same")[4:-4]
-    coarse = c + (2.0 + 0.8 * wig / wig.std())[:, None] * nrm  # 2 px out, 0.8 px wiggles
-    outside = -convention_edge(rim, blur=1.2, threshold=0.5)
-
-    def side_error(r):
-        uv = r.contour_uv[r.valid]
-        u, v = uv[:, 0], uv[:, 1]
-        d = np.minimum(np.minimum(np.abs(u - 30), np.abs(u - 98)), np.minimum(np.abs(v - 30), np.abs(v - 98)))
-        mid = ((u > 40) & (u < 88)) | ((v > 40) & (v < 88))
-        return float(np.sqrt(np.mean((d[mid] - outside) ** 2)))
-
+    img = EdgeImage(render([_SQUARE], (128, 128), rim=rim, blur=1.2, noise=0.12, seed=seed))
+    coarse = _square_seed()
     raw, smoothed = (refine_contours(img, [coarse], threshold=0.5, passes=1, contour_sigma=3, seed_sigma=s)[0]
                      for s in (0.0, 3.0))
-    assert side_error(raw) > 0.26  # measured 0.28-0.29
-    assert side_error(smoothed) < 0.21  # measured 0.16-0.19
+    assert _square_side_error(raw, rim) > 0.26  # measured 0.28-0.29
+    assert _square_side_error(smoothed, rim) < 0.21  # measured 0.16-0.19
     assert parse_refine_options({"seed_sigma": "3"})["seed_sigma"] == 3.0
