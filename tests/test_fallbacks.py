@@ -696,8 +696,9 @@ def _edge_offset(contour, poly, shape=SHAPE) -> float:
 
 
 def test_threshold_defaults_smooth_the_seed_and_repass_noisy_contours_through_the_matched_filter():
-    """The threshold fallback's defaults are seed_sigma=3, repass_snr=20, repass_matched=true: the same
-    contours as those options given explicitly, and different ones with each switched off."""
+    """The threshold fallback's defaults are seed_sigma=3, repass_snr=20, repass_matched=true,
+    repass_smooth=1.5: the same contours as those options given explicitly, and different ones
+    with each switched off."""
     shapes = [rect(14.3, 20.2, 40.6, 100.4), rect(64.2, 30.7, 110.1, 70.3)]
     img = make_image(render(shapes, SHAPE, rim=RIM, blur=BLUR, noise=0.25, seed=3))
     feats = make_features(img, [sh.polygon() + [0.4, -0.3] for sh in shapes])
@@ -708,8 +709,8 @@ def test_threshold_defaults_smooth_the_seed_and_repass_noisy_contours_through_th
 
     default = contours()
     assert all(r.ok for r in fb.extract(img, feats))
-    explicit = contours(seed_sigma="3", repass_snr="20", repass_matched="true")
+    explicit = contours(seed_sigma="3", repass_snr="20", repass_matched="true", repass_smooth="1.5")
     for a, b in zip(default, explicit):
         np.testing.assert_array_equal(a, b)
-    for off in ({"seed_sigma": "0"}, {"repass_matched": "false"}):
+    for off in ({"seed_sigma": "0"}, {"repass_matched": "false"}, {"repass_smooth": "0"}):
         assert any(a.shape != b.shape or not np.array_equal(a, b) for a, b in zip(default, contours(**off))), off
