@@ -413,6 +413,13 @@ def _sample_along(arr: np.ndarray, pts: np.ndarray, nrm: np.ndarray, offsets: np
     return prof
 
 
+def _pad_crop(raw: np.ndarray, pad_from: int, pad_to: int) -> np.ndarray:
+    """Samples taken at :func:`_profile_offsets` with padding ``pad_from``, cut to padding ``pad_to``
+    (not more): the same offsets as sampling with ``pad_to`` directly."""
+    d = pad_from - pad_to
+    return raw[:, d:raw.shape[1] - d] if d else raw
+
+
 def _raw_profiles(arr: np.ndarray, pts: np.ndarray, nrm: np.ndarray, *, search_px: float, sample_px: float,
                   smooth_sigma: float, raw: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Profiles ``(M, K)`` at offsets ``-search_px..search_px`` along the outward normals,
@@ -1710,20 +1717,35 @@ def _refine_batch(img: EdgeImage, current: list[np.ndarray], bnd: list[np.ndarra
                 pts[move] += shift[move, None] * nrm[move]
                 raw_main[move] = _sample_along(img.sampled, pts[move], nrm[move], main_offsets)
                 current = [pts[a:a + n].copy() for a, n in zip(starts, counts)]
+        # the matched filter's templates locate their edges on profiles smoothed by template_sigma
+        # (refine_contours' repass_smooth: only the fits see the extra smoothing)
+        edge_sigma = (template_sigma if edge == "threshold" and matched_filter and p == passes - 1
+                      and template_sigma is not None and template_sigma != smooth_sigma else None)
+        raw_edge = None
+        if edge_sigma is not None and raw_main is None:
+            # both smoothings from one sampling: the wider padding, cut down for the narrower
+            pads = {sg: _profile_offsets(sp, sample_px, sg)[1] for sg in (smooth_sigma, edge_sigma)}
+            wide = max(smooth_sigma, edge_sigma)
+            raw_w = _sample_along(img.sampled, pts, nrm, _profile_offsets(sp, sample_px, wide)[0])
+            raw_main = _pad_crop(raw_w, pads[wide], pads[smooth_sigma])
+            raw_edge = _pad_crop(raw_w, pads[wide], pads[edge_sigma])
         prof1, _ = _raw_profiles(img.sampled, pts, nrm, search_px=sp, sample_px=sample_px,
                                  smooth_sigma=smooth_sigma, raw=raw_main)
-        if any_border:  # border points' profiles are not averaged into their neighbours'
-            prof = _masked_along_mean(prof1, counts, along_points, ~border)
-            profw = _masked_along_mean(prof1, counts, level_points, ~border)
-        else:
-            prof = _along_mean(prof1, counts, along_points)
-            profw = _along_mean(prof1, counts, level_points)
+        flip = np.repeat(np.array([s == "outside" for s in decided]), counts)
+
+        def along(pr: np.ndarray, n: int) -> np.ndarray:
+            """Along-contour mean of ``n`` profiles (border points' are not averaged into their neighbours')."""
+            return _masked_along_mean(pr, counts, n, ~border) if any_border else _along_mean(pr, counts, n)
+
+        def oriented(pr: np.ndarray) -> np.ndarray:
+            """Profiles oriented substrate -> resist."""
+            return np.where(flip[:, None], pr[:, ::-1], pr)
+
+        prof = along(prof1, along_points)
+        q = oriented(prof)
+        qw = oriented(along(prof1, level_points))
         k_ = prof.shape[1]
         half = k_ // 2
-
-        flip = np.repeat(np.array([s == "outside" for s in decided]), counts)
-        q = np.where(flip[:, None], prof[:, ::-1], prof)  # substrate -> resist
-        qw = np.where(flip[:, None], profw[:, ::-1], profw)
         x, found, contrast, lo, hi = _locate(q, qw, edge=edge, threshold=threshold, centre_weight=centre_weight,
                                              noise_w=noise_w)
         s_pos = (x - half) * sample_px
@@ -1736,14 +1758,10 @@ def _refine_batch(img: EdgeImage, current: list[np.ndarray], bnd: list[np.ndarra
         found = found & inside & (snr >= min_snr) & (np.abs(s_out) <= sp - sample_px) & ~border
         if edge == "threshold" and matched_filter and p == passes - 1:  # earlier passes only set the base
             q_edge = None
-            if template_sigma is not None and template_sigma != smooth_sigma:
-                # the template's edge on profiles smoothed as the convention says (refine_contours'
-                # repass_smooth: only the fit sees the extra smoothing)
+            if edge_sigma is not None:
                 pe, _ = _raw_profiles(img.sampled, pts, nrm, search_px=sp, sample_px=sample_px,
-                                      smooth_sigma=template_sigma)
-                pe = (_masked_along_mean(pe, counts, along_points, ~border) if any_border
-                      else _along_mean(pe, counts, along_points))
-                q_edge = np.where(flip[:, None], pe[:, ::-1], pe)
+                                      smooth_sigma=edge_sigma, raw=raw_edge)
+                q_edge = oriented(along(pe, along_points))
             xm, ok_m = _match_template(q, x, found, counts, threshold=threshold, centre_weight=centre_weight, q_edge=q_edge,
                                        noise_w=noise_w, level_points=level_points, points=int(template_points),
                                        exclude=along_points - 1,
