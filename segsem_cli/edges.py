@@ -1608,10 +1608,14 @@ def refine_contours(
     if len(contours_uv) == 0:
         return []
 
-    factor = _profile_noise_factor(img.image_sigma, float(smooth_sigma), float(sample_px), along_points, float(step_px))
-    noise_prof = max(img.noise * factor, 1e-9 * max(1.0, float(np.ptp(img.sampled))))
-    noise_w = img.noise * _profile_noise_factor(img.image_sigma, float(smooth_sigma), float(sample_px),
-                                                level_points, float(step_px))
+    def noises(sigma: float) -> tuple[float, float]:
+        """Noise of a mean profile and of a level window's profile, smoothed by ``sigma`` along the normal."""
+        factor = _profile_noise_factor(img.image_sigma, sigma, float(sample_px), along_points, float(step_px))
+        return (max(img.noise * factor, 1e-9 * max(1.0, float(np.ptp(img.sampled)))),
+                img.noise * _profile_noise_factor(img.image_sigma, sigma, float(sample_px), level_points,
+                                                  float(step_px)))
+
+    noise_prof, noise_w = noises(float(smooth_sigma))
     current, bnd = _prepare(contours_uv, img.shape, step_px=float(step_px), border=bool(border),
                             border_px=float(border_px))
     if seed_sigma > 0:
@@ -1632,7 +1636,8 @@ def refine_contours(
                                       base_sigma, float(step_px), img.shape)
             redo = _refine_batches(img, base, base_b, [out[i].substrate for i in again],
                                    {**kw, "passes": 1, "matched_filter": kw["matched_filter"] or bool(repass_matched),
-                                    **({"smooth_sigma": float(repass_smooth), "template_sigma": float(smooth_sigma)}
+                                    **({"smooth_sigma": float(repass_smooth), "template_sigma": float(smooth_sigma),
+                                        **dict(zip(("noise_prof", "noise_w"), noises(float(repass_smooth))))}
                                        if repass_smooth > 0 else {})})
             for i, r in zip(again, redo):
                 # kept unless it lost edges (a tiny shape cut by the border can shrink onto it)

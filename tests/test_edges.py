@@ -15,7 +15,7 @@ from segsem_cli.contours import (
     resample_closed,
     signed_area,
 )
-from segsem_cli.edges import EdgeImage, estimate_noise, parse_refine_options, refine_contour, refine_contours
+from segsem_cli.edges import EdgeImage, _profile_noise_factor, estimate_noise, parse_refine_options, refine_contour, refine_contours
 from segsem_cli.errors import SegsemError
 
 from synthetic_helpers import Rim, convention_edge, disc, rect, render
@@ -676,6 +676,25 @@ def test_repass_smooth_keeps_the_edge_convention_of_smooth_sigma(blur):
     assert abs(left_side(repass_smooth=2.0) - plain) < 0.03  # measured 0.009
     assert plain - left_side(smooth_sigma=2.0) > 0.15  # measured 0.29 (blur 1.2), 0.18 (2.6)
     assert parse_refine_options({"repass_smooth": "1.5"})["repass_smooth"] == 1.5
+
+
+def test_repass_smooth_measures_snr_against_the_noise_of_its_own_smoothing():
+    """The smoother second pass has quieter profiles: its SNR (and the min_snr gate) uses the
+    noise of profiles smoothed by repass_smooth, not the first pass's."""
+    img = EdgeImage(render([_SQUARE], (128, 128), rim=Rim(), blur=1.8, noise=0.08, seed=3))
+    coarse = _square_seed(jitter=False)
+
+    def run(**kw):
+        return refine_contours(img, [coarse], threshold=0.5, passes=1, repass_snr=1e9, repass_matched=True, **kw)[0]
+
+    plain, smooth = run(repass_smooth=0.0), run(repass_smooth=2.0)
+    f1 = _profile_noise_factor(img.image_sigma, 1.0, 0.25, 3, 1.0)  # refine_contours defaults
+    f2 = _profile_noise_factor(img.image_sigma, 2.0, 0.25, 3, 1.0)
+    assert f2 < 0.85 * f1  # more smoothing, less noise
+    assert smooth.params["profile_noise"] == pytest.approx(plain.params["profile_noise"] * f2 / f1, rel=1e-6)
+    # the rim contrast is about the same, so the SNR rises by the noise ratio
+    ratio = np.median(smooth.snr[smooth.found]) / np.median(plain.snr[plain.found])
+    assert 0.9 * f1 / f2 < ratio < 1.1 * f1 / f2
 
 
 @pytest.mark.parametrize("seed", [4, 5, 6])
