@@ -10,7 +10,10 @@ Stages (all vectorised; one pass over the image, one batched refinement):
    Iso-lines that run out of the image are closed along the image border
    (:func:`segsem_cli.contours.close_along_border`): every region they cut the
    image into, bright or dark, becomes a candidate whose border part lies
-   exactly on ``u = 0``, ``u = W``, ``v = 0`` or ``v = H``;
+   exactly on ``u = 0``, ``u = W``, ``v = 0`` or ``v = H``; so does, per feature,
+   the outline of the regions lying mostly inside its polygon (:func:`_filled_outlines`:
+   a shape whose dim interior falls below the level inside its bright rim is cut into
+   a rim ring and a hole, which only merged overlap it well);
 3. associate each layout feature with the contour that overlaps its polygon
    best (IoU of filled shapes, at least ``min_iou``);
 4. :func:`segsem_cli.edges.refine_contours` moves every associated contour
@@ -61,10 +64,10 @@ from typing import Any, Sequence
 import numpy as np
 
 from segsem_cli import hookimpl
-from segsem_cli.contours import (CoarseContour, associate, close_along_border, coarse_contours, polygon_area,
-                                 polygon_ious, usable_polygon)
-from segsem_cli.edges import (EdgeImage, feature_result, gaussian_smooth, opt_float, parse_refine_options,
-                              refine_contours, suppress_frame)
+from segsem_cli.contours import (CoarseContour, associate, close_along_border, coarse_contours, orient,
+                                 polygon_area, polygon_ious, usable_polygon)
+from segsem_cli.edges import (REPASS_VALID_TOL, EdgeImage, feature_result, gaussian_smooth, opt_float,
+                              parse_refine_options, refine_contours, suppress_frame)
 from segsem_cli.tone import refine_from_layout, tone_check as run_tone_check, tone_check_enabled
 from segsem_cli.types import Feature, FeatureResult, SEMImage
 
@@ -235,9 +238,134 @@ def _regions(found: Sequence[CoarseContour], shape: tuple[int, int], polys: Sequ
     if open_:
         areas = [polygon_area(np.asarray(p, float)) for p in polys if usable_polygon(p)]
         amax = max(areas) if areas else 0.0
-        cands += [r for r in close_along_border(open_, shape, min_area=min_area)
-                  if polygon_area(r) * max(min_iou, 1e-3) <= amax]
+        faces = [r for r in close_along_border(open_, shape, min_area=min_area)
+                 if polygon_area(r) * max(min_iou, 1e-3) <= amax]
+        cands += faces + _filled_outlines(faces, polys)
     return cands
+
+
+#: Border points whose first pixels inside the image read below this share of the way from the level
+#: outside the contour to its own interior level are outside it: the shape ends short of the border.
+BORDER_SHORT_SHARE = 0.5
+#: Such contours are refined again from their coarse contour moved this far beyond ``border_px`` off that border.
+BORDER_RETRY_PX = 0.5
+
+
+def border_sides_ending_short(eimg: EdgeImage, res, *, depth_px: int = 8,
+                                   band: tuple[float, float] = (4.0, 10.0), near_px: int = 32, frame_px: int = 1,
+                                   share: float = BORDER_SHORT_SHARE) -> set[int]:
+    """The border lines (0: ``u = 0``, 1: ``u = W``, 2: ``v = 0``, 3: ``v = H``) along which a
+    refined contour's border points read what lies outside the contour.
+
+    A shape cut by the border shows its own interior in the first pixels inside the frame:
+    the signal at the first pixel (``frame_px``) equals the signal ``depth_px`` further in.
+    A line end a few pixels short of the border does not: the first pixel is on or near the
+    substrate floor around it while ``depth_px`` in is the rim or the interior. Its coarse
+    iso-line can touch the border and pass within ``border_px`` (2) of it, and the end is
+    then put onto the border and never refined. Per border point, perpendicular to its
+    border line; medians over the points of each line. The outside level is the median of
+    the pixels ``band`` px outside the contour within ``near_px`` of the border points (the
+    substrate around a line, the resist around a hole). A line qualifies when its first
+    pixels lie below ``share`` of the way from the outside level to the signal ``depth_px`` in."""
+    import cv2
+
+    b = res.border
+    if not b.any() or b.all():
+        return set()
+    h, w = eimg.shape
+    c = np.asarray(res.contour_uv, float)
+    pts = c[b]
+    u0, v0 = (np.floor(pts.min(0)) - near_px).astype(int).clip(0)
+    u1, v1 = np.minimum(np.ceil(pts.max(0)).astype(int) + near_px, [w, h])
+    mask = np.zeros((v1 - v0, u1 - u0), np.uint8)
+    cv2.fillPoly(mask, [np.round((c - [u0, v0]) * 16).astype(np.int32)], 1, lineType=cv2.LINE_8, shift=4)
+    d = cv2.distanceTransform(1 - mask, cv2.DIST_L2, 3)  # distance outside the contour
+    vv, uu = np.mgrid[v0:v1, u0:u1]
+    m = frame_px + band[0]
+    out = eimg.sampled[v0:v1, u0:u1][(d >= band[0]) & (d <= band[1]) & (uu >= m) & (uu < w - m)
+                                     & (vv >= m) & (vv < h - m)]
+    if len(out) < 10:
+        return set()
+    level = float(np.median(out))
+    sides = set()
+    on = [(pts[:, 0] <= 0.5, 0, 1), (pts[:, 0] >= w - 0.5, 0, -1),
+          (pts[:, 1] <= 0.5, 1, 1), (pts[:, 1] >= h - 0.5, 1, -1)]
+    for side, (sel, ax, sgn) in enumerate(on):
+        if sel.sum() < 3:
+            continue
+        q = np.round(pts[sel]).astype(int)
+        first = frame_px if sgn > 0 else (w, h)[ax] - 1 - frame_px
+        at_in = []
+        for off in (0, sgn * depth_px):  # the first pixel inside the frame, and depth_px further in
+            qq = q.copy()
+            qq[:, ax] = first + off
+            qq[:, 0] = qq[:, 0].clip(0, w - 1)
+            qq[:, 1] = qq[:, 1].clip(0, h - 1)
+            at_in.append(float(np.median(eimg.sampled[qq[:, 1], qq[:, 0]])))
+        at, inner = at_in
+        if abs(inner - level) > 0 and (at - level) / (inner - level) < share:
+            sides.add(side)
+    return sides
+
+
+def off_border(contour: np.ndarray, shape: tuple[int, int], sides: set[int], margin: float) -> np.ndarray:
+    """The contour with its points moved at least ``margin`` px away from the given border lines."""
+    c = np.array(contour, dtype=np.float64)
+    h, w = shape
+    if 0 in sides:
+        c[:, 0] = np.maximum(c[:, 0], margin)
+    if 1 in sides:
+        c[:, 0] = np.minimum(c[:, 0], w - margin)
+    if 2 in sides:
+        c[:, 1] = np.maximum(c[:, 1], margin)
+    if 3 in sides:
+        c[:, 1] = np.minimum(c[:, 1], h - margin)
+    return c
+
+
+#: A region counts as part of a feature's filled outline when at least this share of it lies in the feature.
+FILL_INSIDE = 0.5
+
+
+def _filled_outlines(faces: Sequence[np.ndarray], polys: Sequence[np.ndarray], *,
+                     inside: float = FILL_INSIDE) -> list[np.ndarray]:
+    """Per feature, the outline of the border regions lying mostly (``inside``) within its polygon.
+
+    A shape cut by the border whose interior falls below the level (a dim resist top inside
+    its bright rim) leaves an outer and an inner iso-line, which cut it into a rim ring and a
+    hole, each a region of its own (and a line cut by the border at both ends into its two
+    rims and its interior). Neither overlaps the feature well; merged, they are its filled
+    outline, as the outer iso-line of a closed shape is. Only merges of two or more regions
+    are returned (the largest piece when they do not connect, holes filled)."""
+    import shapely
+
+    if len(faces) < 2:
+        return []
+    fp = shapely.make_valid(np.array([shapely.Polygon(np.asarray(f, float)) for f in faces], dtype=object))
+    fa = shapely.area(fp)
+    tree = shapely.STRtree(fp)
+    out = []
+    for p in polys:
+        if not usable_polygon(p):
+            continue
+        dp = shapely.make_valid(shapely.Polygon(np.asarray(p, float)))
+        idx = tree.query(dp, predicate="intersects")
+        if len(idx) < 2:
+            continue
+        share = shapely.area(shapely.intersection(fp[idx], dp)) / np.maximum(fa[idx], 1e-12)
+        sel = idx[share >= inside]
+        if len(sel) < 2:
+            continue
+        merged = shapely.union_all(fp[sel])
+        if merged.geom_type != "Polygon":
+            parts = [g for g in getattr(merged, "geoms", []) if g.geom_type == "Polygon"]
+            if not parts:
+                continue
+            merged = max(parts, key=lambda g: g.area)
+        ring = np.asarray(merged.exterior.coords, dtype=np.float64)[:-1]
+        if len(ring) >= 3:
+            out.append(orient(ring))
+    return out
 
 
 #: Margin (px) around a shared coarse region within which its local level is taken.
@@ -405,6 +533,18 @@ class ThresholdFallback:
         # Refine every contour that is some feature's best match.
         todo = sorted({a.index for a in assoc if a.index >= 0})
         refined = dict(zip(todo, refine_contours(eimg, [cands[i] for i in todo], **ropt)))
+        # a shape ending a few px short of the border whose iso-line was put onto it: refine its
+        # end from the coarse contour moved off that border
+        short = {i: sides for i in todo
+                 if (sides := border_sides_ending_short(eimg, refined[i], frame_px=frame_px))}
+        if short:
+            margin = ropt["border_px"] + BORDER_RETRY_PX
+            moved = [off_border(cands[i], image.shape, sides, margin) for i, sides in short.items()]
+            again = refine_contours(eimg, moved, **ropt)
+            for i, r in zip(short, again):
+                if (r.border_fraction < refined[i].border_fraction
+                        and r.valid_fraction >= refined[i].valid_fraction - REPASS_VALID_TOL):
+                    refined[i] = r
         t4 = time.perf_counter()
 
         ious = polygon_ious([refined[a.index].contour_uv if a.index in refined else f.pixels

@@ -551,6 +551,58 @@ def test_rim_only_wide_lines_cut_by_the_border_keep_the_substrate_outside():
         assert abs(el) < 0.3 and abs(er) < 0.3 and abs(el + er) < 0.05
 
 
+@pytest.mark.parametrize("seed", [1, 2])
+def test_a_dim_line_cut_by_the_border_is_found_whole_not_as_its_hole(seed):
+    """A line cut lengthwise by the border, resist top (0.4) below the Otsu level inside its
+    bright rim: its iso-lines are the rim's outer and inner flanks, which cut it into a rim
+    ring and a dim hole, neither a good match (before: the hole, IoU 0.52-0.55, refined into a
+    contour overlapping the layout at 0.39-0.43). The regions lying inside its polygon,
+    merged, are its filled outline."""
+    rim = Rim(S=0.2, P=1.0, T=0.4, rim=2.5)
+    shapes = [rect(-20, 30.4, 25.6, H + 20), rect(70.3, 40.2, 110.6, 90.7)]
+    img = make_image(render(shapes, SHAPE, rim=rim, blur=BLUR, noise=0.05, seed=seed))
+    polys = [np.array([[0, 30.4], [25.6, 30.4], [25.6, H], [0, H]]),
+             np.array([[70.3, 40.2], [110.6, 40.2], [110.6, 90.7], [70.3, 90.7]])]
+    feats = make_features(img, polys, clipped=[True, False])
+    for seed_layout in (0, 1):
+        r = fallback("threshold").extract(img, feats, seed_layout=seed_layout)[0]
+        assert r.ok and r.extra["coarse_iou"] > 0.9, (r.status, r.extra)  # measured 0.945
+        c = r.contour_px
+        inner = c[(c[:, 0] > 1) & (c[:, 1] < H - 1)]  # not on the border
+        top = inner[inner[:, 0] < 20, 1]
+        right = inner[inner[:, 1] > 40, 0]
+        assert abs(top.mean() - 30.4) < 0.5 and abs(right.mean() - 25.6) < 0.5, (top.mean(), right.mean())
+        assert r.extra["layout_iou"] > 0.97
+
+
+def test_a_line_end_just_short_of_the_border_is_refined_not_put_onto_it():
+    """The design runs out of the image but the print ends 4.5 px inside it (line-end pullback).
+    The smoothed iso-line of the end touches the border and passes within border_px (2) of it,
+    so the end was put onto the border and never refined (median end position 0.0). The first
+    pixel inside the frame reads the substrate there, so the contour is refined again with
+    border points only where it lies on the border; a line crossing the border keeps its
+    border points."""
+    from segsem_cli.edges import EdgeImage, refine_contours
+    from segsem_plugins.threshold import border_sides_ending_short
+
+    poly = np.array([[0, 40.3], [100.4, 40.3], [100.4, 80.6], [0, 80.6]], float)
+    ends = {}
+    for start in (4.5, -20.0):
+        px = render([rect(start, 40.3, 100.4, 80.6)], SHAPE, rim=Rim(footprint=3.0), blur=2.0, noise=0.12, seed=4)
+        img = make_image(px)
+        r = fallback("threshold").extract(img, make_features(img, [poly], clipped=[True]))[0]
+        assert r.ok
+        c = r.contour_px
+        m = (c[:, 1] > 48) & (c[:, 1] < 72) & (c[:, 0] < 50)
+        ends[start] = float(np.median(c[m, 0]))
+        # the probe itself, on the layout polygon refined with its left side held on the border
+        eimg = EdgeImage(px, frame_px=1)
+        held = refine_contours(eimg, [poly], border_px=2.0)[0]
+        assert held.border.any() and border_sides_ending_short(eimg, held, frame_px=1) == ({0} if start > 0 else set())
+    assert abs(ends[4.5] - 4.5) < 0.6  # measured 4.23
+    assert ends[-20.0] == 0.0  # on the border
+
+
 # ----------------------------------------------------------------------------- tone check (substrate side vs layout)
 
 ISLANDS = [(18.3, 20.6, 58.7, 52.2), (70.4, 66.1, 108.2, 106.6)]  # (u0, v0, u1, v1)
