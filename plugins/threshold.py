@@ -18,7 +18,10 @@ Stages (all vectorised; one pass over the image, one batched refinement):
    best (IoU of filled shapes, at least ``min_iou``);
 4. :func:`segsem_cli.edges.refine_contours` moves every associated contour
    onto the physical edge (``edge``/``threshold`` rule, see docs/edge-convention.md);
-   border segments stay fixed and do not count in the confidence;
+   border segments stay fixed and do not count in the confidence. A contour whose border
+   points read the level outside it (a line end a few px short of the border, its iso-line
+   snapped onto it: :func:`border_sides_ending_short`) is refined again from its coarse
+   contour moved off that border;
 5. tone check (``tone_check``, on by default with ``substrate=auto``; needs ``seed_layout``):
    the substrate side each contour decided is checked against the aligned layout
    (:func:`segsem_cli.tone.tone_check`): a resist darker than the substrate makes
