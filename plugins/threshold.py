@@ -67,8 +67,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from segsem_cli import hookimpl
-from segsem_cli.contours import (CoarseContour, associate, close_along_border, coarse_contours, orient,
-                                 polygon_area, polygon_ious, usable_polygon)
+from segsem_cli.contours import (CoarseContour, associate, border_lines, close_along_border, coarse_contours,
+                                 orient, polygon_area, polygon_ious, polygon_mask, shapely_polygons, usable_polygon)
 from segsem_cli.edges import (REPASS_VALID_TOL, EdgeImage, feature_result, gaussian_smooth, opt_float,
                               parse_refine_options, refine_contours, suppress_frame)
 from segsem_cli.tone import refine_from_layout, tone_check as run_tone_check, tone_check_enabled
@@ -255,8 +255,8 @@ BORDER_RETRY_PX = 0.5
 
 
 def border_sides_ending_short(eimg: EdgeImage, res, *, depth_px: int = 8,
-                                   band: tuple[float, float] = (4.0, 10.0), near_px: int = 32, frame_px: int = 1,
-                                   share: float = BORDER_SHORT_SHARE) -> set[int]:
+                              band: tuple[float, float] = (4.0, 10.0), near_px: int = 32, frame_px: int = 1,
+                              share: float = BORDER_SHORT_SHARE) -> set[int]:
     """The border lines (0: ``u = 0``, 1: ``u = W``, 2: ``v = 0``, 3: ``v = H``) along which a
     refined contour's border points read what lies outside the contour.
 
@@ -280,9 +280,8 @@ def border_sides_ending_short(eimg: EdgeImage, res, *, depth_px: int = 8,
     pts = c[b]
     u0, v0 = (np.floor(pts.min(0)) - near_px).astype(int).clip(0)
     u1, v1 = np.minimum(np.ceil(pts.max(0)).astype(int) + near_px, [w, h])
-    mask = np.zeros((v1 - v0, u1 - u0), np.uint8)
-    cv2.fillPoly(mask, [np.round((c - [u0, v0]) * 16).astype(np.int32)], 1, lineType=cv2.LINE_8, shift=4)
-    d = cv2.distanceTransform(1 - mask, cv2.DIST_L2, 3)  # distance outside the contour
+    outside = (~polygon_mask(c - [u0, v0], (v1 - v0, u1 - u0))).astype(np.uint8)
+    d = cv2.distanceTransform(outside, cv2.DIST_L2, 3)  # distance outside the contour
     vv, uu = np.mgrid[v0:v1, u0:u1]
     m = frame_px + band[0]
     out = eimg.sampled[v0:v1, u0:u1][(d >= band[0]) & (d <= band[1]) & (uu >= m) & (uu < w - m)
@@ -291,9 +290,9 @@ def border_sides_ending_short(eimg: EdgeImage, res, *, depth_px: int = 8,
         return set()
     level = float(np.median(out))
     sides = set()
-    on = [(pts[:, 0] <= 0.5, 0, 1), (pts[:, 0] >= w - 0.5, 0, -1),
-          (pts[:, 1] <= 0.5, 1, 1), (pts[:, 1] >= h - 0.5, 1, -1)]
-    for side, (sel, ax, sgn) in enumerate(on):
+    on = border_lines(pts, (h, w))
+    for side, (ax, sgn) in enumerate(((0, 1), (0, -1), (1, 1), (1, -1))):  # the order of border_lines' columns
+        sel = on[:, side]
         if sel.sum() < 3:
             continue
         q = np.round(pts[sel]).astype(int)
@@ -344,14 +343,14 @@ def _filled_outlines(faces: Sequence[np.ndarray], polys: Sequence[np.ndarray], *
 
     if len(faces) < 2:
         return []
-    fp = shapely.make_valid(np.array([shapely.Polygon(np.asarray(f, float)) for f in faces], dtype=object))
+    fp = shapely_polygons(faces)
     fa = shapely.area(fp)
     tree = shapely.STRtree(fp)
     out = []
     for p in polys:
         if not usable_polygon(p):
             continue
-        dp = shapely.make_valid(shapely.Polygon(np.asarray(p, float)))
+        dp = shapely_polygons([p])[0]
         idx = tree.query(dp, predicate="intersects")
         if len(idx) < 2:
             continue

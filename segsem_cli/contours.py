@@ -47,6 +47,8 @@ __all__ = [
     "border_mask",
     "border_fraction",
     "border_runs",
+    "border_lines",
+    "shapely_polygons",
     "snap_to_border",
     "border_param",
     "border_path",
@@ -102,8 +104,8 @@ def polygon_ious(a: Sequence[np.ndarray], b: Sequence[np.ndarray]) -> np.ndarray
     ok = [i for i in range(len(a)) if usable_polygon(a[i]) and usable_polygon(b[i])]
     if not ok:
         return out
-    pa = _shapely_polys([a[i] for i in ok])
-    pb = _shapely_polys([b[i] for i in ok])
+    pa = shapely_polygons([a[i] for i in ok])
+    pb = shapely_polygons([b[i] for i in ok])
     inter = shapely.area(shapely.intersection(pa, pb))
     union = shapely.area(pa) + shapely.area(pb) - inter
     out[ok] = np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
@@ -362,7 +364,7 @@ def border_mask(contour: np.ndarray, shape: tuple[int, int], *, tol: float = BOR
     return (np.abs(u) <= tol) | (np.abs(u - w) <= tol) | (np.abs(v) <= tol) | (np.abs(v - h) <= tol)
 
 
-def _border_lines(c: np.ndarray, shape: tuple[int, int], tol: float) -> np.ndarray:
+def border_lines(c: np.ndarray, shape: tuple[int, int], tol: float = BORDER_TOL) -> np.ndarray:
     """``(N, 4)`` bool: the point lies on the line ``u = 0``, ``u = W``, ``v = 0``, ``v = H``."""
     h, w = shape
     return np.column_stack([np.abs(c[:, 0]) <= tol, np.abs(c[:, 0] - w) <= tol,
@@ -387,7 +389,7 @@ def border_length(contour: np.ndarray, shape: tuple[int, int], *, tol: float = B
     c = np.asarray(contour, dtype=np.float64)
     if len(c) < 2:
         return 0.0
-    on = _border_lines(c, shape, tol)
+    on = border_lines(c, shape, tol)
     same = np.any(on & np.roll(on, -1, axis=0), axis=1)
     return float(np.hypot(*(np.roll(c, -1, axis=0) - c)[same].T).sum())
 
@@ -409,7 +411,7 @@ def border_coverage(contour: np.ndarray, layout: np.ndarray, shape: tuple[int, i
     import shapely
 
     h, w = shape
-    lay = _shapely_polys([np.asarray(layout, np.float64)])[0]
+    lay = shapely_polygons([np.asarray(layout, np.float64)])[0]
     clipped = shapely.clip_by_rect(lay, 0.0, 0.0, float(w), float(h))
     if clipped.is_empty:
         return None
@@ -626,7 +628,8 @@ class Association:
     shared_with: tuple[int, ...] = ()
 
 
-def _shapely_polys(contours: Sequence[np.ndarray]):
+def shapely_polygons(contours: Sequence[np.ndarray]):
+    """Shapely polygons of ``(N, 2)`` contours (an object array); invalid ones repaired by ``buffer(0)``."""
     import shapely
 
     if len(contours) == 0:
@@ -666,8 +669,8 @@ def associate(feature_polys: Sequence[np.ndarray], contours: Sequence[np.ndarray
         return result_all
     n_f = n_all
     result = result_all
-    fp = _shapely_polys(feature_polys)
-    cp = _shapely_polys(contours)
+    fp = shapely_polygons(feature_polys)
+    cp = shapely_polygons(contours)
     tree = shapely.STRtree(cp)
     fi, ci = tree.query(fp, predicate="intersects")
     if len(fi) == 0:
@@ -707,8 +710,8 @@ def features_covered(contours: Sequence[np.ndarray], feature_polys: Sequence[np.
     keep = [i for i, p in enumerate(feature_polys) if usable_polygon(p)]  # degenerate ones cover nothing
     if len(contours) == 0 or len(keep) == 0:
         return out
-    cp = _shapely_polys(contours)
-    fp = _shapely_polys([feature_polys[i] for i in keep])
+    cp = shapely_polygons(contours)
+    fp = shapely_polygons([feature_polys[i] for i in keep])
     tree = shapely.STRtree(fp)
     ci, fi = tree.query(cp, predicate="intersects")
     if len(ci) == 0:
