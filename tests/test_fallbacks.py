@@ -603,6 +603,31 @@ def test_a_line_end_just_short_of_the_border_is_refined_not_put_onto_it():
     assert ends[-20.0] == 0.0  # on the border
 
 
+@pytest.mark.parametrize("gap", [3.0, 4.0])
+def test_a_line_side_running_a_few_px_inside_the_border_is_refined_not_put_onto_it(gap):
+    """A line's long side runs ``gap`` px inside the right border. Its iso-line runs along the
+    border, so the side was put onto it (median 128.0 against 124-125 before the fix, border
+    fraction 0.35). The retry off the border measured it, but it was rejected on its valid
+    fraction (0.80 on the seed-3100 bench line, against 0.97 for the first contour, whose
+    border points do not count in it). A line really cut by that border keeps its border side."""
+    u1 = SHAPE[1] - gap
+    for seed in (4, 5):
+        for right, cut in ((u1, False), (140.0, True)):
+            poly = np.array([[90.2, 10.3], [right, 10.3], [right, 117.6], [90.2, 117.6]], float)
+            px = render([rect(90.2, 10.3, right, 117.6)], SHAPE, rim=Rim(footprint=3.0), blur=2.0, noise=0.12,
+                        seed=seed)
+            img = make_image(px)
+            r = fallback("threshold").extract(img, make_features(img, [poly], clipped=[True]))[0]
+            assert r.ok
+            c = r.contour_px
+            side = np.median(c[(c[:, 1] > 20) & (c[:, 1] < 108) & (c[:, 0] > 110), 0])
+            if cut:
+                assert side == SHAPE[1] and r.extra["border_fraction"] > 0.3
+            else:
+                assert abs(side - u1) < 0.6, (seed, side)  # measured 124.49 / 124.58 (gap 3), 124.01 (gap 4)
+                assert "border_fraction" not in r.extra
+
+
 # ----------------------------------------------------------------------------- tone check (substrate side vs layout)
 
 ISLANDS = [(18.3, 20.6, 58.7, 52.2), (70.4, 66.1, 108.2, 106.6)]  # (u0, v0, u1, v1)
