@@ -20,8 +20,9 @@ Stages (all vectorised; one pass over the image, one batched refinement):
    onto the physical edge (``edge``/``threshold`` rule, see docs/edge-convention.md);
    border segments stay fixed and do not count in the confidence. A contour whose border
    points read the level outside it (a line end a few px short of the border, its iso-line
-   snapped onto it: :func:`border_sides_ending_short`) is refined again from its coarse
-   contour moved off that border;
+   snapped onto it, or a line side running a few px inside it: :func:`border_sides_ending_short`)
+   is refined again from its coarse contour moved off that border, and the retry is kept
+   where it measured an edge there (:func:`border_retry_wins`);
 5. tone check (``tone_check``, on by default with ``substrate=auto``; needs ``seed_layout``):
    the substrate side each contour decided is checked against the aligned layout
    (:func:`segsem_cli.tone.tone_check`): a resist darker than the substrate makes
@@ -68,7 +69,7 @@ import numpy as np
 
 from segsem_cli import hookimpl
 from segsem_cli.contours import (CoarseContour, associate, border_lines, close_along_border, coarse_contours,
-                                 orient, polygon_area, polygon_ious, polygon_mask, shapely_polygons, usable_polygon)
+                                 normals, orient, polygon_area, polygon_ious, polygon_mask, shapely_polygons, usable_polygon)
 from segsem_cli.edges import (REPASS_VALID_TOL, EdgeImage, feature_result, gaussian_smooth, opt_float,
                               parse_refine_options, refine_contours, suppress_frame)
 from segsem_cli.tone import refine_from_layout, tone_check as run_tone_check, tone_check_enabled
@@ -252,8 +253,9 @@ def _regions(found: Sequence[CoarseContour], shape: tuple[int, int], polys: Sequ
 BORDER_SHORT_SHARE = 0.5
 #: Such contours are refined again from their coarse contour moved this far beyond ``border_px`` off that border.
 BORDER_RETRY_PX = 0.5
-#: The retry must find a clean edge on at least this share of its points within ``BORDER_RETRY_ZONE_PX`` of that border.
-BORDER_RETRY_VALID = 0.4
+#: The retry must find a clean edge on at least this share of its points facing that border within
+#: ``BORDER_RETRY_ZONE_PX`` of it (see :func:`border_retry_wins`).
+BORDER_RETRY_VALID = 0.15
 BORDER_RETRY_ZONE_PX = 8.0
 
 
@@ -318,23 +320,28 @@ def border_retry_wins(first, retry, shape: tuple[int, int], sides: set[int], *,
                       tol: float = REPASS_VALID_TOL) -> bool:
     """Whether the contour refined off the border (``retry``) replaces the one put onto it (``first``).
 
-    The retry must lie less on the border, measure a clean edge on at least ``min_valid``
-    of its points within ``zone_px`` of the ``sides`` it was moved off (where ``first`` had
-    only the border: a shape really cut by the border shows no edge there), and measure
-    no smaller share of its whole length (``valid`` over all points; border points are never
-    valid) than ``first`` less ``tol``. ``valid_fraction`` would not do for the last: it
-    leaves the border points out, so the first contour's share counts only its refined part
-    while the retry's counts the edge it measured near the border, whose profiles often leave
-    the image before the floor (a line side 5 px from the border: 60 % of them found)."""
+    The retry must lie less on the border; measure a clean edge on at least ``min_valid`` of
+    its points within ``zone_px`` of the ``sides`` it was moved off that face them (outward
+    normal within 45 degrees of the border's normal), where ``first`` had only the border; and
+    have no smaller share of valid points over its whole length (border points are never
+    valid) than ``first`` less ``tol``.
+
+    A shape really cut by the border has no edge facing it: there the share is 0 (the line
+    sides running up to the border are valid, which is why only facing points count). A line
+    end 4.5 px short of the border measured 0.34 (its outward profiles leave the image before
+    the floor), a line side 5 px inside it 0.60. ``valid_fraction`` would not do for the
+    whole-length test: it leaves border points out, so the first contour's share counts only
+    its refined part (0.97 against the retry's 0.80 for that line side)."""
     if not retry.border_fraction < first.border_fraction:
         return False
     c = np.asarray(retry.contour_uv, float)
+    n = normals(c)
     h, w = shape
-    dist = np.full(len(c), np.inf)
-    for side, d in ((0, c[:, 0]), (1, w - c[:, 0]), (2, c[:, 1]), (3, h - c[:, 1])):
+    near = np.zeros(len(c), bool)
+    for side, dist, facing in ((0, c[:, 0], -n[:, 0]), (1, w - c[:, 0], n[:, 0]),
+                               (2, c[:, 1], -n[:, 1]), (3, h - c[:, 1], n[:, 1])):
         if side in sides:
-            dist = np.minimum(dist, d)
-    near = dist <= zone_px
+            near |= (dist <= zone_px) & (facing > np.sqrt(0.5))
     if near.any() and retry.valid[near].mean() < min_valid:
         return False
     return bool(retry.valid.mean() >= first.valid.mean() - tol)

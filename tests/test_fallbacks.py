@@ -609,7 +609,11 @@ def test_a_line_side_running_a_few_px_inside_the_border_is_refined_not_put_onto_
     border, so the side was put onto it (median 128.0 against 124-125 before the fix, border
     fraction 0.35). The retry off the border measured it, but it was rejected on its valid
     fraction (0.80 on the seed-3100 bench line, against 0.97 for the first contour, whose
-    border points do not count in it). A line really cut by that border keeps its border side."""
+    border points do not count in it). A line really cut by that border keeps its border side,
+    and a retry off that border is rejected (no edge facing it)."""
+    from segsem_cli.edges import EdgeImage, refine_contours
+    from segsem_plugins.threshold import border_retry_wins, off_border
+
     u1 = SHAPE[1] - gap
     for seed in (4, 5):
         for right, cut in ((u1, False), (140.0, True)):
@@ -626,6 +630,16 @@ def test_a_line_side_running_a_few_px_inside_the_border_is_refined_not_put_onto_
             else:
                 assert abs(side - u1) < 0.6, (seed, side)  # measured 124.49 / 124.58 (gap 3), 124.01 (gap 4)
                 assert "border_fraction" not in r.extra
+            # the retry's judge on its own: refined with the right side held on the border, then
+            # off it. Where the line is cut there is no edge facing the border (share 0): rejected.
+            eimg = EdgeImage(px, frame_px=1)
+            held = poly.copy()
+            held[:, 0] = held[:, 0].clip(0, SHAPE[1])
+            if not cut:
+                held[1:3, 0] = SHAPE[1]
+            first = refine_contours(eimg, [held], border_px=2.0)[0]
+            retry = refine_contours(eimg, [off_border(held, SHAPE, {1}, 2.5)], border_px=2.0)[0]
+            assert first.border.any() and border_retry_wins(first, retry, SHAPE, {1}) is (not cut), (seed, cut)
 
 
 # ----------------------------------------------------------------------------- tone check (substrate side vs layout)
