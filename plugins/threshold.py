@@ -71,7 +71,7 @@ from segsem_cli import hookimpl
 from segsem_cli.contours import (CoarseContour, associate, border_lines, close_along_border, coarse_contours,
                                  normals, orient, polygon_area, polygon_ious, polygon_mask, shapely_polygons, usable_polygon)
 from segsem_cli.edges import (REPASS_VALID_TOL, EdgeImage, feature_result, gaussian_smooth, opt_float,
-                              parse_refine_options, refine_contours, suppress_frame)
+                              parse_refine_options, refine_contours, suppress_frame, unmeasurable)
 from segsem_cli.tone import refine_from_layout, tone_check as run_tone_check, tone_check_enabled
 from segsem_cli.types import Feature, FeatureResult, SEMImage
 
@@ -320,7 +320,10 @@ def border_retry_wins(first, retry, shape: tuple[int, int], sides: set[int], *,
                       tol: float = REPASS_VALID_TOL) -> bool:
     """Whether the contour refined off the border (``retry``) replaces the one put onto it (``first``).
 
-    The retry must lie less on the border; measure a clean edge on at least ``min_valid`` of
+    The retry must lie less on the border; be a contour :func:`~segsem_cli.edges.feature_result`
+    reports (:func:`~segsem_cli.edges.unmeasurable`: a side 3.3 px inside the border whose outward
+    profiles mostly leave the image would turn an ``ok`` feature with a few px of error on that
+    side into a ``clipped`` one, without a contour); measure a clean edge on at least ``min_valid`` of
     its points within ``zone_px`` of the ``sides`` it was moved off that face them (outward
     normal within 45 degrees of the border's normal), where ``first`` had only the border; and
     have no smaller share of valid points over its whole length (border points are never
@@ -332,7 +335,7 @@ def border_retry_wins(first, retry, shape: tuple[int, int], sides: set[int], *,
     the floor), a line side 5 px inside it 0.60. ``valid_fraction`` would not do for the
     whole-length test: it leaves border points out, so the first contour's share counts only
     its refined part (0.97 against the retry's 0.80 for that line side)."""
-    if not retry.border_fraction < first.border_fraction:
+    if not retry.border_fraction < first.border_fraction or unmeasurable(retry, shape):
         return False
     c = np.asarray(retry.contour_uv, float)
     n = normals(c)

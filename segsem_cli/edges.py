@@ -68,6 +68,8 @@ __all__ = [
     "parse_bool",
     "opt_bool",
     "feature_result",
+    "unmeasurable",
+    "MAX_OUTSIDE",
 ]
 
 EDGE_RULES = ("threshold", "peak", "max-gradient")
@@ -2032,11 +2034,29 @@ def border_extra(res: RefineResult) -> dict[str, Any]:
     return {"clipped": True, "border_fraction": float(res.border_fraction)}
 
 
+#: A refined contour with more than this share of its real-edge normals leaving the image is not measured.
+MAX_OUTSIDE = 0.2
+
+
+def unmeasurable(res: RefineResult, image_shape: tuple[int, int], *, border_px: float = 0.5,
+                 max_outside: float = MAX_OUTSIDE) -> bool:
+    """True when :func:`feature_result` turns ``res`` into ``"clipped"`` (no contour): more than
+    ``max_outside`` of its real-edge normals leave the image (an edge hugging the border), or,
+    for a contour without border points, a vertex lies closer than ``border_px`` to the border."""
+    c = res.contour_uv
+    h, w = image_shape
+    edge = res.edge_points
+    if res.clipped:
+        return bool(not edge.any() or np.mean(~res.inside[edge]) > max_outside)
+    return bool(np.any((c[:, 0] < border_px) | (c[:, 0] > w - border_px)
+                       | (c[:, 1] < border_px) | (c[:, 1] > h - border_px))) or bool(np.mean(~res.inside) > max_outside)
+
+
 def feature_result(feature: Any, res: RefineResult | None, *, source: str, image_shape: tuple[int, int],
                    min_valid: float = 0.5, border_px: float = 0.5, status: str | None = None,
                    confidence_scale: float = 1.0, layout_px: np.ndarray | None = None,
                    layout_iou: float | None = None, extra: dict[str, Any] | None = None,
-                   max_outside: float = 0.2, min_border_coverage: float = MIN_BORDER_COVERAGE):
+                   max_outside: float = MAX_OUTSIDE, min_border_coverage: float = MIN_BORDER_COVERAGE):
     """Turn one refinement into a :class:`~segsem_cli.types.FeatureResult` (shared by fallbacks and backbones).
 
     * ``status`` given (e.g. ``"not_found"``): that status, no contour, confidence 0.
@@ -2071,15 +2091,9 @@ def feature_result(feature: Any, res: RefineResult | None, *, source: str, image
     vf, snr, rough = res.valid_fraction, res.median_snr, res.roughness_px
     ex.update(valid_fraction=vf, median_snr=snr, roughness_px=rough, substrate=res.substrate)
     c = res.contour_uv
-    h, w = image_shape
-    edge = res.edge_points
     if res.clipped:
         ex.update(clipped=True, border_fraction=border_fraction(c, image_shape))
-        bad = not edge.any() or np.mean(~res.inside[edge]) > max_outside
-    else:
-        bad = bool(np.any((c[:, 0] < border_px) | (c[:, 0] > w - border_px)
-                          | (c[:, 1] < border_px) | (c[:, 1] > h - border_px))) or np.mean(~res.inside) > max_outside
-    if bad:
+    if unmeasurable(res, image_shape, border_px=border_px, max_outside=max_outside):
         return FeatureResult(fid, None, source, 0.0, status="clipped", extra=ex)
     lay = getattr(feature, "pixels", None)
     if res.clipped and lay is not None and usable_polygon(lay):
