@@ -611,7 +611,9 @@ def test_a_line_side_running_a_few_px_inside_the_border_is_refined_not_put_onto_
     fraction (0.80 on the seed-3100 bench line, against 0.97 for the first contour, whose
     border points do not count in it). A line really cut by that border keeps its border side,
     and a retry off that border is rejected (no edge facing it)."""
-    from segsem_cli.edges import EdgeImage, refine_contours
+    import dataclasses
+
+    from segsem_cli.edges import EdgeImage, feature_result, refine_contours
     from segsem_plugins.threshold import border_retry_wins, off_border
 
     u1 = SHAPE[1] - gap
@@ -640,6 +642,13 @@ def test_a_line_side_running_a_few_px_inside_the_border_is_refined_not_put_onto_
             first = refine_contours(eimg, [held], border_px=2.0)[0]
             retry = refine_contours(eimg, [off_border(held, SHAPE, {1}, 2.5)], border_px=2.0)[0]
             assert first.border.any() and border_retry_wins(first, retry, SHAPE, {1}) is (not cut), (seed, cut)
+            if not cut:
+                # a retry whose outward profiles along that side left the image (a side ~3 px in on
+                # a wider rim) would come out "clipped", without a contour: the first one stays
+                gone = dataclasses.replace(retry, inside=retry.inside & (retry.contour_uv[:, 0] < 110))
+                assert feature_result(make_features(img, [poly])[0], gone, source="t",
+                                      image_shape=SHAPE).status == "clipped"
+                assert not border_retry_wins(first, gone, SHAPE, {1})
 
 
 # ----------------------------------------------------------------------------- tone check (substrate side vs layout)
