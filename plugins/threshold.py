@@ -287,10 +287,12 @@ def border_sides_ending_short(eimg: EdgeImage, res, *, depth_px: int = 8,
     u1, v1 = np.minimum(np.ceil(pts.max(0)).astype(int) + near_px, [w, h])
     outside = (~polygon_mask(c - [u0, v0], (v1 - v0, u1 - u0))).astype(np.uint8)
     d = cv2.distanceTransform(outside, cv2.DIST_L2, 3)  # distance outside the contour
-    vv, uu = np.mgrid[v0:v1, u0:u1]
-    m = frame_px + band[0]
-    out = eimg.sampled[v0:v1, u0:u1][(d >= band[0]) & (d <= band[1]) & (uu >= m) & (uu < w - m)
-                                     & (vv >= m) & (vv < h - m)]
+    m = int(np.ceil(frame_px + band[0]))  # and off the frame
+    d[:max(m - v0, 0)] = -1.0
+    d[max(h - m - v0, 0):] = -1.0
+    d[:, :max(m - u0, 0)] = -1.0
+    d[:, max(w - m - u0, 0):] = -1.0
+    out = eimg.sampled[v0:v1, u0:u1][(d >= band[0]) & (d <= band[1])]
     if len(out) < 10:
         return set()
     level = float(np.median(out))
@@ -386,14 +388,14 @@ def _filled_outlines(faces: Sequence[np.ndarray], polys: Sequence[np.ndarray], *
     fp = shapely_polygons(faces)
     fa = shapely.area(fp)
     tree = shapely.STRtree(fp)
+    usable = [p for p in polys if usable_polygon(p)]
+    if not usable:
+        return []
+    dps = shapely_polygons(usable)
+    which, hit = tree.query(dps, predicate="intersects")  # pairs (feature, face)
     out = []
-    for p in polys:
-        if not usable_polygon(p):
-            continue
-        dp = shapely_polygons([p])[0]
-        idx = tree.query(dp, predicate="intersects")
-        if len(idx) < 2:
-            continue
+    for j in np.nonzero(np.bincount(which, minlength=len(dps)) >= 2)[0]:
+        dp, idx = dps[j], hit[which == j]
         share = shapely.area(shapely.intersection(fp[idx], dp)) / np.maximum(fa[idx], 1e-12)
         sel = idx[share >= inside]
         if len(sel) < 2:
