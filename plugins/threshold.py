@@ -68,8 +68,9 @@ from typing import Any, Sequence
 import numpy as np
 
 from segsem_cli import hookimpl
-from segsem_cli.contours import (CoarseContour, associate, border_lines, close_along_border, coarse_contours,
-                                 normals, orient, polygon_area, polygon_ious, polygon_mask, shapely_polygons, usable_polygon)
+from segsem_cli.contours import (CoarseContour, associate, border_distances, border_lines, close_along_border,
+                                 coarse_contours, normals, orient, polygon_area, polygon_ious, polygon_mask,
+                                 shapely_polygons, usable_polygon)
 from segsem_cli.edges import (REPASS_VALID_TOL, EdgeImage, feature_result, gaussian_smooth, opt_float,
                               parse_refine_options, refine_contours, suppress_frame, unmeasurable)
 from segsem_cli.tone import refine_from_layout, tone_check as run_tone_check, tone_check_enabled
@@ -341,12 +342,9 @@ def border_retry_wins(first, retry, shape: tuple[int, int], sides: set[int], *,
         return False
     c = np.asarray(retry.contour_uv, float)
     n = normals(c)
-    h, w = shape
-    near = np.zeros(len(c), bool)
-    for side, dist, facing in ((0, c[:, 0], -n[:, 0]), (1, w - c[:, 0], n[:, 0]),
-                               (2, c[:, 1], -n[:, 1]), (3, h - c[:, 1], n[:, 1])):
-        if side in sides:
-            near |= (dist <= zone_px) & (facing > np.sqrt(0.5))
+    facing = np.column_stack([-n[:, 0], n[:, 0], -n[:, 1], n[:, 1]])  # towards each border line
+    cols = sorted(sides)
+    near = ((border_distances(c, shape)[:, cols] <= zone_px) & (facing[:, cols] > np.sqrt(0.5))).any(axis=1)
     if near.any() and retry.valid[near].mean() < min_valid:
         return False
     return bool(retry.valid.mean() >= first.valid.mean() - tol)

@@ -48,6 +48,7 @@ __all__ = [
     "border_fraction",
     "border_runs",
     "border_lines",
+    "border_distances",
     "shapely_polygons",
     "snap_to_border",
     "border_param",
@@ -400,6 +401,13 @@ def border_mask(contour: np.ndarray, shape: tuple[int, int], *, tol: float = BOR
     return (np.abs(u) <= tol) | (np.abs(u - w) <= tol) | (np.abs(v) <= tol) | (np.abs(v - h) <= tol)
 
 
+def border_distances(c: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """``(N, 4)``: each point's distance to the lines ``u = 0``, ``u = W``, ``v = 0``, ``v = H``
+    (:func:`border_lines`' columns; negative beyond them)."""
+    h, w = shape
+    return np.column_stack([c[:, 0], w - c[:, 0], c[:, 1], h - c[:, 1]])
+
+
 def border_lines(c: np.ndarray, shape: tuple[int, int], tol: float = BORDER_TOL) -> np.ndarray:
     """``(N, 4)`` bool: the point lies on the line ``u = 0``, ``u = W``, ``v = 0``, ``v = H``."""
     h, w = shape
@@ -509,7 +517,7 @@ def snap_to_border(contour: np.ndarray, shape: tuple[int, int], *, border_px: fl
     c[c[:, 1] >= h - border_px, 1] = float(h)
     b = border_mask(c, shape)
     if b.any() and not b.all() and hysteresis > 1.0:
-        dist = np.column_stack([c[:, 0], w - c[:, 0], c[:, 1], h - c[:, 1]])
+        dist = border_distances(c, shape)
         near = dist.min(axis=1) <= hysteresis * border_px
         for run in border_runs(b):
             nr = near[run]

@@ -48,7 +48,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from .contours import (as_contour, border_coverage, border_fraction, border_mask, border_runs, normals, orient,
-                       resample_closed, ring_starts, signed_area, usable_polygon)
+                       resample_closed, ring_starts, signed_area, touches_border, usable_polygon)
 from .errors import SegsemError
 
 __all__ = [
@@ -2043,13 +2043,10 @@ def unmeasurable(res: RefineResult, image_shape: tuple[int, int], *, border_px: 
     """True when :func:`feature_result` turns ``res`` into ``"clipped"`` (no contour): more than
     ``max_outside`` of its real-edge normals leave the image (an edge hugging the border), or,
     for a contour without border points, a vertex lies closer than ``border_px`` to the border."""
-    c = res.contour_uv
-    h, w = image_shape
-    edge = res.edge_points
     if res.clipped:
+        edge = res.edge_points
         return bool(not edge.any() or np.mean(~res.inside[edge]) > max_outside)
-    return bool(np.any((c[:, 0] < border_px) | (c[:, 0] > w - border_px)
-                       | (c[:, 1] < border_px) | (c[:, 1] > h - border_px))) or bool(np.mean(~res.inside) > max_outside)
+    return touches_border(res.contour_uv, image_shape, margin_px=border_px) or bool(np.mean(~res.inside) > max_outside)
 
 
 def feature_result(feature: Any, res: RefineResult | None, *, source: str, image_shape: tuple[int, int],
