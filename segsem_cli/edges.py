@@ -2021,6 +2021,13 @@ def parse_refine_options(options: Mapping[str, Any]) -> dict[str, Any]:
 #: layout polygon covers (:func:`feature_result`); less means only part of the shape was traced.
 MIN_BORDER_COVERAGE = 0.5
 
+#: An ``ok`` result must overlap its (aligned) layout polygon by at least this IoU
+#: (:func:`feature_result`); less means the contour traced something else (e.g. the image
+#: frame around a border sliver) and the feature is reported ``not_found``. The same value
+#: as the association floor of a coarse region to a feature (``min_iou`` of the fallbacks).
+#: Real prints on the benchmark sets reach 0.35 (a line end cut by the border on ``hard``).
+MIN_LAYOUT_IOU = 0.2
+
 
 def border_extra(res: RefineResult) -> dict[str, Any]:
     """``{"clipped": True, "border_fraction": f}`` for a refined contour running along the image border, else ``{}``.
@@ -2053,7 +2060,8 @@ def feature_result(feature: Any, res: RefineResult | None, *, source: str, image
                    min_valid: float = 0.5, border_px: float = 0.5, status: str | None = None,
                    confidence_scale: float = 1.0, layout_px: np.ndarray | None = None,
                    layout_iou: float | None = None, extra: dict[str, Any] | None = None,
-                   max_outside: float = MAX_OUTSIDE, min_border_coverage: float = MIN_BORDER_COVERAGE):
+                   max_outside: float = MAX_OUTSIDE, min_border_coverage: float = MIN_BORDER_COVERAGE,
+                   min_layout_iou: float = MIN_LAYOUT_IOU):
     """Turn one refinement into a :class:`~segsem_cli.types.FeatureResult` (shared by fallbacks and backbones).
 
     * ``status`` given (e.g. ``"not_found"``): that status, no contour, confidence 0.
@@ -2070,6 +2078,9 @@ def feature_result(feature: Any, res: RefineResult | None, *, source: str, image
       (:func:`segsem_cli.contours.border_coverage`, in ``extra["border_coverage"]``):
       only part of the cut shape was traced, ``"partial"``, no contour;
     * fewer than ``min_valid`` of the real-edge normals with a clean edge: ``"low_contrast"``.
+    * an IoU with the layout polygon (below) under ``min_layout_iou``: the contour is
+      not this feature (it traced the image frame, a neighbour, a charging patch),
+      ``"not_found"``, no contour, with ``extra["reason"] = "layout_iou"``;
     * otherwise ``"ok"`` with confidence ``res.quality * confidence_scale``,
       times ``min(1, IoU / 0.5)`` with ``layout_px`` (the feature's layout
       polygon) when given, or with ``layout_iou`` if the caller computed it
@@ -2107,6 +2118,8 @@ def feature_result(feature: Any, res: RefineResult | None, *, source: str, image
         layout_iou = polygon_iou(c, np.asarray(layout_px, dtype=np.float64))
     if layout_iou is not None:
         ex["layout_iou"] = float(layout_iou)
+        if not float(layout_iou) >= min_layout_iou:
+            return FeatureResult(fid, None, source, 0.0, status="not_found", extra={**ex, "reason": "layout_iou"})
         confidence_scale *= min(1.0, float(layout_iou) / 0.5)
     quality = res._quality(vf, snr, rough) if np.any(res.valid) else 0.0  # = res.quality
     conf = float(np.clip(quality * confidence_scale, 0.0, 1.0))

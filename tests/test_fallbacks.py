@@ -489,6 +489,33 @@ def test_partly_traced_border_sliver_is_reported_partial():
                                & (r.contour_px[:, 1] > 1), 1] - 9.2).max() < 0.6
 
 
+def test_a_contour_that_is_not_its_feature_is_not_found_not_invented():
+    """An ``ok`` contour needs IoU >= MIN_LAYOUT_IOU with its layout polygon. On a seed-3100
+    ``hard`` bench image a line 4 px into the image at the bottom border came out ``ok`` with the
+    whole image frame as its contour (layout IoU 0.002, confidence 0.0013); real prints reach
+    0.35 at least on every bench set. The same refined disc judged against its own layout, a
+    layout a third of it (IoU ~0.33) and a distant one."""
+    from segsem_cli.edges import MIN_LAYOUT_IOU, EdgeImage, feature_result, refine_contours
+
+    img = make_image(render([disc(60.4, 62.7, 20.2)], SHAPE, rim=RIM, blur=BLUR, noise=0.03, seed=2))
+    res = refine_contours(EdgeImage(img.pixels), [disc(61.0, 62.0, 19.0).polygon()])[0]
+    cases = {"own": disc(60.4, 62.7, 20.2).polygon(), "third": disc(60.4, 62.7, 11.7).polygon(),
+             "elsewhere": rect(2.5, 100.5, 30.5, 125.5).polygon()}
+    out = {}
+    for name, lay in cases.items():
+        f = make_features(img, [lay])[0]
+        out[name] = feature_result(f, res, source="t", image_shape=SHAPE, layout_px=lay)
+    assert out["own"].ok and out["own"].extra["layout_iou"] > 0.95
+    assert out["third"].ok and MIN_LAYOUT_IOU < out["third"].extra["layout_iou"] < 0.4
+    bad = out["elsewhere"]
+    assert bad.status == "not_found" and bad.contour_px is None and bad.confidence == 0.0
+    assert bad.extra["reason"] == "layout_iou" and bad.extra["layout_iou"] < MIN_LAYOUT_IOU
+    # the floor is an argument: 0 keeps the old behaviour (an ok contour however far off)
+    f = make_features(img, [cases["elsewhere"]])[0]
+    assert feature_result(f, res, source="t", image_shape=SHAPE, layout_px=cases["elsewhere"],
+                          min_layout_iou=0.0).ok
+
+
 def charged_bars(bridge: bool):
     """Two bars whose substrate charges bright between their right ends, above the image's Otsu
     level (pulled down by a darker lower half): one global level joins their iso-lines."""
