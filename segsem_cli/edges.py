@@ -937,25 +937,14 @@ def _is_auto(v: Any) -> bool:
     return isinstance(v, str) and v.strip().lower() == "auto"
 
 
-def _auto_straightness(nrm: np.ndarray, counts: np.ndarray) -> dict[float, np.ndarray]:
-    """:func:`_straightness` of concatenated contours at AUTO_DEFAULT and at every longer
-    AUTO_SIGMAS candidate (what :func:`_auto_sigma` reads), each computed for all contours at once."""
-    return {c: _straightness(nrm, counts, c) for c in sorted({AUTO_DEFAULT, *(c for c in AUTO_SIGMAS if c > AUTO_DEFAULT)})}
-
-
-def _auto_sigma(d: np.ndarray, keep: np.ndarray, contour_sigma: float, straight, nrm, noise_points: int,
-                cands: Mapping[float, np.ndarray] | None = None):
+def _auto_sigma(d: np.ndarray, keep: np.ndarray, contour_sigma: float, straight, nrm, noise_points: int):
     """``contour_sigma < 0`` (auto): the contour's own choice (:func:`auto_contour_sigma` on its
-    kept points away from corners) and its corner taper; otherwise the given values.
-
-    ``cands``: this contour's :func:`_auto_straightness`, when the caller computed it for a
-    batch (the same values; otherwise computed here from ``nrm``)."""
+    kept points away from corners) and its corner taper; otherwise the given values."""
     if contour_sigma >= 0 or nrm is None:
         return contour_sigma, straight
-    if cands is None:
-        cands = _auto_straightness(nrm, np.array([len(nrm)]))
     # corners (rounded print vs. sharp design) would read as noise: straight points only
-    base = cands[AUTO_DEFAULT]
+    n = np.array([len(nrm)])
+    base = _straightness(nrm, n, AUTO_DEFAULT)
     ok = keep & (base >= 1.0)
     cs, _ = auto_contour_sigma(np.where(ok, d, 0.0), ok, noise_points=noise_points)
     # The corner taper needs +/- 3 sigma of straight contour: on a short side a long sigma
@@ -963,7 +952,7 @@ def _auto_sigma(d: np.ndarray, keep: np.ndarray, contour_sigma: float, straight,
     # keeps at least AUTO_KEEP_STRAIGHT of the points that are straight at the default.
     full = max(float(np.sum(base >= 1.0)), 1.0)
     for c in sorted((c for c in AUTO_SIGMAS if AUTO_DEFAULT < c <= cs), reverse=True):
-        st = cands[c]
+        st = _straightness(nrm, n, c)
         if np.sum(st >= 1.0) >= AUTO_KEEP_STRAIGHT * full:
             return c, st
     return AUTO_DEFAULT, base
@@ -985,20 +974,19 @@ def _inliers(d: np.ndarray, found: np.ndarray, med: np.ndarray, *, outlier_k: fl
 def _regularise(d: np.ndarray, found: np.ndarray, med: np.ndarray, *, outlier_k: float,
                 contour_sigma: float, min_mad: float,
                 straight: np.ndarray | None = None, nrm: np.ndarray | None = None,
-                noise_points: int = 9, cands: Mapping[float, np.ndarray] | None = None
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+                noise_points: int = 9) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
     """Reject outliers by MAD about the running median ``med``, fill by interpolation, smooth along the contour.
 
     ``contour_sigma < 0`` chooses it from the kept displacements (needs the contour's
-    normals ``nrm`` for the corner taper; ``cands`` as in :func:`_auto_sigma`). Returns
-    (smoothed displacement, kept mask, residual of raw minus smoothed, contour_sigma used).
+    normals ``nrm`` for the corner taper). Returns (smoothed displacement, kept mask,
+    residual of raw minus smoothed, contour_sigma used).
     """
     from scipy.ndimage import gaussian_filter1d
 
     keep = _inliers(d, found, med, outlier_k=outlier_k, min_mad=min_mad)
     if not keep.any():
         return np.zeros_like(d), keep, np.zeros_like(d), _sigma_used(contour_sigma)
-    contour_sigma, straight = _auto_sigma(d, keep, contour_sigma, straight, nrm, noise_points, cands)
+    contour_sigma, straight = _auto_sigma(d, keep, contour_sigma, straight, nrm, noise_points)
     filled = _circular_fill(np.where(keep, d, 0.0), keep)
     smooth = _smooth_displacements(filled, contour_sigma, straight,
                                    lambda x, sg: gaussian_filter1d(x, min(sg, max(len(x) / 6.0, 0.5)), mode="wrap"))
@@ -1257,15 +1245,14 @@ def _run_normals(c: np.ndarray, border: np.ndarray, smooth: float) -> np.ndarray
 def _regularise_runs(d: np.ndarray, found: np.ndarray, med: np.ndarray, border: np.ndarray, *, outlier_k: float,
                      contour_sigma: float, min_mad: float,
                      straight: np.ndarray | None = None, nrm: np.ndarray | None = None,
-                     noise_points: int = 9, cands: Mapping[float, np.ndarray] | None = None
-                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+                     noise_points: int = 9) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
     """:func:`_regularise` for a contour with border points: rejected points are filled within
     their own run (held constant towards its ends), smoothing does not cross onto the border,
     and border points keep a zero displacement."""
     keep = _inliers(d, found & ~border, med, outlier_k=outlier_k, min_mad=min_mad)
     if not keep.any():
         return np.zeros_like(d), keep, np.zeros_like(d), _sigma_used(contour_sigma)
-    contour_sigma, straight = _auto_sigma(d, keep, contour_sigma, straight, nrm, noise_points, cands)
+    contour_sigma, straight = _auto_sigma(d, keep, contour_sigma, straight, nrm, noise_points)
     filled = np.zeros_like(d)
     for run in border_runs(border):
         k = keep[run]
@@ -1402,24 +1389,9 @@ def _rebuild_along_border(c_in: np.ndarray, c_new: np.ndarray, border: np.ndarra
     return contour, bnd, out
 
 
-#: Fewest consecutive edge-less points facing the border that :func:`_print_reaches_border` moves.
-PRINT_MIN_RUN = 3
-
-
-def _rays_to_border(pts: np.ndarray, nrm: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """Per point, the distance along its normal to the image border (``inf`` for a zero normal)."""
-    h, w = shape
-    t = np.full(len(pts), np.inf)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        for axis, lim in ((0, w), (1, h)):
-            n_, p_ = nrm[:, axis], pts[:, axis]
-            t = np.minimum(t, np.where(n_ < -1e-9, -p_ / n_, np.where(n_ > 1e-9, (lim - p_) / n_, np.inf)))
-    return t
-
-
 def _print_reaches_border(pts: np.ndarray, nrm: np.ndarray, prof: np.ndarray, found: np.ndarray,
                           border: np.ndarray, shape: tuple[int, int], *, search_px: float, sample_px: float,
-                          min_run: int = PRINT_MIN_RUN) -> np.ndarray:
+                          min_run: int = 3) -> np.ndarray:
     """Points of one contour to move onto the image border: the printed shape runs out of the image there.
 
     Candidates are runs (at least ``min_run`` long) of points without an edge
@@ -1431,7 +1403,12 @@ def _print_reaches_border(pts: np.ndarray, nrm: np.ndarray, prof: np.ndarray, fo
     measured leaves the exterior level there, and the run stays.
     Returns the ray distance to the border (``inf`` for points not moved).
     """
-    t = _rays_to_border(pts, nrm, shape)  # distance along the outward normal to the border
+    h, w = shape
+    t = np.full(len(pts), np.inf)  # distance along the outward normal to the border
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for axis, lim in ((0, w), (1, h)):
+            n_, p_ = nrm[:, axis], pts[:, axis]
+            t = np.minimum(t, np.where(n_ < -1e-9, -p_ / n_, np.where(n_ > 1e-9, (lim - p_) / n_, np.inf)))
     cand = ~found & ~border & (t <= search_px)
     out = np.full(len(pts), np.inf)
     if cand.sum() < min_run or cand.all() or found.sum() < 3:
@@ -1822,11 +1799,7 @@ def _refine_batch(img: EdgeImage, current: list[np.ndarray], bnd: list[np.ndarra
             # Where no edge was found and the shape's interior runs on up to a nearby
             # border, the print leaves the image: those points go onto the border.
             h_, w_ = img.shape
-            # only contours with a run of edge-less points facing the border nearby can move
-            # (the first test of _print_reaches_border, for all points at once)
-            near = ~found & ~border & (_rays_to_border(pts, nrm, img.shape) <= sp)
-            n_near = np.add.reduceat(near.astype(np.int64), starts) if len(starts) else np.zeros(0, np.int64)
-            for i in np.flatnonzero(n_near >= PRINT_MIN_RUN):
+            for i in range(len(current)):
                 sl = slice(starts[i], starts[i] + counts[i])
                 t_hit = _print_reaches_border(pts[sl], nrm[sl], prof[sl], found[sl], border[sl], img.shape,
                                               search_px=sp, sample_px=sample_px)
@@ -1850,7 +1823,6 @@ def _refine_batch(img: EdgeImage, current: list[np.ndarray], bnd: list[np.ndarra
         med_all = _running_median(d_all, found, counts, int(outlier_window))
         straight_all = _straightness(nrm, counts, contour_sigma) if contour_sigma > 1.0 else None
         auto = contour_sigma < 0
-        st_auto = _auto_straightness(nrm, counts) if auto else None
         new: list[np.ndarray] = []
         new_b: list[np.ndarray] = []
         results = []
@@ -1861,14 +1833,12 @@ def _refine_batch(img: EdgeImage, current: list[np.ndarray], bnd: list[np.ndarra
                 d, keep, resid, cs_i = _regularise_runs(d_all[sl], f_i, med_all[sl], b_i, outlier_k=outlier_k,
                                                         contour_sigma=contour_sigma, min_mad=min_mad,
                                                         straight=None if straight_all is None else straight_all[sl],
-                                                        nrm=nrm[sl] if auto else None, noise_points=max(along_points, level_points),
-                                                        cands=None if st_auto is None else {c: a[sl] for c, a in st_auto.items()})
+                                                        nrm=nrm[sl] if auto else None, noise_points=max(along_points, level_points))
             else:
                 d, keep, resid, cs_i = _regularise(d_all[sl], f_i, med_all[sl], outlier_k=outlier_k,
                                                    contour_sigma=contour_sigma, min_mad=min_mad,
                                                    straight=None if straight_all is None else straight_all[sl],
-                                                   nrm=nrm[sl] if auto else None, noise_points=max(along_points, level_points),
-                                                   cands=None if st_auto is None else {c: a[sl] for c, a in st_auto.items()})
+                                                   nrm=nrm[sl] if auto else None, noise_points=max(along_points, level_points))
             c_new = pts[sl] + d[:, None] * nrm[sl] if keep.any() else current[i]
             cols = {"valid": keep, "found": f_i.copy(), "displacement": d, "snr": np.where(f_i, snr[sl], 0.0),
                     "inside": inside[sl].copy(), "resid": resid, "raw": np.where(f_i, s_out[sl], np.nan)}

@@ -296,36 +296,3 @@ def test_record_json_same_values_as_json_dumps():
     # a string holding the placeholder itself: encoded plainly, same values
     rec["image"] = "\x00vertices\x00"
     assert json.loads(record_json(rec)) == json.loads(json.dumps(rec, default=json_default))
-
-
-def test_auto_straightness_of_a_batch_equals_each_contour_alone():
-    """_refine_batch computes the auto-smoothing candidates' corner tapers for all contours at once."""
-    from segsem_cli.edges import AUTO_DEFAULT, AUTO_SIGMAS, _auto_straightness, _straightness
-    from segsem_cli.contours import normals
-
-    rng = np.random.default_rng(3)
-    rings = []
-    for n in (12, 40, 97, 250):  # short rings wrap within themselves at the longest candidates
-        t = np.linspace(0, 2 * np.pi, n, endpoint=False)
-        r = 20 + rng.normal(0, 2, n) + 6 * (np.abs(np.cos(2 * t)) > 0.9)  # bumps: some corners
-        rings.append(np.column_stack([50 + r * np.cos(t), 50 + r * np.sin(t)]))
-    nrm = np.vstack([normals(c) for c in rings])
-    counts = np.array([len(c) for c in rings])
-    batch = _auto_straightness(nrm, counts)
-    assert set(batch) == {AUTO_DEFAULT, *(c for c in AUTO_SIGMAS if c > AUTO_DEFAULT)}
-    starts = np.r_[0, np.cumsum(counts)[:-1]]
-    for c, a in batch.items():
-        for s, n in zip(starts, counts):
-            alone = _straightness(nrm[s:s + n], np.array([n]), c)
-            np.testing.assert_allclose(a[s:s + n], alone, rtol=0, atol=1e-12)
-        assert 0 < np.mean(a < 1.0) < 1  # the test sees corners and straight parts
-
-
-def test_rays_to_border_are_the_nearest_border_along_each_normal():
-    from segsem_cli.edges import _rays_to_border
-
-    pts = np.array([[10.0, 50.0], [10.0, 50.0], [90.0, 5.0], [40.0, 40.0], [40.0, 40.0]])
-    nrm = np.array([[-1.0, 0.0], [0.6, 0.8], [0.0, -1.0], [0.0, 0.0], [np.sqrt(0.5), np.sqrt(0.5)]])
-    t = _rays_to_border(pts, nrm, (60, 100))  # h = 60, w = 100
-    np.testing.assert_allclose(t[:3], [10.0, 10.0 / 0.8, 5.0])  # (50 -> 60 along v at 0.8)
-    assert t[3] == np.inf and t[4] == pytest.approx(20.0 / np.sqrt(0.5))
