@@ -632,27 +632,19 @@ def _match_template(q: np.ndarray, x: np.ndarray, found: np.ndarray, counts: np.
     x_new = np.array(x, dtype=np.float64, copy=True)
     if not found.any():
         return x_new, np.zeros(m_, dtype=bool)
-    fw = found.astype(np.float32)[:, None]
-    w_sum = _along_sum(fw, counts, win_out)
-    if exclude >= 0:
-        w_sum = w_sum - _along_sum(fw, counts, win_in)
-    n_nb = w_sum[:, 0]  # profiles in each template
+
+    def window_sum(a: np.ndarray) -> np.ndarray:
+        """Sum of ``a`` over each point's template window, less its excluded centre."""
+        s = _along_sum(a, counts, win_out)
+        return s - _along_sum(a, counts, win_in) if exclude >= 0 else s
+
+    n_nb = window_sum(found.astype(np.float32)[:, None])[:, 0]  # profiles in each template
+    per = np.maximum(n_nb, np.float32(1.0))[:, None]
     xa = np.full(m_, float(half))
-    qf = np.where(found[:, None], q, np.float32(0.0))
-    s_sum = _along_sum(qf, counts, win_out)
-    if exclude >= 0:
-        s_sum -= _along_sum(qf, counts, win_in)
-    tmpl = s_sum / np.maximum(n_nb, np.float32(1.0))[:, None]
+    tmpl = window_sum(np.where(found[:, None], q, np.float32(0.0))) / per
     # template noise: noise_w is that of a level_points average; the template averages ~n_nb profiles
     scale = np.sqrt(max(float(np.median(n_nb[found])), 1.0) / level_points)
-    if q_edge is None:
-        tmpl_e = tmpl
-    else:
-        qe = np.where(found[:, None], q_edge, np.float32(0.0))
-        e_sum = _along_sum(qe, counts, win_out)
-        if exclude >= 0:
-            e_sum -= _along_sum(qe, counts, win_in)
-        tmpl_e = e_sum / np.maximum(n_nb, np.float32(1.0))[:, None]
+    tmpl_e = tmpl if q_edge is None else window_sum(np.where(found[:, None], q_edge, np.float32(0.0))) / per
     e, t_found, _, t_lo, t_hi = _locate(tmpl_e, tmpl_e, edge="threshold", threshold=threshold,
                                         centre_weight=centre_weight, noise_w=noise_w / scale)
     ok = found & t_found & (n_nb >= min_support - 0.5)
