@@ -669,8 +669,8 @@ def _match_template(q: np.ndarray, x: np.ndarray, found: np.ndarray, counts: np.
 
 def _borrow_levels(q: np.ndarray, qw: np.ndarray, found: np.ndarray, inside: np.ndarray, border: np.ndarray,
                    contrast: np.ndarray, hi: np.ndarray, counts: np.ndarray, *, threshold: float,
-                   min_found: int = 5, min_found_frac: float = 0.1, tol: float = 0.25
-                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                   floor_out: np.ndarray | None = None, min_found: int = 5, min_found_frac: float = 0.1,
+                   tol: float = 0.25) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Threshold crossings for points whose rim peak is not observable, at their contour's level.
 
     A print that runs out of the image a few pixels beyond its edge (a sliver cut
@@ -680,9 +680,15 @@ def _borrow_levels(q: np.ndarray, qw: np.ndarray, found: np.ndarray, inside: np.
     ``qw``) is used instead, and the crossing is looked for on the point's own
     profile ``q``: the first rise through that level after the profile's lowest
     sample. Only points without a found edge whose peak sat at the end of the
-    window or whose span left the image are tried; the floor must match the
-    contour's within ``tol`` of its contrast and the profile must keep rising
-    above the level by ``tol`` of the contrast.
+    window or whose span left the image are tried; the profile's lowest sample must
+    match the contour's floor within ``tol`` of its contrast and the profile must keep
+    rising above the level by ``tol`` of the contrast.
+
+    ``floor_out`` (per point): the substrate end of the profile lies outside the image.
+    A side a few pixels inside the border (its substrate strip narrower than the rim's
+    fall) never shows the floor there: its lowest sample, the outermost pixel, need only
+    lie between the floor and the level less ``tol`` of the contrast (the profile clearly
+    crosses the level; the crossing itself must be in the image, which the caller checks).
 
     Returns ``(rows, x, c)``: the rows given an edge, their fractional sample
     positions and the contour contrast used for their SNR.
@@ -716,7 +722,8 @@ def _borrow_levels(q: np.ndarray, qw: np.ndarray, found: np.ndarray, inside: np.
         j = np.argmax(above, axis=1)
         suffix_max = np.maximum.accumulate(qq[:, ::-1], axis=1)[:, ::-1]  # max of q[j:] per row
         rising = np.where(has, suffix_max[np.arange(len(rows)), j], -np.inf)
-        ok = has & (np.abs(low - floor) <= tol * c) & (rising >= level + tol * c) & (j >= 1)
+        top = floor + tol * c if floor_out is None else np.where(floor_out[rows], level - tol * c, floor + tol * c)
+        ok = has & (low >= floor - tol * c) & (low <= top) & (rising >= level + tol * c) & (j >= 1)
         if not ok.any():
             continue
         rows, j, qq = rows[ok], j[ok], qq[ok]
@@ -1751,8 +1758,8 @@ def _refine_batch(img: EdgeImage, current: list[np.ndarray], bnd: list[np.ndarra
         s_out = np.where(flip, -s_pos, s_pos)  # displacement along the outward normal
         # Samples beyond the image repeat its outermost pixels: an edge counts only when the
         # part of the profile the rule used (substrate floor to rim peak) lies in the image.
-        inside = _span_inside(pts, nrm, np.where(flip, -1.0, 1.0) * sample_px, lo - half, hi - half, img.shape,
-                              img.frame_px)
+        sgn = np.where(flip, -1.0, 1.0) * sample_px  # oriented sample index -> px along the normal
+        inside = _span_inside(pts, nrm, sgn, lo - half, hi - half, img.shape, img.frame_px)
         snr = contrast / noise_prof
         found = found & inside & (snr >= min_snr) & (np.abs(s_out) <= sp - sample_px) & ~border
         if edge == "threshold" and matched_filter and p == passes - 1:  # earlier passes only set the base
@@ -1774,11 +1781,13 @@ def _refine_batch(img: EdgeImage, current: list[np.ndarray], bnd: list[np.ndarra
             use = ok_m & (np.abs(sm_out) <= sp - sample_px) & ~cut
             s_out = np.where(use, sm_out, s_out)
         if edge == "threshold":
-            rb, xb, cb = _borrow_levels(q, qw, found, inside, border, contrast, hi, counts, threshold=threshold)
+            floor_out = ~_span_inside(pts, nrm, sgn, -half, -half, img.shape, img.frame_px)  # substrate end
+            rb, xb, cb = _borrow_levels(q, qw, found, inside, border, contrast, hi, counts, threshold=threshold,
+                                        floor_out=floor_out)
             if len(rb):
-                lo_b = np.argmin(q[rb], axis=1)
-                span_ok = _span_inside(pts[rb], nrm[rb], np.where(flip[rb], -1.0, 1.0) * sample_px, lo_b - half,
-                                       np.ceil(xb).astype(np.int64) - half, img.shape, img.frame_px)
+                # the two samples the crossing lies between must be pixels of the image
+                span_ok = _span_inside(pts[rb], nrm[rb], sgn[rb], np.floor(xb) - half, np.ceil(xb) - half,
+                                       img.shape, img.frame_px)
                 sb = (xb - half) * sample_px
                 sb_out = np.where(flip[rb], -sb, sb)
                 keep_b = span_ok & (np.abs(sb_out) <= sp - sample_px) & (cb / noise_prof >= min_snr)
