@@ -68,9 +68,9 @@ from typing import Any, Sequence
 import numpy as np
 
 from segsem_cli import hookimpl
-from segsem_cli.contours import (CoarseContour, associate, border_distances, border_lines, close_along_border,
-                                 coarse_contours, normals, orient, polygon_area, polygon_ious, polygon_mask,
-                                 shapely_polygons, usable_polygon)
+from segsem_cli.contours import (SNAP_HYSTERESIS, CoarseContour, associate, border_distances, border_lines,
+                                 close_along_border, coarse_contours, normals, orient, polygon_area,
+                                 polygon_ious, polygon_mask, shapely_polygons, usable_polygon)
 from segsem_cli.edges import (REPASS_VALID_TOL, EdgeImage, feature_result, gaussian_smooth, opt_float,
                               parse_refine_options, refine_contours, suppress_frame, unmeasurable)
 from segsem_cli.tone import refine_from_layout, tone_check as run_tone_check, tone_check_enabled
@@ -252,7 +252,8 @@ def _regions(found: Sequence[CoarseContour], shape: tuple[int, int], polys: Sequ
 #: Border points whose first pixels inside the image read below this share of the way from the level
 #: outside the contour to its own interior level are outside it: the shape ends short of the border.
 BORDER_SHORT_SHARE = 0.5
-#: Such contours are refined again from their coarse contour moved this far beyond ``border_px`` off that border.
+#: Such contours are refined again from their coarse contour moved this far beyond ``border_px``
+#: off that border (see :func:`retry_margin`).
 BORDER_RETRY_PX = 0.5
 #: The retry must find a clean edge on at least this share of its points facing that border within
 #: ``BORDER_RETRY_ZONE_PX`` of it (see :func:`border_retry_wins`).
@@ -262,7 +263,8 @@ BORDER_RETRY_ZONE_PX = 8.0
 
 def border_sides_ending_short(eimg: EdgeImage, res, *, depth_px: int = 8,
                               band: tuple[float, float] = (4.0, 10.0), near_px: int = 32, frame_px: int = 1,
-                              share: float = BORDER_SHORT_SHARE) -> set[int]:
+                              share: float = BORDER_SHORT_SHARE, rim_share: float = 0.25,
+                              rim_z: float = 15.0) -> set[int]:
     """The border lines (0: ``u = 0``, 1: ``u = W``, 2: ``v = 0``, 3: ``v = H``) along which a
     refined contour's border points read what lies outside the contour.
 
@@ -275,7 +277,17 @@ def border_sides_ending_short(eimg: EdgeImage, res, *, depth_px: int = 8,
     border line; medians over the points of each line. The outside level is the median of
     the pixels ``band`` px outside the contour within ``near_px`` of the border points (the
     substrate around a line, the resist around a hole). A line qualifies when its first
-    pixels lie below ``share`` of the way from the outside level to the signal ``depth_px`` in."""
+    pixels lie below ``share`` of the way from the outside level to the signal ``depth_px`` in.
+
+    A side 1.5-3 px inside the border shows the rim's outer flank in its first pixel
+    instead, which can read near the interior level. It also qualifies when the median
+    profile from the first pixel to ``depth_px`` in has a peak (the rim) above the first
+    pixel by at least ``rim_share`` of the peak's height over the outside level and by
+    ``rim_z`` times the noise of that median (``1.25 sigma / sqrt(n)`` over the ``n``
+    border points): a shape really cut by the border shows its flat interior there, whose
+    medians over 20-40 points of a line end varied by up to 8-13 such noise units on the
+    benchmark images (the sides 1.5-3 px in: 22 and more). These are only candidates;
+    :func:`border_retry_wins` decides."""
     import cv2
 
     b = res.border
@@ -305,22 +317,25 @@ def border_sides_ending_short(eimg: EdgeImage, res, *, depth_px: int = 8,
             continue
         q = np.round(pts[sel]).astype(int)
         first = frame_px if sgn > 0 else (w, h)[ax] - 1 - frame_px
-        at_in = []
-        for off in (0, sgn * depth_px):  # the first pixel inside the frame, and depth_px further in
+        prof = []
+        for off in range(depth_px + 1):  # from the first pixel inside the frame to depth_px further in
             qq = q.copy()
-            qq[:, ax] = first + off
+            qq[:, ax] = first + sgn * off
             qq[:, 0] = qq[:, 0].clip(0, w - 1)
             qq[:, 1] = qq[:, 1].clip(0, h - 1)
-            at_in.append(float(np.median(eimg.sampled[qq[:, 1], qq[:, 0]])))
-        at, inner = at_in
+            prof.append(float(np.median(eimg.sampled[qq[:, 1], qq[:, 0]])))
+        at, inner, peak = prof[0], prof[-1], max(prof)
         if abs(inner - level) > 0 and (at - level) / (inner - level) < share:
+            sides.add(side)
+        elif peak - level > 0 and (peak - at) >= rim_share * (peak - level) \
+                and (peak - at) >= rim_z * 1.25 * eimg.noise / np.sqrt(sel.sum()):
             sides.add(side)
     return sides
 
 
 def border_retry_wins(first, retry, shape: tuple[int, int], sides: set[int], *,
                       zone_px: float = BORDER_RETRY_ZONE_PX, min_valid: float = BORDER_RETRY_VALID,
-                      tol: float = REPASS_VALID_TOL) -> bool:
+                      min_points: int = 9, tol: float = REPASS_VALID_TOL) -> bool:
     """Whether the contour refined off the border (``retry``) replaces the one put onto it (``first``).
 
     The retry must lie less on the border; be a contour :func:`~segsem_cli.edges.feature_result`
@@ -330,7 +345,11 @@ def border_retry_wins(first, retry, shape: tuple[int, int], sides: set[int], *,
     its points within ``zone_px`` of the ``sides`` it was moved off that face them (outward
     normal within 45 degrees of the border's normal), where ``first`` had only the border; and
     have no smaller share of valid points over its whole length (border points are never
-    valid) than ``first`` less ``tol``.
+    valid) than ``first`` less ``tol``. There must be at least ``min_points`` facing points
+    (the caller passes the refinement's ``level_points``, the profiles one edge level is
+    measured from): on a hard-noise benchmark image, the 6 facing points of the 8 px wide top
+    end of a line cut by the border found "edges" 5 px inside on 4 of them. A line end
+    narrower than that stays on the border.
 
     A shape really cut by the border has no edge facing it: there the share is 0 (the line
     sides running up to the border are valid, which is why only facing points count). A line
@@ -345,9 +364,22 @@ def border_retry_wins(first, retry, shape: tuple[int, int], sides: set[int], *,
     facing = np.column_stack([-n[:, 0], n[:, 0], -n[:, 1], n[:, 1]])  # towards each border line
     cols = sorted(sides)
     near = ((border_distances(c, shape)[:, cols] <= zone_px) & (facing[:, cols] > np.sqrt(0.5))).any(axis=1)
-    if near.any() and retry.valid[near].mean() < min_valid:
+    if near.any() and (retry.valid[near].mean() < min_valid or near.sum() < min_points):
         return False
     return bool(retry.valid.mean() >= first.valid.mean() - tol)
+
+
+def retry_margin(res, sides: set[int], shape: tuple[int, int], border_px: float) -> float:
+    """How far off the ``sides`` border lines the retry of ``res`` starts: ``BORDER_RETRY_PX``
+    beyond ``border_px``, or beyond ``SNAP_HYSTERESIS * border_px`` when the contour also lies on
+    another border line. :func:`~segsem_cli.contours.snap_to_border` would otherwise put the
+    moved runs next to that border run back onto the border (a line side 2-4 px below the top
+    border of a line leaving the image on the right stayed there). As close as it can be
+    otherwise: the less of the search window lies beyond the border, the more points measure."""
+    b = np.asarray(res.border, bool)
+    c = np.asarray(res.contour_uv, float)
+    others = set(np.nonzero(border_lines(c[b], shape).any(axis=0))[0].tolist()) - set(sides) if b.any() else set()
+    return (SNAP_HYSTERESIS if others else 1.0) * border_px + BORDER_RETRY_PX
 
 
 def off_border(contour: np.ndarray, shape: tuple[int, int], sides: set[int], margin: float) -> np.ndarray:
@@ -580,11 +612,12 @@ class ThresholdFallback:
         short = {i: sides for i in todo
                  if (sides := border_sides_ending_short(eimg, refined[i], frame_px=frame_px))}
         if short:
-            margin = ropt["border_px"] + BORDER_RETRY_PX
-            moved = [off_border(cands[i], image.shape, sides, margin) for i, sides in short.items()]
+            moved = [off_border(cands[i], image.shape, sides,
+                                retry_margin(refined[i], sides, image.shape, ropt["border_px"]))
+                     for i, sides in short.items()]
             again = refine_contours(eimg, moved, **ropt)
             for (i, sides), r in zip(short.items(), again):
-                if border_retry_wins(refined[i], r, image.shape, sides):
+                if border_retry_wins(refined[i], r, image.shape, sides, min_points=ropt["level_points"]):
                     refined[i] = r
         t4 = time.perf_counter()
 

@@ -488,8 +488,12 @@ def border_runs(border: np.ndarray) -> list[np.ndarray]:
     return [idx[s:t] for s, t in zip(np.nonzero(d == 1)[0], np.nonzero(d == -1)[0])]
 
 
+#: :func:`snap_to_border` also puts the ends of runs within this many ``border_px`` of the border onto it.
+SNAP_HYSTERESIS = 2.0
+
+
 def snap_to_border(contour: np.ndarray, shape: tuple[int, int], *, border_px: float = 2.0,
-                   hysteresis: float = 2.0) -> np.ndarray:
+                   hysteresis: float = SNAP_HYSTERESIS) -> np.ndarray:
     """Clamp a closed contour into the image ``[0, W] x [0, H]`` and put its parts near the border onto it.
 
     Coordinates within ``border_px`` of a border line are set onto that line.

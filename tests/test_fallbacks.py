@@ -687,6 +687,38 @@ def test_a_line_side_running_a_few_px_inside_the_border_is_refined_not_put_onto_
                 assert not border_retry_wins(first, gone, SHAPE, {1})
 
 
+@pytest.mark.parametrize("gap", [2.5, 3.5])
+def test_a_line_side_just_inside_the_border_is_measured_when_the_line_also_runs_out_of_the_image(gap):
+    """A line leaves the image through the right border and its top side runs ``gap`` px below
+    the top border: the substrate above it is 1-2 px wide, its floor never in view. Two things
+    kept that side on the border (on 4 of these 6 images before the fix). The retry started
+    2.5 px off the border, within snap_to_border's reach of the contour's right-border run
+    (2 x border_px), and was snapped back onto it. And profiles whose floor is out of view were
+    not measured by the contour-level rule (``_borrow_levels`` wanted the lowest sample at the
+    floor and in the image). Rendered on a larger canvas and cropped: the helper's blur reflects
+    at the image border, which would mirror the rim into the 2 px strip.
+
+    Measured 3.05 / 3.14 / 3.25 (gap 2.5) and 3.06 / 3.71 / 3.73 (gap 3.5). The 2.5 px side comes
+    out ~0.6 px inside its edge: where the plain rule finds a minimum in the image it is the
+    outermost pixel on the rim's outer flank, above the floor, and min + t (peak - min) rises
+    with it. Requiring 1 px of image beyond the floor left these sides on the border and cost
+    the medium benchmark 0.009 px, so it was not adopted. The right side, where the line is
+    cut, stays on the border."""
+    pad = 16
+    poly = np.array([[40.2, gap], [150.0, gap], [150.0, 60.3], [40.2, 60.3]], float)
+    for seed in (4, 5, 6):
+        big = render([rect(40.2 + pad, gap + pad, 150.0 + pad, 60.3 + pad)], (SHAPE[0] + 2 * pad, SHAPE[1] + 2 * pad),
+                     rim=Rim(footprint=3.0), blur=2.0, noise=0.12, seed=seed)
+        img = make_image(np.ascontiguousarray(big[pad:-pad, pad:-pad]))
+        r = fallback("threshold").extract(img, make_features(img, [poly], clipped=[True]))[0]
+        assert r.ok, (r.status, r.extra)
+        c = r.contour_px
+        top = np.median(c[(c[:, 0] > 50) & (c[:, 0] < 118) & (c[:, 1] < 20), 1])
+        right = np.median(c[(c[:, 1] > 15) & (c[:, 1] < 50) & (c[:, 0] > 100), 0])
+        assert abs(top - gap) < 0.8, (seed, top)
+        assert right == SHAPE[1]
+
+
 # ----------------------------------------------------------------------------- tone check (substrate side vs layout)
 
 ISLANDS = [(18.3, 20.6, 58.7, 52.2), (70.4, 66.1, 108.2, 106.6)]  # (u0, v0, u1, v1)
