@@ -317,14 +317,12 @@ def border_sides_ending_short(eimg: EdgeImage, res, *, depth_px: int = 8,
             continue
         q = np.round(pts[sel]).astype(int)
         first = frame_px if sgn > 0 else (w, h)[ax] - 1 - frame_px
-        prof = []
-        for off in range(depth_px + 1):  # from the first pixel inside the frame to depth_px further in
-            qq = q.copy()
-            qq[:, ax] = first + sgn * off
-            qq[:, 0] = qq[:, 0].clip(0, w - 1)
-            qq[:, 1] = qq[:, 1].clip(0, h - 1)
-            prof.append(float(np.median(eimg.sampled[qq[:, 1], qq[:, 0]])))
-        at, inner, peak = prof[0], prof[-1], max(prof)
+        # rows: from the first pixel inside the frame to depth_px further in; columns: the border points
+        along = np.clip(first + sgn * np.arange(depth_px + 1), 0, (w, h)[ax] - 1)[:, None]
+        across = np.clip(q[:, 1 - ax], 0, (h, w)[ax] - 1)[None, :]
+        vals = eimg.sampled[across, along] if ax == 0 else eimg.sampled[along, across]
+        prof = np.median(vals, axis=1)
+        at, inner, peak = float(prof[0]), float(prof[-1]), float(prof.max())
         if abs(inner - level) > 0 and (at - level) / (inner - level) < share:
             sides.add(side)
         elif peak - level > 0 and (peak - at) >= rim_share * (peak - level) \
