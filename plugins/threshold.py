@@ -36,7 +36,7 @@ Stages (all vectorised; one pass over the image, one batched refinement):
    lies within the search window of the printed edge. The retry replaces the first
    result only when it has a clean edge on at least 80 % of its normals and, for an
    ``ok`` first result, is no worse in layout IoU nor in clean normals (within 0.02) and better by
-   0.1 IoU or by 0.2 of its normals (:func:`retry_wins`); an ``ok`` result with clean
+   0.1 IoU or by 0.2 of its normals (:func:`segsem_cli.tone.retry_wins`); an ``ok`` result with clean
    edges on fewer than 80 % of its normals is retried too. Otherwise the first
    result stands. ``extra["seed"] = "layout"`` and ``extra["first_status"]`` mark a
    replaced result. An unprinted feature finds no edges from the layout either, so
@@ -73,7 +73,7 @@ from segsem_cli.contours import (SNAP_HYSTERESIS, CoarseContour, associate, bord
                                  polygon_ious, polygon_mask, shapely_polygons, usable_polygon)
 from segsem_cli.edges import (REPASS_VALID_TOL, EdgeImage, feature_result, gaussian_smooth, opt_float,
                               parse_refine_options, refine_contours, suppress_frame, unmeasurable)
-from segsem_cli.tone import refine_from_layout, tone_check as run_tone_check, tone_check_enabled
+from segsem_cli.tone import RETRY_IOU, layout_retry, tone_check as run_tone_check, tone_check_enabled
 from segsem_cli.types import Feature, FeatureResult, SEMImage
 
 
@@ -503,42 +503,6 @@ REPASS_SMOOTH = 1.5
 #: the first pass (``seed_sigma``). Second model's medium set: gauge CD 3-sigma 1.86 -> 1.13 nm.
 SEED_SIGMA = 3.0
 
-#: First statuses that get a second try seeded with the layout polygon.
-RETRY_STATUSES = ("low_contrast", "not_found", "partial")
-#: An ``ok`` result overlapping its layout polygon less than this is retried too ...
-RETRY_IOU = 0.75
-#: ... and replaced when the layout-seeded result overlaps it by at least this much more
-#: and found a clean edge on at least as many of its normals.
-RETRY_GAIN = 0.1
-#: A layout-seeded result counts only with a clean edge on this share of its normals: where
-#: the print differs from the layout beyond the search window (a disc printed from a square),
-#: the seed finds edges only where the two happen to be close.
-RETRY_MIN_VALID = 0.8
-#: An ``ok`` result with clean edges on fewer than RETRY_MIN_VALID of its normals is retried
-#: too, and replaced when the retry finds clean edges on this much larger a share (no lower IoU).
-RETRY_VALID_GAIN = 0.2
-#: "No worse" allows this much lower a share of clean normals: the two seeds sample the edge
-#: at different points, so two results on the same edge differ by about a percent.
-RETRY_VALID_TOL = 0.02
-
-
-def retry_wins(first: FeatureResult, valid: float, iou: float, *, min_valid: float = 0.5) -> bool:
-    """Does a layout-seeded result (``valid`` share of clean normals, layout ``iou``) replace ``first``?
-
-    It needs clean edges on at least ``max(min_valid, RETRY_MIN_VALID)`` of its normals.
-    Against a first result that is not ``ok`` that is enough; against an ``ok`` one it
-    must be no worse on either count (clean normals within ``RETRY_VALID_TOL``) and
-    clearly better on one: ``RETRY_GAIN`` more IoU or ``RETRY_VALID_GAIN`` more clean normals.
-    """
-    if valid < max(min_valid, RETRY_MIN_VALID):
-        return False
-    if not first.ok:
-        return True
-    d_iou = iou - float(first.extra.get("layout_iou", 0.0))
-    d_valid = valid - float(first.extra.get("valid_fraction", 0.0))
-    return d_iou >= 0 and d_valid >= -RETRY_VALID_TOL and (d_iou >= RETRY_GAIN or d_valid >= RETRY_VALID_GAIN)
-
-
 class ThresholdFallback:
     name = "threshold"
     description = "Otsu iso-contours of the smoothed image + sub-pixel edge refinement (fast)"
@@ -642,45 +606,12 @@ class ThresholdFallback:
         if seed_layout and tone_check:
             run_tone_check(eimg, features, out, ropt, source=self.name, min_valid=min_valid, image_shape=image.shape)
         if seed_layout:
-            self._layout_retry(eimg, features, out, ropt, min_valid=min_valid, image_shape=image.shape,
-                               retry_iou=retry_iou)
+            layout_retry(eimg, features, out, ropt, source=self.name, min_valid=min_valid, image_shape=image.shape,
+                         retry_iou=retry_iou)
         t5 = time.perf_counter()
         self.last_timings = {"smooth": t1 - t0, "coarse_contours": t2 - t1, "association": t3 - t2,
                              "refinement": t4 - t3, "results": t5 - t4, "total": t5 - t0}
         return out
-
-    def _layout_retry(self, eimg: EdgeImage, features: Sequence[Feature], out: list[FeatureResult],
-                      ropt: dict[str, Any], *, min_valid: float, image_shape: tuple[int, int],
-                      retry_iou: float) -> None:
-        """Re-extract features the iso-lines served badly, seeded with their aligned layout polygon.
-
-        On noisy or charging images the iso-line of a large shape can wander into its
-        interior or follow a charging boundary; the feature then comes out
-        ``low_contrast`` or ``not_found``, or ``ok`` with a poor layout overlap
-        (< ``retry_iou``) or few clean normals (< ``RETRY_MIN_VALID``). The aligned
-        layout polygon is a second seed within the search window of the printed edge
-        (bias, corner rounding and line-end pullback are a few pixels). The retry
-        replaces the first result only as :func:`retry_wins` decides; otherwise the
-        first result stands, so an unprinted feature stays unreported.
-        """
-        def poor(r: FeatureResult) -> bool:
-            if r.extra.get("tone_check"):  # already seeded from the layout, on the side the tone check chose
-                return False
-            if r.status in RETRY_STATUSES or "split_level" in r.extra:
-                return True
-            return r.ok and (r.extra.get("layout_iou", 1.0) < retry_iou
-                             or r.extra.get("valid_fraction", 1.0) < RETRY_MIN_VALID)
-
-        retry = [i for i, r in enumerate(out) if poor(r) and usable_polygon(features[i].pixels)]
-        if not retry:
-            return
-        extras = [{**out[i].extra, "seed": "layout", "first_status": out[i].status} for i in retry]
-        new = refine_from_layout(eimg, features, retry, extras, ropt, source=self.name, min_valid=min_valid,
-                                 image_shape=image_shape, on_edge=True)
-        for i, r in zip(retry, new):
-            if r.ok and retry_wins(out[i], r.extra["valid_fraction"], r.extra["layout_iou"], min_valid=min_valid):
-                out[i] = r
-
 
 @hookimpl
 def register_fallbacks(register):

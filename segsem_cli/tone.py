@@ -153,6 +153,77 @@ def refine_from_layout(eimg: EdgeImage, features: Sequence[Feature], idx: Sequen
             for i, res, iou, ex in zip(idx, results, ious, extras)]
 
 
+#: First statuses that get a second try seeded with the layout polygon.
+RETRY_STATUSES = ("low_contrast", "not_found", "partial")
+#: An ``ok`` result overlapping its layout polygon less than this is retried too ...
+RETRY_IOU = 0.75
+#: ... and replaced when the layout-seeded result overlaps it by at least this much more
+#: and found a clean edge on at least as many of its normals.
+RETRY_GAIN = 0.1
+#: A layout-seeded result counts only with a clean edge on this share of its normals: where
+#: the print differs from the layout beyond the search window (a disc printed from a square),
+#: the seed finds edges only where the two happen to be close.
+RETRY_MIN_VALID = 0.8
+#: An ``ok`` result with clean edges on fewer than RETRY_MIN_VALID of its normals is retried
+#: too, and replaced when the retry finds clean edges on this much larger a share (no lower IoU).
+RETRY_VALID_GAIN = 0.2
+#: "No worse" allows this much lower a share of clean normals: the two seeds sample the edge
+#: at different points, so two results on the same edge differ by about a percent.
+RETRY_VALID_TOL = 0.02
+
+
+def retry_wins(first: FeatureResult, valid: float, iou: float, *, min_valid: float = 0.5) -> bool:
+    """Does a layout-seeded result (``valid`` share of clean normals, layout ``iou``) replace ``first``?
+
+    It needs clean edges on at least ``max(min_valid, RETRY_MIN_VALID)`` of its normals.
+    Against a first result that is not ``ok`` that is enough; against an ``ok`` one it
+    must be no worse on either count (clean normals within ``RETRY_VALID_TOL``) and
+    clearly better on one: ``RETRY_GAIN`` more IoU or ``RETRY_VALID_GAIN`` more clean normals.
+    """
+    if valid < max(min_valid, RETRY_MIN_VALID):
+        return False
+    if not first.ok:
+        return True
+    d_iou = iou - float(first.extra.get("layout_iou", 0.0))
+    d_valid = valid - float(first.extra.get("valid_fraction", 0.0))
+    return d_iou >= 0 and d_valid >= -RETRY_VALID_TOL and (d_iou >= RETRY_GAIN or d_valid >= RETRY_VALID_GAIN)
+
+
+def layout_retry(eimg: EdgeImage, features: Sequence[Feature], out: list[FeatureResult],
+                 ropt: Mapping[str, Any], *, source: str, min_valid: float, image_shape: tuple[int, int],
+                 retry_iou: float = RETRY_IOU) -> None:
+    """Re-extract, in place in ``out``, features a fallback's coarse contours served badly,
+    seeded with their aligned layout polygon.
+
+    On noisy or charging images the iso-line (``threshold``) or the edge-enclosed region
+    (``canny``) of a large shape can wander into its interior or follow a charging
+    boundary; the feature then comes out
+    ``low_contrast`` or ``not_found``, or ``ok`` with a poor layout overlap
+    (< ``retry_iou``) or few clean normals (< ``RETRY_MIN_VALID``). The aligned
+    layout polygon is a second seed within the search window of the printed edge
+    (bias, corner rounding and line-end pullback are a few pixels). The retry
+    replaces the first result only as :func:`retry_wins` decides; otherwise the
+    first result stands, so an unprinted feature stays unreported.
+    """
+    def poor(r: FeatureResult) -> bool:
+        if r.extra.get("tone_check"):  # already seeded from the layout, on the side the tone check chose
+            return False
+        if r.status in RETRY_STATUSES or "split_level" in r.extra:
+            return True
+        return r.ok and (r.extra.get("layout_iou", 1.0) < retry_iou
+                         or r.extra.get("valid_fraction", 1.0) < RETRY_MIN_VALID)
+
+    retry = [i for i, r in enumerate(out) if poor(r) and usable_polygon(features[i].pixels)]
+    if not retry:
+        return
+    extras = [{**out[i].extra, "seed": "layout", "first_status": out[i].status} for i in retry]
+    new = refine_from_layout(eimg, features, retry, extras, ropt, source=source, min_valid=min_valid,
+                             image_shape=image_shape, on_edge=True)
+    for i, r in zip(retry, new):
+        if r.ok and retry_wins(out[i], r.extra["valid_fraction"], r.extra["layout_iou"], min_valid=min_valid):
+            out[i] = r
+
+
 def _forced_side(eimg: EdgeImage, features: Sequence[Feature], idx: Sequence[int], out: Sequence[FeatureResult],
                  side: str, mark: str, ropt: Mapping[str, Any], *, source: str, min_valid: float,
                  image_shape: tuple[int, int]) -> list[FeatureResult]:

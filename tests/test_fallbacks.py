@@ -200,7 +200,7 @@ def test_threshold_layout_seed_never_invents_a_missing_print():
 
 
 def test_threshold_retry_wins_only_when_no_worse_and_clearly_better():
-    from segsem_plugins.threshold import retry_wins
+    from segsem_cli.tone import retry_wins
     from segsem_cli.types import FeatureResult
 
     ok = FeatureResult("f", np.zeros((4, 2)), "threshold", 0.5, status="ok",
