@@ -18,7 +18,13 @@ Stages:
    whether an edge is there (``low_contrast`` if not);
 4. tone check (``tone_check``, on by default with ``substrate=auto``): the substrate
    side each contour decided is checked against the aligned layout, as for
-   ``threshold`` (:func:`segsem_cli.tone.tone_check`).
+   ``threshold`` (:func:`segsem_cli.tone.tone_check`);
+5. layout-seeded retry (``seed_layout``, on by default), as for ``threshold``
+   (:func:`segsem_cli.tone.layout_retry`): a feature that came out ``not_found``,
+   ``low_contrast`` or ``partial``, or ``ok`` with layout IoU below ``retry_iou``
+   (0.75) or clean edges on fewer than 80 % of its normals (its region was a fragment
+   or leaked into a neighbour), is refined again from its aligned layout polygon; the
+   retry replaces it only as :func:`segsem_cli.tone.retry_wins` decides.
 
 A region that reaches the image border (a shape cut by the field of view)
 is a candidate like any other: its contour is closed along the border
@@ -35,7 +41,7 @@ another layout feature too; ``extra["merged_with"]``), ``low_contrast``.
 
 Options: ``canny_sigma`` (1.5), ``high_k`` (4.0), ``high_frac`` (0.2),
 ``min_iou`` (0.2), ``layout_start_iou`` (0.5), ``border_px`` (3.0),
-``min_valid`` (0.5), ``tone_check`` (1), and the refinement options of
+``min_valid`` (0.5), ``tone_check`` (1), ``seed_layout`` (1), ``retry_iou`` (0.75), and the refinement options of
 :func:`segsem_cli.edges.parse_refine_options`.
 """
 from __future__ import annotations
@@ -46,9 +52,9 @@ import numpy as np
 
 from segsem_cli import hookimpl
 from segsem_cli.contours import coarse_contours, polygon_ious, polygon_mask, snap_to_border, usable_polygon
-from segsem_cli.edges import (EdgeImage, feature_result, gaussian_smooth, opt_float, parse_refine_options,
+from segsem_cli.edges import (EdgeImage, feature_result, gaussian_smooth, opt_bool, opt_float, parse_refine_options,
                               refine_contours, suppress_frame)
-from segsem_cli.tone import tone_check as run_tone_check, tone_check_enabled
+from segsem_cli.tone import RETRY_IOU, layout_retry, tone_check as run_tone_check, tone_check_enabled
 from segsem_cli.types import Feature, FeatureResult, SEMImage
 
 
@@ -201,6 +207,8 @@ class CannyFallback:
         tone_check = tone_check_enabled(options, ropt)
         layout_start_iou = opt_float(options, "layout_start_iou", 0.5, lo=0.0, hi=1.0)
         border_px = opt_float(options, "border_px", 3.0, lo=0.0, hi=20.0)
+        seed_layout = opt_bool(options, "seed_layout", True)
+        retry_iou = opt_float(options, "retry_iou", RETRY_IOU, lo=0.0, hi=1.0)
         if len(features) == 0:
             return []
         frame_px = ropt.pop("frame_px")
@@ -242,6 +250,9 @@ class CannyFallback:
                                           status=status, extra=extra))
         if tone_check:
             run_tone_check(eimg, features, out, ropt, source=self.name, min_valid=min_valid, image_shape=image.shape)
+        if seed_layout:
+            layout_retry(eimg, features, out, ropt, source=self.name, min_valid=min_valid, image_shape=image.shape,
+                         retry_iou=retry_iou)
         return out
 
 
