@@ -15,7 +15,13 @@ Stages, per feature (in a crop around the polygon):
    the substrate-side flank whichever flank the snake settled on);
 4. tone check (``tone_check``, on by default with ``substrate=auto``): the substrate
    side each contour decided is checked against the aligned layout, as for
-   ``threshold`` (:func:`segsem_cli.tone.tone_check`).
+   ``threshold`` (:func:`segsem_cli.tone.tone_check`);
+5. layout-seeded retry (``seed_layout``, on by default), as for ``threshold`` and
+   ``canny`` (:func:`segsem_cli.tone.layout_retry`): a feature whose snake led the
+   refinement astray (``not_found``, ``low_contrast``, ``partial``, or ``ok`` with layout
+   IoU below ``retry_iou`` (0.75) or clean edges on fewer than 80 % of its normals) is
+   refined again straight from its layout polygon, and replaced only as
+   :func:`segsem_cli.tone.retry_wins` decides.
 
 A layout polygon cut by the field of view (vertices on the image border) keeps
 its border part: only the runs of real edge between border points are snakes,
@@ -34,7 +40,8 @@ normals leave the image), ``merged`` (as for ``canny``).
 
 Options: ``snake_sigma`` (2.0), ``alpha`` (0.01), ``beta`` (0.1), ``gamma``
 (0.01), ``max_iter`` (300), ``init_step_px`` (2.0), ``margin_px`` (12),
-``min_iou`` (0.2), ``min_valid`` (0.5), ``tone_check`` (1), and the refinement options of
+``min_iou`` (0.2), ``min_valid`` (0.5), ``tone_check`` (1), ``seed_layout`` (1), ``retry_iou`` (0.75),
+and the refinement options of
 :func:`segsem_cli.edges.parse_refine_options`.
 """
 from __future__ import annotations
@@ -47,9 +54,9 @@ import numpy as np
 from segsem_cli import hookimpl
 from segsem_cli.contours import (border_mask, border_runs, features_covered, orient, polygon_ious, resample_closed,
                                  snap_to_border, usable_polygon)
-from segsem_cli.edges import (EdgeImage, feature_result, gaussian_smooth, opt_float, opt_int, parse_refine_options,
+from segsem_cli.edges import (EdgeImage, feature_result, gaussian_smooth, opt_bool, opt_float, opt_int, parse_refine_options,
                               refine_contours, suppress_frame)
-from segsem_cli.tone import tone_check as run_tone_check, tone_check_enabled
+from segsem_cli.tone import RETRY_IOU, layout_retry, tone_check as run_tone_check, tone_check_enabled
 from segsem_cli.types import Feature, FeatureResult, SEMImage
 
 
@@ -137,6 +144,8 @@ class ActiveContourFallback:
         min_iou = opt_float(options, "min_iou", 0.2, lo=0.0, hi=1.0)
         min_valid = opt_float(options, "min_valid", 0.5, lo=0.0, hi=1.0)
         tone_check = tone_check_enabled(options, ropt)
+        seed_layout = opt_bool(options, "seed_layout", True)
+        retry_iou = opt_float(options, "retry_iou", RETRY_IOU, lo=0.0, hi=1.0)
         if len(features) == 0:
             return []
         frame_px = ropt.pop("frame_px")
@@ -176,6 +185,9 @@ class ActiveContourFallback:
                                       layout_iou=iou, extra=extra))
         if tone_check:
             run_tone_check(eimg, features, out, ropt, source=self.name, min_valid=min_valid, image_shape=image.shape)
+        if seed_layout:
+            layout_retry(eimg, features, out, ropt, source=self.name, min_valid=min_valid, image_shape=image.shape,
+                         retry_iou=retry_iou)
         return out
 
 
