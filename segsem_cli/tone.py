@@ -1,4 +1,7 @@
-"""Tone check: is the substrate on the side each contour decided? Shared by the classical fallbacks.
+"""Checks of a fallback's results against the aligned layout, shared by the classical fallbacks:
+the tone check (is the substrate on the side each contour decided?) and the layout-seeded
+retry (:func:`layout_retry`: features the coarse contours served badly, refined again from
+their layout polygons).
 
 :func:`segsem_cli.edges.refine_contours` decides the substrate side of each contour from
 its own profiles (``substrate="auto"``: the lower floor, else the rim). Where the resist
@@ -195,15 +198,16 @@ def layout_retry(eimg: EdgeImage, features: Sequence[Feature], out: list[Feature
     """Re-extract, in place in ``out``, features a fallback's coarse contours served badly,
     seeded with their aligned layout polygon.
 
-    On noisy or charging images the iso-line (``threshold``) or the edge-enclosed region
-    (``canny``) of a large shape can wander into its interior or follow a charging
-    boundary; the feature then comes out
-    ``low_contrast`` or ``not_found``, or ``ok`` with a poor layout overlap
-    (< ``retry_iou``) or few clean normals (< ``RETRY_MIN_VALID``). The aligned
-    layout polygon is a second seed within the search window of the printed edge
-    (bias, corner rounding and line-end pullback are a few pixels). The retry
-    replaces the first result only as :func:`retry_wins` decides; otherwise the
-    first result stands, so an unprinted feature stays unreported.
+    On noisy or charging images the iso-line (``threshold``), the edge-enclosed region
+    (``canny``) or the snake (``active-contour``) of a shape can wander into its
+    interior, follow a charging boundary or leak into a neighbour; the feature then
+    comes out ``low_contrast``, ``not_found`` or ``partial``, or ``ok`` with a poor
+    layout overlap (< ``retry_iou``) or few clean normals (< ``RETRY_MIN_VALID``). The
+    aligned layout polygon is a second seed within the search window of the printed
+    edge (bias, corner rounding and line-end pullback are a few pixels). The retry
+    replaces the first result only as :func:`retry_wins` decides; otherwise the first
+    result stands, so an unprinted feature stays unreported. Results the tone check
+    already re-seeded from the layout are left alone.
     """
     def poor(r: FeatureResult) -> bool:
         if r.extra.get("tone_check"):  # already seeded from the layout, on the side the tone check chose
