@@ -54,8 +54,8 @@ import numpy as np
 from segsem_cli import hookimpl
 from segsem_cli.contours import (border_mask, border_runs, features_covered, orient, polygon_ious, resample_closed,
                                  snap_to_border, usable_polygon)
-from segsem_cli.edges import (EdgeImage, feature_result, gaussian_smooth, opt_bool, opt_float, opt_int, parse_refine_options,
-                              refine_contours, suppress_frame)
+from segsem_cli.edges import (EdgeImage, feature_result, gaussian_smooth, opt_bool, opt_float, opt_int,
+                              parse_refine_options, refine_contours, suppress_frame)
 from segsem_cli.tone import RETRY_IOU, layout_retry, tone_check as run_tone_check, tone_check_enabled
 from segsem_cli.types import Feature, FeatureResult, SEMImage
 
