@@ -767,6 +767,27 @@ def test_a_line_side_just_inside_the_border_is_measured_when_the_line_also_runs_
         assert right == SHAPE[1]
 
 
+@pytest.mark.parametrize("u_cut", [56.4, 62.4])
+def test_border_probe_reads_runs_of_a_border_line_not_only_its_whole_median(u_cut):
+    """The top of a shape runs 3 px inside the border from u = 20 to ``u_cut`` and is cut by
+    the border beyond (to the right border). Held on the top border (as its iso-line puts it),
+    the median over all its top border points reads the cut part's flat interior: the probe
+    saw nothing (``chunk=0``). Runs of 32 points see the side 3 px in."""
+    from segsem_cli.edges import EdgeImage, refine_contours
+    from segsem_plugins.threshold import border_sides_ending_short
+
+    pad = 16
+    for seed in (4, 5, 6):
+        shapes = [rect(20.2 + pad, 3.0 + pad, 150 + pad, 60.3 + pad), rect(u_cut + pad, -10 + pad, 150 + pad, 60.3 + pad)]
+        big = render(shapes, (SHAPE[0] + 2 * pad, SHAPE[1] + 2 * pad), rim=Rim(footprint=3.0), blur=2.0, noise=0.12,
+                     seed=seed)
+        eimg = EdgeImage(np.ascontiguousarray(big[pad:-pad, pad:-pad]), frame_px=1)
+        held = refine_contours(eimg, [np.array([[20.2, 0], [128, 0], [128, 60.3], [20.2, 60.3]], float)],
+                               border_px=2.0)[0]
+        assert border_sides_ending_short(eimg, held, frame_px=1, chunk=0) == set()
+        assert border_sides_ending_short(eimg, held, frame_px=1) == {2}
+
+
 # ----------------------------------------------------------------------------- tone check (substrate side vs layout)
 
 ISLANDS = [(18.3, 20.6, 58.7, 52.2), (70.4, 66.1, 108.2, 106.6)]  # (u0, v0, u1, v1)
