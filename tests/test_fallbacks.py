@@ -735,6 +735,16 @@ def test_a_line_side_running_a_few_px_inside_the_border_is_refined_not_put_onto_
                 assert not border_retry_wins(first, gone, SHAPE, {1})
 
 
+def render_in_field(boxes, seed, pad=16):
+    """Rectangles ``(u0, v0, u1, v1)`` (image px) rendered ``pad`` px beyond every side of SHAPE
+    and cropped to it, with a wide rim (footprint 3 px, blur 2 px) and noise 0.12: the helper's
+    blur reflects at the canvas border, which would mirror a rim near the image border into it."""
+    shapes = [rect(u0 + pad, v0 + pad, u1 + pad, v1 + pad) for u0, v0, u1, v1 in boxes]
+    big = render(shapes, (SHAPE[0] + 2 * pad, SHAPE[1] + 2 * pad), rim=Rim(footprint=3.0), blur=2.0, noise=0.12,
+                 seed=seed)
+    return np.ascontiguousarray(big[pad:-pad, pad:-pad])
+
+
 @pytest.mark.parametrize("gap", [2.5, 3.5])
 def test_a_line_side_just_inside_the_border_is_measured_when_the_line_also_runs_out_of_the_image(gap):
     """A line leaves the image through the right border and its top side runs ``gap`` px below
@@ -752,12 +762,9 @@ def test_a_line_side_just_inside_the_border_is_measured_when_the_line_also_runs_
     with it. Requiring 1 px of image beyond the floor left these sides on the border and cost
     the medium benchmark 0.009 px, so it was not adopted. The right side, where the line is
     cut, stays on the border."""
-    pad = 16
     poly = np.array([[40.2, gap], [150.0, gap], [150.0, 60.3], [40.2, 60.3]], float)
     for seed in (4, 5, 6):
-        big = render([rect(40.2 + pad, gap + pad, 150.0 + pad, 60.3 + pad)], (SHAPE[0] + 2 * pad, SHAPE[1] + 2 * pad),
-                     rim=Rim(footprint=3.0), blur=2.0, noise=0.12, seed=seed)
-        img = make_image(np.ascontiguousarray(big[pad:-pad, pad:-pad]))
+        img = make_image(render_in_field([(40.2, gap, 150.0, 60.3)], seed))
         r = fallback("threshold").extract(img, make_features(img, [poly], clipped=[True]))[0]
         assert r.ok, (r.status, r.extra)
         c = r.contour_px
@@ -776,12 +783,8 @@ def test_border_probe_reads_runs_of_a_border_line_not_only_its_whole_median(u_cu
     from segsem_cli.edges import EdgeImage, refine_contours
     from segsem_plugins.threshold import border_sides_ending_short
 
-    pad = 16
     for seed in (4, 5, 6):
-        shapes = [rect(20.2 + pad, 3.0 + pad, 150 + pad, 60.3 + pad), rect(u_cut + pad, -10 + pad, 150 + pad, 60.3 + pad)]
-        big = render(shapes, (SHAPE[0] + 2 * pad, SHAPE[1] + 2 * pad), rim=Rim(footprint=3.0), blur=2.0, noise=0.12,
-                     seed=seed)
-        eimg = EdgeImage(np.ascontiguousarray(big[pad:-pad, pad:-pad]), frame_px=1)
+        eimg = EdgeImage(render_in_field([(20.2, 3.0, 150, 60.3), (u_cut, -10, 150, 60.3)], seed), frame_px=1)
         held = refine_contours(eimg, [np.array([[20.2, 0], [128, 0], [128, 60.3], [20.2, 60.3]], float)],
                                border_px=2.0)[0]
         assert border_sides_ending_short(eimg, held, frame_px=1, chunk=0) == set()
