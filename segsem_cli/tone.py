@@ -43,7 +43,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from .contours import BORDER_TOL, border_lines, concat_rings, edge_offsets, polygon_ious, usable_polygon
+from .contours import border_lines, concat_rings, edge_offsets, polygon_ious, usable_polygon
 from .edges import EdgeImage, feature_result, opt_bool, refine_contours
 from .types import Feature, FeatureResult
 
@@ -124,7 +124,7 @@ def _misfits(ious: Sequence[float], polygons: Sequence[np.ndarray], shape: tuple
     c, nxt, fid = concat_rings(polygons)
     d = c[nxt] - c
     seg = np.hypot(d[:, 0], d[:, 1])
-    on = border_lines(c, shape, BORDER_TOL)
+    on = border_lines(c, shape)
     on_border = np.any(on & on[nxt], axis=1)
     edge = np.bincount(fid, weights=np.where(on_border, 0.0, seg), minlength=len(polygons))
     area = np.abs(0.5 * np.bincount(fid, weights=c[:, 0] * c[nxt, 1] - c[nxt, 0] * c[:, 1], minlength=len(polygons)))
