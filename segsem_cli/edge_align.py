@@ -16,8 +16,8 @@ Cross-sections, per axis (``u``: along image rows; ``v``: along columns):
 * the design polygon crosses the scan line exactly twice, both times on a
   side at least ``clear_px`` (8 px) away along the side from its ends
   (corner rounding and line-end pullback never count), and both sides are
-  at least twice as long as the width between them (the long sides of a
-  line, not its ends);
+  at least as long as the width between them (``MIDLINE_ASPECT``: the long
+  sides of a line or bar and the sides of a square or pad, not line ends);
 * the scan line is at least ``clear_px`` from the image frame. ``segsem
   extract`` passes the design as drawn beyond the frame
   (:func:`segsem_cli.layout.context_pixels`): clipped to the frame, a line
@@ -78,6 +78,14 @@ class EdgeAlignResult:
             "sigma_px": [None if not np.isfinite(s) else round(float(s), 4) for s in self.sigma_px],
         }
 
+
+#: Cross-sections count where both design sides are at least this many times as long as the width
+#: between them: the long sides of lines and bars, and the sides of squares and pads, whose bias,
+#: corner rounding and roughness are as symmetric as a line's; not line ends (short sides of
+#: elongated features), which print pulled back. 2.0 until the twentieth round: squares and pads
+#: were left out, and an axis fixed by a single line kept that line's roughness (1.0 px on one
+#: second-model hard image; with its two squares, 0.4 px).
+MIDLINE_ASPECT = 1.0
 
 _LINE_OFF = 1 << 30  # keys: feature index * 2^32 + (scan line + 2^30)
 #: Slack (px) of the geometric tests: designs drawn on a grid tie them exactly (a 40 x 80 bar is
@@ -151,7 +159,7 @@ class _Scan:
         self.t = (line + 0.5 - a0) / d[:, 1 - axis] if len(seg) else np.zeros(0)
 
 
-def _midlines(contours, designs, shape, axis, *, clear_px, max_dev_px, border_px, aspect=2.0):
+def _midlines(contours, designs, shape, axis, *, clear_px, max_dev_px, border_px, aspect=MIDLINE_ASPECT):
     """Midline samples of all features at once: ``(values, feature index)``.
 
     ``contours`` may be ``designs`` itself (:func:`design_evidence`): its crossings are then taken once."""
@@ -217,7 +225,7 @@ def _ends(contours, designs, shape, axis, *, max_dev_px, border_px, aspect=2.0):
 
 def midline_samples(contour: np.ndarray, design: np.ndarray, shape: tuple[int, int], axis: int, *,
                     clear_px: float = 8.0, max_dev_px: float = 6.0, border_px: float = 2.0,
-                    aspect: float = 2.0) -> np.ndarray:
+                    aspect: float = MIDLINE_ASPECT) -> np.ndarray:
     """Midline offsets (printed minus design, px along ``axis``) of one feature; see the module docs."""
     return _midlines([contour], [design], shape, axis, clear_px=clear_px, max_dev_px=max_dev_px,
                      border_px=border_px, aspect=aspect)[0]
@@ -271,7 +279,7 @@ def design_evidence(designs: Sequence[np.ndarray], shape: tuple[int, int], *, cl
 def refine_offset(contours: Sequence[np.ndarray | None], designs: Sequence[np.ndarray], shape: tuple[int, int], *,
                   clear_px: float = 8.0, max_dev_px: float = 6.0, border_px: float = 2.0,
                   min_samples: int = 30, min_features: int = 1, max_shift_px: float = 5.0,
-                  corr_px: float = 10.0, ends: bool = True, end_max_dev_px: float = 12.0,
+                  corr_px: float = 10.0, aspect: float = MIDLINE_ASPECT, ends: bool = True, end_max_dev_px: float = 12.0,
                   min_end_samples: int = 8, end_min_shift_px: float = 1.5) -> EdgeAlignResult:
     """Residual ``(du, dv)`` of the printed content from the design, from extracted contours.
 
@@ -280,7 +288,7 @@ def refine_offset(contours: Sequence[np.ndarray | None], designs: Sequence[np.nd
     contours : per feature, the extracted closed contour ``(N, 2)`` (u, v) px, or None.
     designs : per feature, the design polygon in the same pixel frame.
     shape : image ``(H, W)``.
-    clear_px, max_dev_px, border_px : cross-section rules (module docs).
+    clear_px, max_dev_px, border_px, aspect : cross-section rules (module docs).
     min_samples, min_features : evidence needed per axis.
     max_shift_px : larger corrections are not applied (the appearance
         alignment stands; the result still reports them).
@@ -305,7 +313,8 @@ def refine_offset(contours: Sequence[np.ndarray | None], designs: Sequence[np.nd
           for c, d in zip(contours, designs)]
     ds = [d if c is not None else None for c, d in zip(cs, designs)]
     for axis in (0, 1):
-        allv, fids = _midlines(cs, ds, shape, axis, clear_px=clear_px, max_dev_px=max_dev_px, border_px=border_px)
+        allv, fids = _midlines(cs, ds, shape, axis, clear_px=clear_px, max_dev_px=max_dev_px, border_px=border_px,
+                               aspect=aspect)
         n = len(allv)
         n_feat = len(np.unique(fids))
         if n:
@@ -339,4 +348,4 @@ def refine_offset(contours: Sequence[np.ndarray | None], designs: Sequence[np.nd
                            tuple(basis))
 
 
-__all__ = ["EdgeAlignResult", "design_evidence", "end_samples", "midline_samples", "refine_offset", "scan_crossings"]
+__all__ = ["MIDLINE_ASPECT", "EdgeAlignResult", "design_evidence", "end_samples", "midline_samples", "refine_offset", "scan_crossings"]

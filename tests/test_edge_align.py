@@ -36,13 +36,22 @@ def test_bias_cancels_and_the_shift_is_recovered(bias):
     shift = (0.37, -0.21)
     designs = [rect(40, 20, 70, 230), rect(120, 20, 160, 230),      # vertical lines: u evidence
                rect(180, 40, 250, 60), rect(180, 100, 250, 128),    # horizontal bars: v evidence
-               rect(200, 170, 230, 200)]                            # a square: no evidence
+               rect(200, 170, 230, 200)]                            # a square: both axes
     contours = [printed(d, bias, shift) for d in designs]
     res = refine_offset(contours, designs, SHAPE)
     assert res.applied == (True, True)
     assert res.shift_px == pytest.approx(shift, abs=0.02)
-    # the square gives no sample: its sides are not twice as long as its width
-    assert len(midline_samples(contours[4], designs[4], SHAPE, 0)) == 0
+    # the square's sides are as long as its width: bias and rounding are as symmetric as a line's,
+    # so its 30 - 2 * 8 rows and columns clear of the corners measure the shift too
+    for axis in (0, 1):
+        s = midline_samples(contours[4], designs[4], SHAPE, axis)
+        assert len(s) == 14 and np.allclose(s, shift[axis], atol=0.01)
+    # a 40 x 30 bar: along rows its 30 px sides are shorter than the 40 between them (line ends);
+    # along columns its 40 px sides count, 40 - 2 * 8 of them
+    bar = rect(100, 100, 140, 130)
+    assert len(midline_samples(printed(bar, bias, shift), bar, SHAPE, 0)) == 0
+    s = midline_samples(printed(bar, bias, shift), bar, SHAPE, 1)
+    assert len(s) == 24 and np.allclose(s, shift[1], atol=0.01)
 
 
 def test_line_end_pullback_and_corners_do_not_count():
@@ -91,22 +100,22 @@ def test_sides_cut_by_the_frame_count_away_from_it():
     assert len(s) == 240 and np.allclose(s, 0.3, atol=1e-6)
     res = refine_offset(contours, designs, SHAPE)
     assert res.basis[0] == "sides" and res.shift_px[0] == pytest.approx(0.3, abs=1e-6)
-    # clipped to the frame, 58 rows of a 30 px wide line are not a long side (a line end)
-    cut = [rect(40, 198, 70, 256), rect(120, 198, 150, 256)]
+    # clipped to the frame, 26 rows of a 30 px wide line are shorter than its width (a line end)
+    cut = [rect(40, 230, 70, 256), rect(120, 230, 150, 256)]
     assert len(midline_samples(np.clip(printed(cut[0], 1.0, (0.3, 0.0)), 0, 256), cut[0], SHAPE, 0)) == 0
-    drawn = [rect(40, 198, 70, 400), rect(120, 198, 150, 400)]
-    assert len(midline_samples(np.clip(printed(drawn[0], 1.0, (0.3, 0.0)), 0, 256), drawn[0], SHAPE, 0)) == 58 - 16
+    drawn = [rect(40, 230, 70, 400), rect(120, 230, 150, 400)]
+    assert len(midline_samples(np.clip(printed(drawn[0], 1.0, (0.3, 0.0)), 0, 256), drawn[0], SHAPE, 0)) == 26 - 16
 
 
 
-def test_a_bar_exactly_twice_as_long_as_wide_counts_whatever_the_rounding():
-    # 40 x 80 px: its long sides are exactly twice its width, a tie that float rounding of the
+def test_a_square_counts_whatever_the_rounding():
+    # 40 x 40 px: its sides are exactly as long as its width, a tie that float rounding of the
     # pixel transform (1e-12 px) must not decide one way in one run and the other way in the next.
     counts = set()
     for eps in (-1e-12, 0.0, 1e-12):
-        d = rect(100, 20, 140 + eps, 100 - eps)
+        d = rect(100, 20, 140 + eps, 60 - eps)
         counts.add(len(midline_samples(printed(d, 1.0, (0.2, 0.0)), d, SHAPE, 0)))
-    assert counts == {80 - 2 * 8}
+    assert counts == {40 - 2 * 8}
 
 
 def test_noisy_edges_pool_to_a_precise_shift():
