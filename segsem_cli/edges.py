@@ -1324,6 +1324,16 @@ def _junction(run: np.ndarray, at_start: bool, fallback: np.ndarray, shape: tupl
     return np.asarray(fallback, dtype=np.float64).copy()
 
 
+def _gap_length(seg_len: np.ndarray, a: int, b: int) -> float:
+    """Length of a closed contour from its point ``a`` forward to its point ``b``
+    (``seg_len[k]``: from point ``k`` to ``k + 1``)."""
+    n = len(seg_len)
+    k = (b - a) % n
+    if a + k <= n:
+        return float(seg_len[a:a + k].sum())
+    return float(seg_len[a:].sum() + seg_len[:a + k - n].sum())
+
+
 def _rebuild_along_border(c_in: np.ndarray, c_new: np.ndarray, border: np.ndarray, valid: np.ndarray,
                           cols: dict[str, np.ndarray], shape: tuple[int, int], *, step_px: float, max_ext: float,
                           trim_max: int) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
@@ -1333,7 +1343,8 @@ def _rebuild_along_border(c_in: np.ndarray, c_new: np.ndarray, border: np.ndarra
     search window left the image) are dropped, at most ``trim_max`` per end
     and never the whole run; the run is extended onto the border
     (:func:`_junction`) and consecutive runs are joined along the border in the
-    positive direction, through the image corners. ``cols`` are per-point
+    positive direction, through the image corners (or directly, where that walk
+    would go round more than half the frame between two nearby ends; see the loop). ``cols`` are per-point
     arrays (validity, SNR, ...): run points keep theirs, border points get
     False / 0 / NaN. Returns ``(contour, border mask, cols)``.
     """
@@ -1359,18 +1370,28 @@ def _rebuild_along_border(c_in: np.ndarray, c_new: np.ndarray, border: np.ndarra
             continue
         before, after = c_in[(r[0] - 1) % n], c_in[(r[-1] + 1) % n]
         kept.append((rr, _junction(c[rr], True, before, shape, max_ext),
-                     _junction(c[rr], False, after, shape, max_ext), before, after))
+                     _junction(c[rr], False, after, shape, max_ext), before, after, r[0], r[-1]))
     if not kept:
         return c_in, border, cols
     per = 2.0 * (w + h)
+    seg_len = np.hypot(*(np.roll(c_in, -1, axis=0) - c_in).T)  # c_in[k] -> c_in[k + 1]
     pts: list[np.ndarray] = []
     idx: list[np.ndarray] = []
-    for i, (rr, _ja, jb, _bef, after) in enumerate(kept):
+    for i, (rr, _ja, jb, _bef, after, _r0, r1) in enumerate(kept):
         nxt = kept[(i + 1) % len(kept)]
         pts.append(c[rr])
         idx.append(rr)
         s = border_param(np.vstack([jb, nxt[1], after, nxt[3]]), shape)
-        if (s[1] - s[0]) % per - (s[3] - s[2]) % per > 0.5 * per:  # refinement swapped the ends: no detour
+        walk = (s[1] - s[0]) % per
+        if walk - (s[3] - s[2]) % per > 0.5 * per:  # refinement swapped the ends: no detour
+            path = np.vstack([jb, nxt[1]])
+        elif (walk > 0.5 * per and float(np.hypot(*(nxt[1] - jb))) <= max_ext
+              and _gap_length(seg_len, r1, nxt[5]) < 0.5 * walk):
+            # The two ends are within a junction's reach of each other and the input contour
+            # went straight from this run to the next (a join made so by the rule above in an
+            # earlier pass, or a side snapped on and off the border near a corner, which leaves
+            # a run ending just past where the next begins): walking round more than half the
+            # frame would enclose the whole image.
             path = np.vstack([jb, nxt[1]])
         else:
             path = border_path(jb, nxt[1], shape, step_px=step_px)

@@ -436,6 +436,33 @@ def test_refine_keeps_border_fixed_and_refines_only_real_edges(tone):
     assert res.quality > ref.quality - 0.05
 
 
+@pytest.mark.parametrize("gap,noise,seed", [(1.0, 0.12, 0), (1.5, 0.12, 3), (2.0, 0.05, 0), (2.0, 0.05, 5)])
+def test_a_side_snapped_on_and_off_the_border_near_a_corner_never_closes_along_the_whole_frame(gap, noise, seed):
+    """A line cut by the bottom border whose left side runs ``gap`` px inside the left border,
+    refined from its layout polygon (what the classical fallbacks' layout retry does). The side
+    comes out partly on the border, partly 2-3 px in, and near the line's top-left corner the
+    contour doubled back: its last run ended above where the next one began. The border join
+    walks in the positive direction, so it went round the whole frame, and the feature came out
+    as the image frame (layout IoU 0.002, reported not_found; `canny` on an easy benchmark
+    image, 5 of 36 such renders). Run ends within a junction's reach of each other, which the
+    refined contour joined by a short path, are now joined directly."""
+    shape = (256, 256)
+    pad = 16
+    big = render([rect(gap + pad, 160 + pad, 23 + pad, 256 + 2 * pad)], (shape[0] + 2 * pad, shape[1] + 2 * pad),
+                 rim=Rim(footprint=3.0), blur=2.0, noise=noise, seed=seed)
+    img = np.ascontiguousarray(big[pad:-pad, pad:-pad])
+    layout = np.array([[2.6, 159.0], [22.6, 159.0], [22.6, 256.0], [2.6, 256.0]])
+    res = refine_contours(img, [layout])[0]
+    c = res.contour_uv
+    # not the frame (65536 px^2): the line, its left side on the border (23 x 96 px^2); where the
+    # contour doubled back near the corner a spike of a few points up to 12 px long is left
+    assert c[:, 0].max() < 25.0 and c[:, 1].min() > 145.0
+    assert abs(signed_area(c)) == pytest.approx(23 * 96, rel=0.05)
+    right = ~res.border & (c[:, 0] > 12) & (c[:, 1] > 170)
+    top = ~res.border & (c[:, 0] > 6) & (c[:, 0] < 18) & (c[:, 1] < 170)
+    assert np.abs(c[right, 0] - 23.0).max() < 1.0 and np.abs(c[top, 1] - 160.0).max() < 1.0
+
+
 def test_border_artefact_is_never_an_edge():
     """A bright first/last row (scan artefact) where the line crosses the border: the border
     segments stay on v = 0 / H and no refined point is pulled towards the artefact."""

@@ -343,9 +343,13 @@ def test_canny_retries_badly_served_features_from_the_layout(tmp_path):
     are fragments or leak into neighbours, and their refinement comes out off the print
     (layout IoU 0.03 on one benchmark line) or with few clean normals. The layout-seeded
     retry of ``threshold`` (``segsem_cli.tone.layout_retry``) now runs for ``canny`` too
-    (``seed_layout``, on by default). Measured here: EPE RMS 0.766 -> 0.267 px, missing
-    features 2 -> 0 (19 features). On the 1024 px benchmark sets: medium 1.234 -> 0.499 px
-    (missing 11 -> 0, extra 7 -> 0), hard 1.872 -> 0.699 px (missing 30 -> 1)."""
+    (``seed_layout``, on by default). Measured here: EPE RMS 0.741 -> 0.328 px (19 features).
+    The two features this set missed without the retry had come out as the image frame (a side
+    near the border snapped on and off it, then the border join walked round the whole frame,
+    ``test_edges.py::test_a_side_snapped_on_and_off_the_border_near_a_corner_never_closes_along_the_whole_frame``);
+    since that fix none is missing either way. On the 1024 px benchmark sets, when the retry
+    came: medium 1.234 -> 0.499 px (missing 11 -> 0, extra 7 -> 0), hard 1.872 -> 0.699 px
+    (missing 30 -> 1)."""
     from segsem_cli.layout import load_layout
     from segsem_cli.metrics import evaluate_run
     from segsem_cli.pipeline import ExtractConfig, run_extract
@@ -361,7 +365,7 @@ def test_canny_retries_badly_served_features_from_the_layout(tmp_path):
                                   fallback_options={"seed_layout": seed_layout, "threshold": "0.66"}, overlays=False,
                                   force=True, workers=1))
         scores[seed_layout] = evaluate_run(d, out / "contours.csv")["overall"]
-    assert scores["0"]["n_missing"] >= 1 and scores["0"]["epe_rms_px"] > 0.5, scores["0"]
+    assert scores["0"]["epe_rms_px"] > 0.6, scores["0"]
     assert scores["1"]["n_missing"] == 0 and scores["1"]["n_extra"] == 0, scores["1"]
     assert scores["1"]["epe_rms_px"] < 0.35, scores["1"]
 
