@@ -1344,9 +1344,9 @@ def _rebuild_along_border(c_in: np.ndarray, c_new: np.ndarray, border: np.ndarra
     and never the whole run; the run is extended onto the border
     (:func:`_junction`) and consecutive runs are joined along the border in the
     positive direction, through the image corners (or directly, where that walk
-    would go round more than half the frame between two nearby ends; see the loop). ``cols`` are per-point
-    arrays (validity, SNR, ...): run points keep theirs, border points get
-    False / 0 / NaN. Returns ``(contour, border mask, cols)``.
+    would go round more than half the frame between two nearby ends; see the
+    loop). ``cols`` are per-point arrays (validity, SNR, ...): run points keep
+    theirs, border points get False / 0 / NaN. Returns ``(contour, border mask, cols)``.
     """
     from .contours import border_param, border_path
 
@@ -1374,27 +1374,31 @@ def _rebuild_along_border(c_in: np.ndarray, c_new: np.ndarray, border: np.ndarra
     if not kept:
         return c_in, border, cols
     per = 2.0 * (w + h)
-    seg_len = np.hypot(*(np.roll(c_in, -1, axis=0) - c_in).T)  # c_in[k] -> c_in[k + 1]
+    seg_len = None  # c_in[k] -> c_in[k + 1], when a long walk needs it
     pts: list[np.ndarray] = []
     idx: list[np.ndarray] = []
     for i, (rr, _ja, jb, _bef, after, _r0, r1) in enumerate(kept):
         nxt = kept[(i + 1) % len(kept)]
+        nxt_ja, nxt_before, nxt_r0 = nxt[1], nxt[3], nxt[5]
         pts.append(c[rr])
         idx.append(rr)
-        s = border_param(np.vstack([jb, nxt[1], after, nxt[3]]), shape)
+        s = border_param(np.vstack([jb, nxt_ja, after, nxt_before]), shape)
         walk = (s[1] - s[0]) % per
+        # a walk round more than half the frame between ends within a junction's reach
+        suspect = walk > 0.5 * per and float(np.hypot(*(nxt_ja - jb))) <= max_ext
+        if suspect and seg_len is None:
+            seg_len = np.hypot(*(np.roll(c_in, -1, axis=0) - c_in).T)
         if walk - (s[3] - s[2]) % per > 0.5 * per:  # refinement swapped the ends: no detour
-            path = np.vstack([jb, nxt[1]])
-        elif (walk > 0.5 * per and float(np.hypot(*(nxt[1] - jb))) <= max_ext
-              and _gap_length(seg_len, r1, nxt[5]) < 0.5 * walk):
+            path = np.vstack([jb, nxt_ja])
+        elif suspect and _gap_length(seg_len, r1, nxt_r0) < 0.5 * walk:
             # The two ends are within a junction's reach of each other and the input contour
             # went straight from this run to the next (a join made so by the rule above in an
             # earlier pass, or a side snapped on and off the border near a corner, which leaves
             # a run ending just past where the next begins): walking round more than half the
             # frame would enclose the whole image.
-            path = np.vstack([jb, nxt[1]])
+            path = np.vstack([jb, nxt_ja])
         else:
-            path = border_path(jb, nxt[1], shape, step_px=step_px)
+            path = border_path(jb, nxt_ja, shape, step_px=step_px)
         pts.append(path)
         idx.append(np.full(len(path), -1))
     contour = np.vstack(pts)
