@@ -489,6 +489,11 @@ def _profile_noise_factor(image_sigma: float, smooth_sigma: float, sample_px: fl
     return float(np.std(prof[keep]))
 
 
+#: The rim level is the mean of the samples around the profile's peak within this many times the
+#: profile noise of it (:func:`_locate`): the single largest sample of a noisy profile is biased high.
+PEAK_NOISE_K = 1.0
+
+
 def _locate(q: np.ndarray, qw: np.ndarray, *, edge: str, threshold: float, centre_weight: float,
             noise_w: float = 0.0, base_band: float = 0.05
             ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -532,6 +537,17 @@ def _locate(q: np.ndarray, qw: np.ndarray, *, edge: str, threshold: float, centr
     band = np.maximum(base_band * (peak - lowest), 3.0 * noise_w)
     floor = before & (qw <= (lowest + band)[:, None])
     qmin = np.sum(np.where(floor, qw, 0.0), axis=1) / np.maximum(np.count_nonzero(floor, axis=1), 1)
+    if noise_w > 0:
+        # Noise biases the largest sample high as it biases the lowest low: the rim level is the
+        # mean of the samples around the peak, on its contiguous run within PEAK_NOISE_K * noise_w
+        # of it (on noise-free profiles, the peak sample itself).
+        off = ~(qw >= (peak - PEAK_NOISE_K * noise_w)[:, None])
+        left = off & (idx[None, :] < k[:, None])
+        right = off & (idx[None, :] > k[:, None])
+        lb = np.where(left.any(axis=1), k_ - np.argmax(left[:, ::-1], axis=1), 0)
+        rb = np.where(right.any(axis=1), np.argmax(right, axis=1) - 1, k_ - 1)
+        cap = (idx[None, :] >= lb[:, None]) & (idx[None, :] <= rb[:, None])
+        peak = np.sum(np.where(cap, qw, 0.0), axis=1) / np.count_nonzero(cap, axis=1)
     contrast = peak - qmin
     found = (k > m) & (contrast > 0)
     x = np.full(m_, np.nan)

@@ -201,7 +201,10 @@ def test_along_mean_box_filter_equals_cumulative_sums():
 
 
 def _locate_reference(q, qw, *, edge, threshold, centre_weight, noise_w=0.0, base_band=0.05):
-    """_locate as first written (whole-array accumulate / where), for the threshold rule."""
+    """_locate as first written (whole-array accumulate / where), for the threshold rule; the rim
+    level's run around the peak (twentieth round) walked out sample by sample."""
+    from segsem_cli.edges import PEAK_NOISE_K
+
     m_, k_ = q.shape
     idx = np.arange(k_)
     cm = np.minimum.accumulate(qw, axis=1)
@@ -220,6 +223,16 @@ def _locate_reference(q, qw, *, edge, threshold, centre_weight, noise_w=0.0, bas
     band = np.maximum(base_band * (peak - lowest), 3.0 * noise_w)
     floor = before & (qw <= (lowest + band)[:, None])
     qmin = np.sum(np.where(floor, qw, 0.0), axis=1) / np.maximum(floor.sum(axis=1), 1)
+    if noise_w > 0:  # rim level: mean of the contiguous run around the peak within K * noise_w of it
+        cap = np.zeros(qw.shape, dtype=bool)
+        for r in range(m_):
+            lo_r = hi_r = k[r]
+            while lo_r > 0 and qw[r, lo_r - 1] >= peak[r] - PEAK_NOISE_K * noise_w:
+                lo_r -= 1
+            while hi_r < k_ - 1 and qw[r, hi_r + 1] >= peak[r] - PEAK_NOISE_K * noise_w:
+                hi_r += 1
+            cap[r, lo_r:hi_r + 1] = True
+        peak = np.sum(np.where(cap, qw, 0.0), axis=1) / np.count_nonzero(cap, axis=1)
     contrast = peak - qmin
     found = (k > m) & (contrast > 0)
     level = qmin + threshold * contrast
