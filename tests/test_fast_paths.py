@@ -203,7 +203,7 @@ def test_along_mean_box_filter_equals_cumulative_sums():
 def _locate_reference(q, qw, *, edge, threshold, centre_weight, noise_w=0.0, base_band=0.05):
     """_locate as first written (whole-array accumulate / where), for the threshold rule; the rim
     level's run around the peak (twentieth round) walked out sample by sample."""
-    from segsem_cli.edges import PEAK_NOISE_K
+    from segsem_cli.edges import PEAK_NOISE_K, PEAK_RUN
 
     m_, k_ = q.shape
     idx = np.arange(k_)
@@ -227,9 +227,9 @@ def _locate_reference(q, qw, *, edge, threshold, centre_weight, noise_w=0.0, bas
         cap = np.zeros(qw.shape, dtype=bool)
         for r in range(m_):
             lo_r = hi_r = k[r]
-            while lo_r > 0 and qw[r, lo_r - 1] >= peak[r] - PEAK_NOISE_K * noise_w:
+            while lo_r > max(0, k[r] - PEAK_RUN) and qw[r, lo_r - 1] >= peak[r] - PEAK_NOISE_K * noise_w:
                 lo_r -= 1
-            while hi_r < k_ - 1 and qw[r, hi_r + 1] >= peak[r] - PEAK_NOISE_K * noise_w:
+            while hi_r < min(k_ - 1, k[r] + PEAK_RUN) and qw[r, hi_r + 1] >= peak[r] - PEAK_NOISE_K * noise_w:
                 hi_r += 1
             cap[r, lo_r:hi_r + 1] = True
         peak = np.sum(np.where(cap, qw, 0.0), axis=1) / np.count_nonzero(cap, axis=1)
