@@ -54,9 +54,9 @@ import numpy as np
 from segsem_cli import hookimpl
 from segsem_cli.contours import (border_mask, border_runs, features_covered, orient, polygon_ious, resample_closed,
                                  snap_to_border, usable_polygon)
-from segsem_cli.edges import (EdgeImage, feature_result, gaussian_smooth, opt_bool, opt_float, opt_int,
-                              parse_refine_options, refine_contours, suppress_frame)
-from segsem_cli.tone import RETRY_IOU, layout_retry, tone_check as run_tone_check, tone_check_enabled
+from segsem_cli.edges import (EdgeImage, feature_result, gaussian_smooth, opt_float, opt_int, parse_refine_options,
+                              refine_contours, suppress_frame)
+from segsem_cli.tone import layout_retry, retry_options, tone_check as run_tone_check, tone_check_enabled
 from segsem_cli.types import Feature, FeatureResult, SEMImage
 
 
@@ -144,8 +144,7 @@ class ActiveContourFallback:
         min_iou = opt_float(options, "min_iou", 0.2, lo=0.0, hi=1.0)
         min_valid = opt_float(options, "min_valid", 0.5, lo=0.0, hi=1.0)
         tone_check = tone_check_enabled(options, ropt)
-        seed_layout = opt_bool(options, "seed_layout", True)
-        retry_iou = opt_float(options, "retry_iou", RETRY_IOU, lo=0.0, hi=1.0)
+        seed_layout, retry_iou = retry_options(options)
         if len(features) == 0:
             return []
         frame_px = ropt.pop("frame_px")

@@ -52,9 +52,9 @@ import numpy as np
 
 from segsem_cli import hookimpl
 from segsem_cli.contours import coarse_contours, polygon_ious, polygon_mask, snap_to_border, usable_polygon
-from segsem_cli.edges import (EdgeImage, feature_result, gaussian_smooth, opt_bool, opt_float, parse_refine_options,
+from segsem_cli.edges import (EdgeImage, feature_result, gaussian_smooth, opt_float, parse_refine_options,
                               refine_contours, suppress_frame)
-from segsem_cli.tone import RETRY_IOU, layout_retry, tone_check as run_tone_check, tone_check_enabled
+from segsem_cli.tone import layout_retry, retry_options, tone_check as run_tone_check, tone_check_enabled
 from segsem_cli.types import Feature, FeatureResult, SEMImage
 
 
@@ -207,8 +207,7 @@ class CannyFallback:
         tone_check = tone_check_enabled(options, ropt)
         layout_start_iou = opt_float(options, "layout_start_iou", 0.5, lo=0.0, hi=1.0)
         border_px = opt_float(options, "border_px", 3.0, lo=0.0, hi=20.0)
-        seed_layout = opt_bool(options, "seed_layout", True)
-        retry_iou = opt_float(options, "retry_iou", RETRY_IOU, lo=0.0, hi=1.0)
+        seed_layout, retry_iou = retry_options(options)
         if len(features) == 0:
             return []
         frame_px = ropt.pop("frame_px")

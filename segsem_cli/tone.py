@@ -44,11 +44,17 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from .contours import border_lines, concat_rings, edge_offsets, polygon_ious, usable_polygon
-from .edges import EdgeImage, feature_result, opt_bool, refine_contours
+from .edges import EdgeImage, feature_result, opt_bool, opt_float, refine_contours
 from .types import Feature, FeatureResult
 
 __all__ = [
     "MINORITY_IOU",
+    "RETRY_GAIN",
+    "RETRY_IOU",
+    "RETRY_MIN_VALID",
+    "RETRY_STATUSES",
+    "RETRY_VALID_GAIN",
+    "RETRY_VALID_TOL",
     "TONE_GATE_PX",
     "TONE_GATE_STRIDE",
     "TONE_OFFSET_PX",
@@ -57,7 +63,10 @@ __all__ = [
     "TONE_MIN_WIDTH_PX",
     "TONE_NEAR",
     "iou_offset_px",
+    "layout_retry",
     "refine_from_layout",
+    "retry_options",
+    "retry_wins",
     "tone_check",
     "tone_check_enabled",
     "tone_flips",
@@ -190,6 +199,12 @@ def retry_wins(first: FeatureResult, valid: float, iou: float, *, min_valid: flo
     d_iou = iou - float(first.extra.get("layout_iou", 0.0))
     d_valid = valid - float(first.extra.get("valid_fraction", 0.0))
     return d_iou >= 0 and d_valid >= -RETRY_VALID_TOL and (d_iou >= RETRY_GAIN or d_valid >= RETRY_VALID_GAIN)
+
+
+def retry_options(options: Mapping[str, Any]) -> tuple[bool, float]:
+    """The ``seed_layout`` (on by default) and ``retry_iou`` (``RETRY_IOU``) options of
+    :func:`layout_retry`, as ``canny`` and ``active-contour`` take them."""
+    return opt_bool(options, "seed_layout", True), opt_float(options, "retry_iou", RETRY_IOU, lo=0.0, hi=1.0)
 
 
 def layout_retry(eimg: EdgeImage, features: Sequence[Feature], out: list[FeatureResult],
