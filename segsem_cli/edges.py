@@ -1354,6 +1354,17 @@ def _gap_length(seg_len: np.ndarray, a: int, b: int) -> float:
     return float(seg_len[a:].sum() + seg_len[:a + k - n].sum())
 
 
+def _same_border_side(a: np.ndarray, b: np.ndarray, shape: tuple[int, int], margin: float) -> bool:
+    """True when points ``a`` and ``b`` lie on the same side of the image frame, both farther
+    than ``margin`` from that side's corners."""
+    h, w = shape
+    for axis, lim, length in ((0, 0.0, h), (0, float(w), h), (1, 0.0, w), (1, float(h), w)):
+        if abs(a[axis] - lim) < 1e-6 and abs(b[axis] - lim) < 1e-6:
+            t = np.array([a[1 - axis], b[1 - axis]])
+            return bool(np.all((t > margin) & (t < length - margin)))
+    return False
+
+
 def _rebuild_along_border(c_in: np.ndarray, c_new: np.ndarray, border: np.ndarray, valid: np.ndarray,
                           cols: dict[str, np.ndarray], shape: tuple[int, int], *, step_px: float, max_ext: float,
                           trim_max: int) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
@@ -1364,8 +1375,8 @@ def _rebuild_along_border(c_in: np.ndarray, c_new: np.ndarray, border: np.ndarra
     and never the whole run; the run is extended onto the border
     (:func:`_junction`) and consecutive runs are joined along the border in the
     positive direction, through the image corners (or directly, where that walk
-    would go round more than half the frame between two nearby ends; see the
-    loop). ``cols`` are per-point arrays (validity, SNR, ...): run points keep
+    would go round more than half the frame between two ends the input contour
+    joined by a short path; see the loop). ``cols`` are per-point arrays (validity, SNR, ...): run points keep
     theirs, border points get False / 0 / NaN. Returns ``(contour, border mask, cols)``.
     """
     from .contours import border_param, border_path
@@ -1404,18 +1415,27 @@ def _rebuild_along_border(c_in: np.ndarray, c_new: np.ndarray, border: np.ndarra
         idx.append(rr)
         s = border_param(np.vstack([jb, nxt_ja, after, nxt_before]), shape)
         walk = (s[1] - s[0]) % per
-        # a walk round more than half the frame between ends within a junction's reach
-        suspect = walk > 0.5 * per and float(np.hypot(*(nxt_ja - jb))) <= max_ext
-        if suspect and seg_len is None:
-            seg_len = np.hypot(*(np.roll(c_in, -1, axis=0) - c_in).T)
+        # a walk round more than half the frame between two ends within a junction's reach, or
+        # on the same side of the frame away from its corners with the input contour's own path
+        # from one run to the next at most twice as long as the chord plus a junction either end
+        suspect = walk > 0.5 * per
+        if suspect:
+            if seg_len is None:
+                seg_len = np.hypot(*(np.roll(c_in, -1, axis=0) - c_in).T)
+            gap = _gap_length(seg_len, r1, nxt_r0)
+            chord = float(np.hypot(*(nxt_ja - jb)))
+            suspect = chord <= max_ext or (gap <= 2.0 * (chord + max_ext)
+                                           and _same_border_side(jb, nxt_ja, shape, max_ext))
         if walk - (s[3] - s[2]) % per > 0.5 * per:  # refinement swapped the ends: no detour
             path = np.vstack([jb, nxt_ja])
-        elif suspect and _gap_length(seg_len, r1, nxt_r0) < 0.5 * walk:
-            # The two ends are within a junction's reach of each other and the input contour
-            # went straight from this run to the next (a join made so by the rule above in an
-            # earlier pass, or a side snapped on and off the border near a corner, which leaves
-            # a run ending just past where the next begins): walking round more than half the
-            # frame would enclose the whole image.
+        elif suspect and gap < 0.5 * walk:
+            # The input contour went (nearly) straight from this run to the next: a join made
+            # so by the rule above in an earlier pass; a side snapped on and off the border near
+            # a corner, which leaves a run ending just past where the next begins; or a sliver
+            # whose coarse contour touched the border between two pieces, running along it one
+            # way there and the other way under the pieces. Walking round more than half the
+            # frame would enclose the whole image. (Near a corner the print may really go round
+            # it, and a long way between the ends is a shape of its own: those keep the walk.)
             path = np.vstack([jb, nxt_ja])
         else:
             path = border_path(jb, nxt_ja, shape, step_px=step_px)

@@ -463,6 +463,30 @@ def test_a_side_snapped_on_and_off_the_border_near_a_corner_never_closes_along_t
     assert np.abs(c[right, 0] - 23.0).max() < 1.0 and np.abs(c[top, 1] - 160.0).max() < 1.0
 
 
+@pytest.mark.parametrize("noise,seed", [(0.05, 0), (0.1, 1), (0.1, 2), (0.05, 3)])
+def test_a_sliver_whose_coarse_contour_touched_the_border_between_two_pieces_never_becomes_the_frame(noise, seed):
+    """A line 8 px deep along the bottom border, seeded by a coarse contour of two pieces that
+    touch the border between them (what a broken iso-line of a noisy sliver gives): the contour
+    runs along the border one way between the pieces and the other way under them, so the
+    border join in the positive direction went round the whole frame for one of the two gaps
+    (a hard benchmark image: the feature came out as the image frame, layout IoU 0.002). Both
+    orientations of the seed; all 4 renders gave the frame before."""
+    pad = 16
+    big = render([rect(40 + pad, 248 + pad, 200 + pad, 300 + pad)], (256 + 2 * pad, 256 + 2 * pad),
+                 rim=Rim(footprint=3.0), blur=2.0, noise=noise, seed=seed)
+    img = np.ascontiguousarray(big[pad:-pad, pad:-pad])
+    m = np.array([[60, 256], [60, 249], [118, 249], [118, 256], [142, 256], [142, 249], [198, 249], [198, 256]], float)
+    for seed_contour in (m, m[::-1]):
+        res = refine_contours(img, [seed_contour])[0]
+        c = res.contour_uv
+        # not the frame (65536 px^2): the traced stretch of the line, 8 px deep, u 56-62 to its end at 200
+        assert c[:, 1].min() > 246.0 and 50.0 < c[:, 0].min() and c[:, 0].max() < 201.0
+        assert 1000.0 < abs(signed_area(c)) < 8 * 150
+        top = ~res.border & (c[:, 1] < 253) & (c[:, 0] > 70) & (c[:, 0] < 190)
+        assert top.sum() > 80 and abs(np.median(c[top, 1]) - 247.6) < 0.5
+        assert abs(c[~res.border & (c[:, 1] < 253), 0].max() - 200.0) < 1.0  # the line's end
+
+
 def test_border_artefact_is_never_an_edge():
     """A bright first/last row (scan artefact) where the line crosses the border: the border
     segments stay on v = 0 / H and no refined point is pulled towards the artefact."""
