@@ -1376,8 +1376,9 @@ def _rebuild_along_border(c_in: np.ndarray, c_new: np.ndarray, border: np.ndarra
     (:func:`_junction`) and consecutive runs are joined along the border in the
     positive direction, through the image corners (or directly, where that walk
     would go round more than half the frame between two ends the input contour
-    joined by a short path; see the loop). ``cols`` are per-point arrays (validity, SNR, ...): run points keep
-    theirs, border points get False / 0 / NaN. Returns ``(contour, border mask, cols)``.
+    joined by a short path; see the loop). ``cols`` are per-point arrays
+    (validity, SNR, ...): run points keep theirs, border points get False / 0 /
+    NaN. Returns ``(contour, border mask, cols)``.
     """
     from .contours import border_param, border_path
 
