@@ -47,8 +47,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from .contours import (as_contour, border_coverage, border_fraction, border_mask, border_runs, normals, orient,
-                       resample_closed, ring_starts, signed_area, touches_border, usable_polygon)
+from .contours import (as_contour, border_coverage, border_fraction, border_lines, border_mask, border_runs, normals,
+                       orient, resample_closed, ring_starts, signed_area, touches_border, usable_polygon)
 from .errors import SegsemError
 
 __all__ = [
@@ -1357,12 +1357,13 @@ def _gap_length(seg_len: np.ndarray, a: int, b: int) -> float:
 def _same_border_side(a: np.ndarray, b: np.ndarray, shape: tuple[int, int], margin: float) -> bool:
     """True when points ``a`` and ``b`` lie on the same side of the image frame, both farther
     than ``margin`` from that side's corners."""
-    h, w = shape
-    for axis, lim, length in ((0, 0.0, h), (0, float(w), h), (1, 0.0, w), (1, float(h), w)):
-        if abs(a[axis] - lim) < 1e-6 and abs(b[axis] - lim) < 1e-6:
-            t = np.array([a[1 - axis], b[1 - axis]])
-            return bool(np.all((t > margin) & (t < length - margin)))
-    return False
+    ab = np.vstack([a, b])
+    common = np.all(border_lines(ab, shape), axis=0)  # u = 0, u = W, v = 0, v = H
+    if not common.any():
+        return False
+    axis = 0 if int(np.argmax(common)) < 2 else 1  # the coordinate fixed on that side
+    t = ab[:, 1 - axis]
+    return bool(np.all((t > margin) & (t < shape[axis] - margin)))
 
 
 def _rebuild_along_border(c_in: np.ndarray, c_new: np.ndarray, border: np.ndarray, valid: np.ndarray,
