@@ -62,6 +62,27 @@ _SCRATCH_MAX_ARRAY = 40 << 20  # larger work arrays (images beyond ~3000 px) are
 _SCRATCH_MAX_TOTAL = 160 << 20  # per thread
 
 
+#: Work arrays start on this byte boundary (see :func:`_aligned_empty`).
+_ALIGN = 64
+
+
+def _aligned_empty(shape, dtype=np.float32) -> np.ndarray:
+    """``np.empty(shape, dtype)`` whose data starts on a ``_ALIGN``-byte boundary.
+
+    Some OpenCV kernels take a different path for the few elements before the
+    first aligned address than for the rest (``cv2.magnitude`` rounds them
+    differently in the last bit), so with arrays wherever the allocator put
+    them the same image aligned in two processes differed by up to 1e-3 nm
+    (the fit's stopping rules amplify last-bit differences), and so did the
+    contours started from it. Aligned work arrays make the result independent
+    of the process."""
+    dt = np.dtype(dtype)
+    n = int(np.prod(shape)) * dt.itemsize
+    raw = np.empty(n + _ALIGN, dtype=np.uint8)
+    k = (-raw.ctypes.data) % _ALIGN
+    return raw[k : k + n].view(dt).reshape(shape)
+
+
 def _scratch(tag: str | None, name: str, shape, dtype=np.float32) -> np.ndarray:
     """A reusable per-thread work array (contents undefined), or a fresh one when ``tag`` is None.
 
@@ -72,14 +93,14 @@ def _scratch(tag: str | None, name: str, shape, dtype=np.float32) -> np.ndarray:
     """
     nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
     if tag is None or nbytes > _SCRATCH_MAX_ARRAY:
-        return np.empty(shape, dtype=dtype)
+        return _aligned_empty(shape, dtype)
     pool = getattr(_SCRATCH, "pool", None)
     if pool is None:
         pool = _SCRATCH.pool = collections.OrderedDict()
     key = (tag, name, tuple(int(x) for x in shape), np.dtype(dtype).str)
     a = pool.get(key)
     if a is None:
-        a = pool[key] = np.empty(shape, dtype=dtype)
+        a = pool[key] = _aligned_empty(shape, dtype)
         while len(pool) > 40 or sum(x.nbytes for x in pool.values()) > _SCRATCH_MAX_TOTAL:
             pool.popitem(last=False)
     else:
