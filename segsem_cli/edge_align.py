@@ -29,8 +29,12 @@ The offset is the median of the cross-section samples; it is applied only
 when each axis has at least ``min_samples`` samples (from at least
 ``min_features`` features, one by default: a single long line fixes its
 axis better than the appearance fit does) and it is within
-``max_shift_px`` (a small correction, not a new search). Otherwise that
-axis keeps the appearance alignment.
+``max_shift_px`` (a small correction, not a new search). Fewer samples
+(``few_min_samples`` or more) are applied only when they disagree with the
+appearance alignment grossly (``basis`` = ``few sides``); an axis short of
+``min_samples`` is otherwise measured on line ends facing both ways
+(``basis`` = ``ends``, see :func:`refine_offset`). Otherwise that axis keeps
+the appearance alignment.
 
 Assumption (documented, configurable with ``--no-edge-align``): the two
 sides of a straight feature print and image symmetrically. A detector that
@@ -278,9 +282,10 @@ def design_evidence(designs: Sequence[np.ndarray], shape: tuple[int, int], *, cl
 
 def refine_offset(contours: Sequence[np.ndarray | None], designs: Sequence[np.ndarray], shape: tuple[int, int], *,
                   clear_px: float = 8.0, max_dev_px: float = 6.0, border_px: float = 2.0,
-                  min_samples: int = 30, min_features: int = 1, max_shift_px: float = 5.0,
+                  min_samples: int = 30, min_features: int = 1, max_shift_px: float = 6.0,
                   corr_px: float = 10.0, aspect: float = MIDLINE_ASPECT, ends: bool = True, end_max_dev_px: float = 12.0,
-                  min_end_samples: int = 8, end_min_shift_px: float = 1.5) -> EdgeAlignResult:
+                  min_end_samples: int = 8, end_min_shift_px: float = 1.5, few_min_samples: int = 10,
+                  few_min_shift_px: float = 2.0, few_k: float = 4.0) -> EdgeAlignResult:
     """Residual ``(du, dv)`` of the printed content from the design, from extracted contours.
 
     Parameters
@@ -291,7 +296,9 @@ def refine_offset(contours: Sequence[np.ndarray | None], designs: Sequence[np.nd
     clear_px, max_dev_px, border_px, aspect : cross-section rules (module docs).
     min_samples, min_features : evidence needed per axis.
     max_shift_px : larger corrections are not applied (the appearance
-        alignment stands; the result still reports them).
+        alignment stands; the result still reports them). 6 px, the most
+        ``max_dev_px`` lets the long sides measure (5 until the twenty-second
+        round, which left a 5.5 px line-end bias of a 0.75 nm/px image in place).
     ends, end_max_dev_px, min_end_samples : an axis without any long-side
         cross-section (e.g. the along-line axis of a field of horizontal lines,
         where the appearance alignment leans on line ends cut by the border) is
@@ -302,7 +309,16 @@ def refine_offset(contours: Sequence[np.ndarray | None], designs: Sequence[np.nd
         the synth benchmark), so this estimate is coarse: it corrects the
         appearance alignment only when it disagrees by at least
         ``end_min_shift_px`` (a gross bias, e.g. 4 px from line ends cut by the
-        border), and it is never used where long sides exist.
+        border), and it is never used where enough long-side samples exist.
+    few_min_samples, few_min_shift_px, few_k : an axis with fewer than
+        ``min_samples`` but at least ``few_min_samples`` long-side samples (a
+        row of squares cut by the image border, the few rows of a line's side
+        in view) is corrected by them only when they disagree with the
+        appearance alignment grossly: by at least ``few_min_shift_px`` and
+        ``few_k`` standard errors (``basis`` = ``few sides``). That is the
+        signature of an appearance fit pulled by line ends (their pullback,
+        4-5 px on the synth images), which roughness on a few samples does
+        not reach; smaller disagreements keep the appearance alignment.
     corr_px : correlation length of neighbouring cross-sections (edge
         roughness), for the standard error only.
     """
@@ -325,17 +341,23 @@ def refine_offset(contours: Sequence[np.ndarray | None], designs: Sequence[np.nd
             med, se = 0.0, float("nan")
         ok = n >= min_samples and n_feat >= min_features and abs(med) <= max_shift_px
         how = "sides" if ok else "none"
-        if n == 0 and ends:
+        if not ok and few_min_samples <= n < min_samples and n_feat >= min_features \
+                and max(few_min_shift_px, few_k * se) <= abs(med) <= max_shift_px:
+            ok, how = True, "few sides"
+        if not ok and n < min_samples and ends:
             ev_, ef_, efid = _ends(cs, ds, shape, axis, max_dev_px=end_max_dev_px, border_px=border_px)
             plus, minus = ev_[ef_ > 0], ev_[ef_ < 0]
             if min(len(plus), len(minus)) >= min_end_samples:
-                med = 0.5 * (float(np.median(plus)) + float(np.median(minus)))
-                allv = np.concatenate([plus - float(np.median(plus)), minus - float(np.median(minus))]) + med
-                n = len(allv)
-                n_feat = len(np.unique(efid))
-                se = 1.4826 * float(np.median(np.abs(allv - med))) / np.sqrt(max(n / 2.0, 1.0))
-                if end_min_shift_px <= abs(med) <= max_shift_px:
-                    ok, how = True, "ends"
+                med_e = 0.5 * (float(np.median(plus)) + float(np.median(minus)))
+                ok = end_min_shift_px <= abs(med_e) <= max_shift_px
+                if ok or n == 0:  # reported instead of the few side samples only when it decides
+                    med = med_e
+                    allv = np.concatenate([plus - float(np.median(plus)), minus - float(np.median(minus))]) + med
+                    n = len(allv)
+                    n_feat = len(np.unique(efid))
+                    se = 1.4826 * float(np.median(np.abs(allv - med))) / np.sqrt(max(n / 2.0, 1.0))
+                if ok:
+                    how = "ends"
         basis.append(how)
         shift.append(med if ok else 0.0)
         applied.append(ok)

@@ -158,6 +158,63 @@ def test_along_line_axis_from_line_ends_facing_both_ways():
     assert r2.applied == (False, True) and r2.measured_px[0] == pytest.approx(0.8, abs=0.05)
 
 
+def test_few_side_samples_correct_a_gross_disagreement_only():
+    # Horizontal lines through the field (no u evidence) and squares drawn beyond the bottom
+    # frame: 14 rows of each square's sides are clear of its corner and of the frame, fewer than
+    # min_samples (30). The print sits 4 px right of the design (an appearance fit pulled by
+    # line ends): the few samples correct it. A 1.5 px disagreement they leave alone.
+    lines = [rect(0, 20, 256, 44), rect(0, 80, 256, 104), rect(0, 140, 256, 164)]
+    squares = [rect(40, 226, 70, 260), rect(140, 226, 170, 260)]
+    designs = lines + squares
+
+    def run(shift, squares_in=2, **kw):
+        ds = lines + squares[:squares_in]
+        cs = [np.clip(printed(d, 1.0, shift), 0, 256) for d in ds]
+        return refine_offset(cs, ds, SHAPE, **kw)
+
+    res = run((4.0, 0.2))
+    assert res.n_samples[0] == 28 and res.n_features[0] == 2
+    assert res.basis == ("few sides", "sides") and res.applied == (True, True)
+    assert res.shift_px == pytest.approx((4.0, 0.2), abs=0.02)
+    assert run((4.0, 0.2), squares_in=1).basis[0] == "few sides"  # 14 samples of one square
+    small = run((1.5, 0.2))
+    assert small.basis[0] == "none" and small.shift_px[0] == 0.0
+    assert small.measured_px[0] == pytest.approx(1.5, abs=0.02)
+    off = run((4.0, 0.2), few_min_samples=30)  # the rule switched off: as before
+    assert off.basis[0] == "none" and off.shift_px[0] == 0.0
+    # noisy samples: the disagreement must also exceed few_k standard errors
+    rng = np.random.default_rng(1)
+    cs = [np.clip(printed(d, 1.0, (2.5, 0.0)), 0, 256) for d in designs]
+    for c in cs[3:]:
+        c[:, 0] += rng.normal(0, 1.5, len(c))
+    noisy = refine_offset(cs, designs, SHAPE)
+    assert noisy.basis[0] == "few sides" and noisy.sigma_px[0] > 0.2
+    strict = refine_offset(cs, designs, SHAPE, few_k=abs(noisy.measured_px[0]) / noisy.sigma_px[0] + 0.5)
+    assert strict.basis[0] == "none" and strict.shift_px[0] == 0.0
+
+
+def test_line_ends_decide_when_long_sides_give_too_few_samples():
+    # The ends case above plus one square cut by the bottom frame: 8 u samples from its sides,
+    # too few to decide and below few_min_samples. Until the twenty-second round any side
+    # sample at all kept the line ends out, and the appearance fit's 3 px error stayed.
+    shift = (3.1, 0.4)
+    designs = [rect(30, 20, 200, 44), rect(-40, 70, 120, 94), rect(150, 70, 300, 94),
+               rect(60, 130, 230, 154), rect(-30, 190, 90, 214), rect(200, 232, 230, 262)]
+    contours = []
+    for d in designs[:5]:
+        pulled = d + np.array([[5, 0], [-5, 0], [-5, 0], [5, 0]])
+        contours.append(np.clip(printed(pulled, 1.0, shift), 0, 256))
+    contours.append(np.clip(printed(designs[5], 1.0, shift), 0, 256))
+    res = refine_offset(contours, designs, SHAPE)
+    assert len(midline_samples(contours[5], designs[5], SHAPE, 0)) == 8
+    assert res.basis == ("ends", "sides") and res.applied == (True, True)
+    assert res.shift_px == pytest.approx(shift, abs=0.05)
+    # ends that see no gross disagreement leave the few side samples reported
+    small = [c - np.array([shift[0] - 0.8, 0.0]) for c in contours]
+    r2 = refine_offset(small, designs, SHAPE)
+    assert r2.basis[0] == "none" and r2.n_samples[0] == 8
+
+
 def test_design_evidence_names_what_fixes_each_axis():
     from segsem_cli.edge_align import design_evidence
 
