@@ -299,8 +299,9 @@ def refine_offset(contours: Sequence[np.ndarray | None], designs: Sequence[np.nd
         alignment stands; the result still reports them). 6 px, the most
         ``max_dev_px`` lets the long sides measure (5 until the twenty-second
         round, which left a 5.5 px line-end bias of a 0.75 nm/px image in place).
-    ends, end_max_dev_px, min_end_samples : an axis without any long-side
-        cross-section (e.g. the along-line axis of a field of horizontal lines,
+    ends, end_max_dev_px, min_end_samples : an axis with fewer than
+        ``min_samples`` long-side samples that the ``few_*`` rule below does not
+        decide (e.g. the along-line axis of a field of horizontal lines,
         where the appearance alignment leans on line ends cut by the border) is
         measured on line ends instead (:func:`end_samples`): ends facing +
         and ends facing - pull back alike, so the mean of their two median
