@@ -96,6 +96,12 @@ def calibrated_threshold(layout, layout_path: Path, cal_dir: Path, *, count: int
     return calibrate(cfg).edge_threshold
 
 
+def align_error(rec: dict, truth: dict) -> float:
+    """Alignment error (px) of one image record of `segsem extract` against its truth.json entry."""
+    d = np.subtract(rec["offset_nm"], truth["offset_nm"]) / rec["pixel_nm"]
+    return float(np.hypot(*d))
+
+
 def align_errors(out: Path, truth_dir: Path) -> list[float]:
     truth = json.loads((truth_dir / "truth.json").read_text())["images"]
     errs = []
@@ -106,8 +112,7 @@ def align_errors(out: Path, truth_dir: Path) -> list[float]:
         rec = json.loads(p.read_text())
         if rec.get("offset_nm") is None:
             continue
-        d = np.subtract(rec["offset_nm"], t["offset_nm"]) / rec["pixel_nm"]
-        errs.append(float(np.hypot(*d)))
+        errs.append(align_error(rec, t))
     return errs
 
 

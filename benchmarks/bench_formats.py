@@ -42,6 +42,7 @@ SETS = [
 
 def run_set(work: Path, layout_path: Path, size, px: float, noise: str, seed: int, count: int, workers: int,
             threshold: float) -> dict:
+    from bench_extract import align_error  # same folder: the error as the accuracy benchmark scores it
     from segsem_cli.layout import load_layout
     from segsem_cli.metrics import evaluate_run
     from segsem_cli.pipeline import ExtractConfig, run_extract
@@ -63,8 +64,7 @@ def run_set(work: Path, layout_path: Path, size, px: float, noise: str, seed: in
         if rec.get("offset_nm") is None or st == "failed":
             errs["failed"].append(float("nan"))
             continue
-        e = float(np.hypot(*(np.subtract(rec["offset_nm"], t["offset_nm"]) / rec["pixel_nm"])))
-        errs["ambiguous" if st == "ambiguous" else "ok"].append(e)
+        errs["ambiguous" if st == "ambiguous" else "ok"].append(align_error(rec, t))
     ev = evaluate_run(d, out / "contours.csv")["overall"]
     return {"set": d.name, "images": len(truth), "errs": errs, "epe": ev["epe_rms_px"], "p95": ev["epe_p95_px"],
             "missing": ev["n_missing"]}
