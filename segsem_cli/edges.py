@@ -15,9 +15,13 @@ CD-SEM signal has a minimum on the substrate side, rises across the sidewall
 footprint to the bright rim at the sidewall top, then decays into the resist
 top. With the profile oriented from substrate to resist:
 
-* ``edge="threshold"`` (default, ``threshold=t=0.5``): the position on the
-  substrate-side flank (between the minimum and the rim peak) where the
-  profile crosses ``min + t * (peak - min)``, linearly interpolated.
+* ``edge="threshold"`` (default): the position on the substrate-side flank
+  (between the minimum and the rim peak) where the profile crosses
+  ``min + t * (peak - min)``, linearly interpolated. ``t`` is a number in
+  [0, 1] (0.5 is the CD-SEM convention) or ``"auto"``, measured on each image
+  by fitting a physical edge model to its mean edge profile
+  (:mod:`segsem_cli.edge_model`); ``auto`` is the default of the plugins'
+  options (:func:`parse_refine_options`, :data:`DEFAULT_THRESHOLD`).
 * ``edge="peak"``: the rim peak, parabolic sub-sample interpolation.
 * ``edge="max-gradient"``: the steepest point of the substrate-side flank.
 
@@ -73,6 +77,9 @@ __all__ = [
 ]
 
 EDGE_RULES = ("threshold", "peak", "max-gradient")
+#: The threshold rule's ``t`` when the options do not give one: a number in [0, 1] or ``"auto"``
+#: (measured on each image, :mod:`segsem_cli.edge_model`).
+DEFAULT_THRESHOLD: float | str = "auto"
 _BATCH_POINTS = 8192
 SUBSTRATE_SIDES = ("auto", "inside", "outside")
 
@@ -186,6 +193,8 @@ class EdgeImage:
         self.frame_px = int(frame_px)
         self.sampled = gaussian_smooth(suppress_frame(a, frame_px), self.image_sigma)
         self.noise = float(estimate_noise(a) if noise is None else noise)
+        #: ``threshold="auto"``: the edge threshold measured on this image (:mod:`segsem_cli.edge_model`)
+        self.edge_threshold = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -1522,12 +1531,25 @@ def _prepare(contours_uv: Sequence[np.ndarray], shape: tuple[int, int], *, step_
     return cur, bnd
 
 
+def _auto_threshold(img: EdgeImage, contours_uv: Sequence[np.ndarray], substrate, *, edge: str,
+                    **kw: Any) -> tuple[float, str]:
+    """``threshold="auto"``: the image's own ``t`` (:mod:`segsem_cli.edge_model`), measured once per
+    :class:`EdgeImage` on the first contours it is asked for, and its source (``auto``/``default``)."""
+    from .edge_model import AUTO_START, estimate_edge_threshold
+
+    if edge != "threshold" or len(contours_uv) == 0:  # t is not used, or nothing to measure on yet
+        return AUTO_START, "default"
+    if img.edge_threshold is None:
+        img.edge_threshold = estimate_edge_threshold(img, contours_uv, substrate=substrate, **kw)
+    return img.edge_threshold.threshold, img.edge_threshold.source
+
+
 def refine_contours(
     image: np.ndarray | EdgeImage,
     contours_uv: Sequence[np.ndarray],
     *,
     edge: str = "threshold",
-    threshold: float = 0.5,
+    threshold: float | str = 0.5,
     search_px: float = 6.0,
     step_px: float = 1.0,
     sample_px: float = 0.25,
@@ -1564,7 +1586,11 @@ def refine_contours(
     contours_uv : coarse closed contours, each ``(N, 2)`` in ``(u, v)`` px, any orientation.
         The edge must lie within ``search_px`` of the coarse contour.
     edge : ``"threshold"`` | ``"peak"`` | ``"max-gradient"`` (see module docs).
-    threshold : ``t`` of the threshold rule, in [0, 1].
+    threshold : ``t`` of the threshold rule, in [0, 1], or ``"auto"``: measured on the image
+        (:func:`segsem_cli.edge_model.estimate_edge_threshold` on these contours), once per
+        :class:`EdgeImage` (``img.edge_threshold``); every later call on the same EdgeImage
+        uses that value. ``RefineResult.params`` has ``threshold`` (the number used) and
+        ``threshold_source`` (``given``, ``auto`` or ``default``: the fit fell back to 0.5).
     search_px : half-length of the search window along each normal (px); it must
         hold the substrate minimum and the rim peak.
     step_px : arc-length spacing of the resampled contour (px).
@@ -1661,6 +1687,14 @@ def refine_contours(
     img = image if isinstance(image, EdgeImage) else EdgeImage(image, image_sigma=image_sigma, frame_px=frame_px)
     along_points, passes = int(along_points), int(passes)
     level_points = int(level_points)
+    t_source = "given"
+    if _is_auto(threshold):
+        threshold, t_source = _auto_threshold(img, contours_uv, substrate, edge=edge, search_px=search_px, step_px=step_px,
+                                              sample_px=sample_px, smooth_sigma=smooth_sigma, along_points=along_points,
+                                              level_points=level_points, normal_smooth=normal_smooth, min_snr=min_snr,
+                                              outlier_k=outlier_k, outlier_window=outlier_window, min_mad=min_mad,
+                                              contour_sigma=contour_sigma, centre_weight=centre_weight, border=border,
+                                              border_px=border_px, seed_sigma=seed_sigma, on_edge=on_edge)
     _check_params(edge, threshold, search_px, step_px, sample_px, smooth_sigma, along_points, passes, centre_weight)
     if level_points < 1 or level_points % 2 == 0:
         raise SegsemError(f"level_points must be an odd number >= 1, got {level_points}")
@@ -1693,7 +1727,8 @@ def refine_contours(
               normal_smooth=normal_smooth, min_snr=min_snr, outlier_k=outlier_k, outlier_window=int(outlier_window),
               min_mad=min_mad, contour_sigma=contour_sigma, centre_weight=centre_weight, passes=passes,
               base_sigma=base_sigma, noise_prof=noise_prof, noise_w=noise_w, border_mode=bool(border),
-              matched_filter=bool(matched_filter), template_points=int(template_points), on_edge=bool(on_edge))
+              matched_filter=bool(matched_filter), template_points=int(template_points), on_edge=bool(on_edge),
+              threshold_source=t_source)
     out = _refine_batches(img, current, bnd, subs, kw)
     if repass_snr > 0:
         # One more pass for the noisy contours only, from their own smoothed result, on the
@@ -1748,7 +1783,7 @@ def _refine_batch(img: EdgeImage, current: list[np.ndarray], bnd: list[np.ndarra
                   centre_weight: float, passes: int, base_sigma: float, noise_prof: float,
                   noise_w: float, border_mode: bool, matched_filter: bool = False,
                   template_points: int = 15, on_edge: bool = False,
-                  template_sigma: float | None = None) -> list[RefineResult]:
+                  template_sigma: float | None = None, threshold_source: str = "given") -> list[RefineResult]:
     """:func:`refine_contours` on prepared (resampled, oriented) contours with their border masks.
 
     ``template_sigma``: the matched filter locates its templates' edges on profiles smoothed
@@ -1918,7 +1953,8 @@ def _refine_batch(img: EdgeImage, current: list[np.ndarray], bnd: list[np.ndarra
             results.append(RefineResult(
                 contour_uv=c_new, valid=cols["valid"], found=cols["found"], displacement=cols["displacement"],
                 snr=cols["snr"], substrate=decided[i], inside=cols["inside"],
-                params={"edge": edge, "threshold": threshold, "search_px": sp, "noise": img.noise,
+                params={"edge": edge, "threshold": threshold, "threshold_source": threshold_source,
+                        "search_px": sp, "noise": img.noise,
                         "profile_noise": noise_prof, "contour_sigma": float(cs_i), "_residual": cols["resid"], "_raw_displacement": cols["raw"],
                         "image_shape": img.shape},
                 border=b_i.copy(),
@@ -2044,7 +2080,7 @@ def opt_choice(options: Mapping[str, Any], key: str, default: str, choices: Sequ
 def parse_refine_options(options: Mapping[str, Any]) -> dict[str, Any]:
     """The :func:`refine_contours` keywords from fallback options (strings); unknown keys ignored.
 
-    Keys: ``edge``, ``threshold``, ``search_px``, ``step_px``, ``sample_px``,
+    Keys: ``edge``, ``threshold`` (a number in [0, 1] or ``auto``, the default: :data:`DEFAULT_THRESHOLD`), ``search_px``, ``step_px``, ``sample_px``,
     ``smooth_sigma`` (alias ``sigma``), ``along_points``, ``level_points``, ``image_sigma``,
     ``substrate``, ``min_snr``, ``outlier_k``, ``contour_sigma`` (a number or ``auto``, the default),
     ``passes``, ``repass_snr``, ``repass_matched``, ``repass_smooth``, ``seed_sigma``, ``border``
@@ -2057,7 +2093,8 @@ def parse_refine_options(options: Mapping[str, Any]) -> dict[str, Any]:
         o["smooth_sigma"] = o["sigma"]
     return {
         "edge": opt_choice(o, "edge", "threshold", EDGE_RULES),
-        "threshold": opt_float(o, "threshold", 0.5, lo=0.0, hi=1.0),
+        "threshold": ("auto" if _is_auto(o.get("threshold", DEFAULT_THRESHOLD))
+                      else opt_float({"threshold": DEFAULT_THRESHOLD, **o}, "threshold", 0.5, lo=0.0, hi=1.0)),
         "search_px": opt_float(o, "search_px", 6.0, lo=0.5, hi=200.0),
         "step_px": opt_float(o, "step_px", 1.0, lo=0.05, hi=50.0),
         "sample_px": opt_float(o, "sample_px", 0.25, lo=0.01, hi=5.0),
@@ -2166,6 +2203,8 @@ def feature_result(feature: Any, res: RefineResult | None, *, source: str, image
         return FeatureResult(fid, None, source, 0.0, status=status or "not_found", extra=ex)
     vf, snr, rough = res.valid_fraction, res.median_snr, res.roughness_px
     ex.update(valid_fraction=vf, median_snr=snr, roughness_px=rough, substrate=res.substrate)
+    if res.params.get("threshold_source", "given") != "given":  # threshold=auto: the t this image got
+        ex.update(edge_threshold=float(res.params["threshold"]), edge_threshold_source=res.params["threshold_source"])
     c = res.contour_uv
     if res.clipped:
         ex.update(clipped=True, border_fraction=border_fraction(c, image_shape))

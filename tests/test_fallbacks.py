@@ -15,6 +15,9 @@ from segsem_cli.types import Feature, SEMImage
 from synthetic_helpers import Rim, disc, rect, render
 
 RIM = Rim(rim=4.0)
+
+#: the scenes' truth is at t = 0.5 by construction (see conftest.rule_threshold_half)
+pytestmark = pytest.mark.usefixtures("rule_threshold_half")
 BLUR = 0.8
 SHAPE = (128, 128)
 NAMES = ("threshold", "canny", "active-contour")

@@ -12,6 +12,9 @@ from segsem_cli.types import Feature, FeatureResult, SEMImage
 
 from synthetic_helpers import convention_edge, rect, render
 
+#: the scenes' truth is at t = 0.5 by construction (see conftest.rule_threshold_half)
+pytestmark = pytest.mark.usefixtures("rule_threshold_half")
+
 
 class FakeModel:
     """A backbone returning given contours (None = not found) with a given confidence."""
