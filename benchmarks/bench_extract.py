@@ -144,7 +144,10 @@ def main(argv=None) -> int:
 
     t_cal = calibrated_threshold(layout, layout_path, work / "calibration", count=args.cal_count,
                                  seed=args.seed + 1000, size=args.size, pixel_nm=args.pixel_nm, fallback=args.fallback)
-    variants = [("segsem t=0.50", {}), (f"segsem t={t_cal:.2f} (calibrated)", {"threshold": f"{t_cal:.4f}"})]
+    # t = 0.5: the CD-SEM convention; auto (the default): t measured on each image (segsem_cli.edge_model);
+    # calibrated: t fitted by `segsem calibrate` on labelled images of the same model
+    variants = [("segsem t=0.50", {"threshold": "0.5"}), ("segsem t=auto (default)", {}),
+                (f"segsem t={t_cal:.2f} (calibrated)", {"threshold": f"{t_cal:.4f}"})]
     results = {}
     stage_tot: dict[str, float] = {}
     n_images = 0
