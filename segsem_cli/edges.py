@@ -1687,15 +1687,9 @@ def refine_contours(
     img = image if isinstance(image, EdgeImage) else EdgeImage(image, image_sigma=image_sigma, frame_px=frame_px)
     along_points, passes = int(along_points), int(passes)
     level_points = int(level_points)
-    t_source = "given"
-    if _is_auto(threshold):
-        threshold, t_source = _auto_threshold(img, contours_uv, substrate, edge=edge, search_px=search_px, step_px=step_px,
-                                              sample_px=sample_px, smooth_sigma=smooth_sigma, along_points=along_points,
-                                              level_points=level_points, normal_smooth=normal_smooth, min_snr=min_snr,
-                                              outlier_k=outlier_k, outlier_window=outlier_window, min_mad=min_mad,
-                                              contour_sigma=contour_sigma, centre_weight=centre_weight, border=border,
-                                              border_px=border_px, seed_sigma=seed_sigma, on_edge=on_edge)
-    _check_params(edge, threshold, search_px, step_px, sample_px, smooth_sigma, along_points, passes, centre_weight)
+    auto_t = _is_auto(threshold)
+    _check_params(edge, 0.5 if auto_t else threshold, search_px, step_px, sample_px, smooth_sigma, along_points,
+                  passes, centre_weight)
     if level_points < 1 or level_points % 2 == 0:
         raise SegsemError(f"level_points must be an odd number >= 1, got {level_points}")
     if not (np.isfinite(border_px) and border_px >= 0):
@@ -1709,6 +1703,15 @@ def refine_contours(
             raise SegsemError(f"substrate must be one of {', '.join(SUBSTRATE_SIDES)}, got '{s}'")
     if len(contours_uv) == 0:
         return []
+    t_source = "given"
+    if auto_t:
+        threshold, t_source = _auto_threshold(img, contours_uv, subs, edge=edge, search_px=search_px, step_px=step_px,
+                                              sample_px=sample_px, smooth_sigma=smooth_sigma, along_points=along_points,
+                                              level_points=level_points, normal_smooth=normal_smooth, min_snr=min_snr,
+                                              outlier_k=outlier_k, outlier_window=outlier_window, min_mad=min_mad,
+                                              contour_sigma="auto" if contour_sigma < 0 else contour_sigma,
+                                              centre_weight=centre_weight, border=border, border_px=border_px,
+                                              seed_sigma=seed_sigma, on_edge=on_edge)
 
     def noises(sigma: float) -> tuple[float, float]:
         """Noise of a mean profile and of a level window's profile, smoothed by ``sigma`` along the normal."""

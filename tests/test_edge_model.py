@@ -142,3 +142,13 @@ def test_threshold_fallback_measures_t_by_default():
         assert abs(np.hypot(r.contour_px[:, 0] - cu, r.contour_px[:, 1] - cv).mean() - rad) < 0.1
     given = get_fallback("threshold").extract(image, feats, threshold="0.5")
     assert "edge_threshold" not in given[0].extra
+
+
+def test_bad_options_are_reported_before_anything_is_measured():
+    img, coarse = _scene()
+    eimg = EdgeImage(img)
+    with pytest.raises(SegsemError, match="substrate: got 1 values for 3 contours"):
+        refine_contours(eimg, coarse, threshold="auto", substrate=["inside"])
+    with pytest.raises(SegsemError, match="search_px"):
+        refine_contours(eimg, coarse, threshold="auto", search_px=-1.0)
+    assert eimg.edge_threshold is None
