@@ -1270,6 +1270,12 @@ def _run_normals(c: np.ndarray, border: np.ndarray, smooth: float) -> np.ndarray
     return nv / norm[:, None]
 
 
+def _contour_normals(c: np.ndarray, border: np.ndarray, smooth: float) -> np.ndarray:
+    """Outward unit normals of a contour: per edge run (:func:`_run_normals`) when it has border
+    points, else of the whole closed contour (:func:`~segsem_cli.contours.normals`)."""
+    return _run_normals(c, border, smooth) if border.any() else normals(c, smooth=smooth)
+
+
 def _regularise_runs(d: np.ndarray, found: np.ndarray, med: np.ndarray, border: np.ndarray, *, outlier_k: float,
                      contour_sigma: float, min_mad: float,
                      straight: np.ndarray | None = None, nrm: np.ndarray | None = None,
@@ -1802,8 +1808,7 @@ def _refine_batch(img: EdgeImage, current: list[np.ndarray], bnd: list[np.ndarra
         pts = np.vstack(current)
         border = np.concatenate(bnd)
         any_border = bool(border.any())
-        nrm = np.vstack([_run_normals(c, b, normal_smooth) if b.any() else normals(c, smooth=normal_smooth)
-                         for c, b in zip(current, bnd)])
+        nrm = np.vstack([_contour_normals(c, b, normal_smooth) for c, b in zip(current, bnd)])
         counts = np.array([len(c) for c in current])
         starts = ring_starts(counts)
         decide = p == 0 and "auto" in decided
