@@ -159,7 +159,7 @@ def main(argv=None) -> int:
         make_dataset(layout, d, count=args.count, seed=args.seed + k, image_size=args.size, pixel_nm=args.pixel_nm,
                      noise=level, gauges=gauges, overwrite=True)
         t_synth = time.perf_counter() - t0
-        ours_v = {}
+        ours_v, align_v, failed_v = {}, {}, {}
         for vi, (vname, fopts) in enumerate(variants):
             out = d / f"out{vi}"
             cfg = ExtractConfig(manifest=d / "manifest.csv", layout=layout_path, out=out, export="csv", gauges=gauges,
@@ -168,19 +168,20 @@ def main(argv=None) -> int:
             summary = run_extract(cfg)
             t_ours = time.perf_counter() - t0
             ours_v[vname] = evaluate_run(d, out / "contours.csv", gauges_path=out / "gauges.csv")
+            align_v[vname] = align_errors(out, d)  # each variant's own run (edge alignment reads its contours)
+            failed_v[vname] = summary.counts.get("failed", 0) + summary.counts.get("error", 0)
         ours = ours_v[variants[-1][0]]
         t_base = baseline(d / "manifest.csv", d / "baseline.csv")
         baseline_gauges(d / "manifest.csv", d / "baseline.csv", gauges, d / "baseline_gauges.csv")
         base = evaluate_run(d, d / "baseline.csv", gauges_path=d / "baseline_gauges.csv")
-        aerr = align_errors(out, d)
         for im in summary.images:
             for s, v in (im.get("timings") or {}).items():
                 stage_tot[s] = stage_tot.get(s, 0.0) + v
             feats_total += int(im.get("n_features") or 0)
         n_images += len(summary.images)
         t_ours_total += t_ours
-        results[level] = dict(ours=ours, ours_v=ours_v, base=base, align=aerr, t_ours=t_ours, t_base=t_base, t_synth=t_synth,
-                              failed=summary.counts.get("failed", 0) + summary.counts.get("error", 0), n=len(summary.images))
+        results[level] = dict(ours=ours, ours_v=ours_v, base=base, align=align_v[variants[-1][0]], align_v=align_v,
+                              failed_v=failed_v, t_ours=t_ours, t_base=t_base, t_synth=t_synth, n=len(summary.images))
 
     c = Console(width=220)
     tab = Table(title=f"segsem extract ({args.fallback}) vs baseline (Otsu + find_contours, nominal centre): "
@@ -193,14 +194,14 @@ def main(argv=None) -> int:
         for name, ev in (*r["ours_v"].items(), ("baseline", r["base"])):
             o = ev["overall"]
             g = ev.get("gauges") or {}
-            al = r["align"] if name != "baseline" else []
+            al = r["align_v"][name] if name != "baseline" else []
             tab.add_row(level, name, fmt(o["epe_rms_px"]), fmt(o["epe_p95_px"]), fmt(o["epe_max_px"], 2),
                         str(o["n_missing"]), str(o["n_extra"]), str(o.get("n_sliver", 0)),
                         f"{g.get('bias_nm', float('nan')):+.3f}" if g.get("bias_nm") is not None else "-",
                         f"{g.get('sigma3_nm', float('nan')):.3f}" if g.get("sigma3_nm") is not None else "-",
                         str(g.get("n_missing", "-")),
                         f"{np.mean(al):.3f} / {np.max(al):.3f}" if al else ("nominal" if name == "baseline" else "-"),
-                        str(r["failed"]) if name != "baseline" else "-")
+                        str(r["failed_v"][name]) if name != "baseline" else "-")
         ro, rb = r["ours"]["overall"], r["base"]["overall"]
         rows_json[level] = dict(
             epe_rms_px=ro["epe_rms_px"], baseline_epe_rms_px=rb["epe_rms_px"],
